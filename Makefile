@@ -1,0 +1,40 @@
+# One-command entry points; each target installs the venv first when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.install-stamp
+# torch/torchvision pinned to the builds this workplace keeps on local disk (pip finds them offline).
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[dev,wandb]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m vpt_dml.run hydra.run.dir=outputs/demo
+
+test: install
+	$(PY) -m pytest -q -x --durations=15
+
+test-fast: install
+	$(PY) -m pytest -q -x -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check vpt_dml tests experiments
+	$(VENV)/bin/ruff format --check vpt_dml tests experiments
+
+bench: install
+	$(PY) experiments/bench_eval.py
+	$(PY) experiments/bench_train_step.py
+	$(PY) experiments/bench_classes.py
+	$(PY) experiments/bench_data.py
+
+clean:
+	rm -rf outputs multirun .pytest_cache

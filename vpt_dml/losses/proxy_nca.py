@@ -1,0 +1,24 @@
+"""ProxyNCA (Movshovitz-Attias et al., 2017) with caller-supplied proxies.
+
+Softmax over negative squared distances between scaled unit vectors, as in the Proxy
+Anchor / VPTSP reference code: loss = CE(-||s*x - s*p||^2) with optional label smoothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ProxyNCALoss(nn.Module):
+    def __init__(self, scale: float = 3.0, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.scale = scale
+        self.label_smoothing = label_smoothing
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
+        x = self.scale * F.normalize(embeddings.float(), dim=-1)
+        p = self.scale * F.normalize(proxies.float(), dim=-1)
+        dist = torch.cdist(x, p).pow(2)
+        return F.cross_entropy(-dist, labels, label_smoothing=self.label_smoothing)

@@ -1,0 +1,54 @@
+"""Trainable / total parameter counts per component (prompts, BitFit, heads, ...)."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+
+def component_of(name: str) -> str:
+    """Map a parameter name of VPTDMLModule to the component it belongs to."""
+    if name.startswith("embedder.backbone.prompts."):
+        return "prompts"
+    if name.startswith("proxies.class_prompts."):
+        return "class_prompts"
+    if name.startswith("embedder.head."):
+        return "head"
+    if name.startswith("proxies.head."):
+        return "proxy_head"
+    if name.startswith("proxies.cell."):
+        return "gru"
+    if name.startswith("proxies.bias"):
+        return "proxies"
+    if ".adapter" in name:
+        return "adapters"
+    if ".lora_" in name:
+        return "lora"
+    if name.startswith("embedder.backbone.vit."):
+        return "backbone_bias" if name.endswith("bias") else "backbone_weight"
+    return "other"
+
+
+def parameter_breakdown(module: nn.Module, extra: dict[str, tuple[int, int]] | None = None) -> dict[str, dict]:
+    """{component: {"trainable": n, "total": n}} plus an "all" row with "tuned_pct".
+
+    `extra` adds parameters that live outside the module (e.g. a host-side prompt store).
+    """
+    rows: dict[str, dict] = {}
+    for name, p in module.named_parameters():
+        row = rows.setdefault(component_of(name), {"trainable": 0, "total": 0})
+        row["total"] += p.numel()
+        row["trainable"] += p.numel() if p.requires_grad else 0
+    for comp, (trainable, total) in (extra or {}).items():
+        row = rows.setdefault(comp, {"trainable": 0, "total": 0})
+        row["trainable"] += trainable
+        row["total"] += total
+    trainable = sum(r["trainable"] for r in rows.values())
+    total = sum(r["total"] for r in rows.values())
+    backbone_total = rows.get("backbone_weight", {}).get("total", 0) + rows.get("backbone_bias", {}).get("total", 0)
+    rows["all"] = {
+        "trainable": trainable,
+        "total": total,
+        # the paper's "tuned %" is relative to the backbone's size
+        "tuned_pct": 100.0 * trainable / max(backbone_total, 1),
+    }
+    return rows

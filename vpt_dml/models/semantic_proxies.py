@@ -1,0 +1,154 @@
+"""Semantic proxies of VPTSP / VPTSP-G (METHOD.md §1).
+
+Each training image x_i of class c also runs through the ViT with its class's prompts
+Q[c] (instead of the shared prompts P) and a separate proxy head, giving s_i. The batch's
+s_i are folded into a per-class memory H, either by a GRU-style cell in batch order
+("gru", "gru_relu": VPTSP-G) or by a moving average ("mix": VPTSP). The loss uses
+P_all = normalize(r * B + (1 - r) * H) with a learnable bias B.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vpt_dml.models.heads import EmbeddingHead
+from vpt_dml.models.prompted_vit import xavier_normal_tokens
+
+
+class ClassPrompts(nn.Module):
+    """Dense class-prompt table: per prompted layer a (C, M_l, D) parameter."""
+
+    def __init__(self, num_classes: int, counts: Sequence[int], dim: int) -> None:
+        super().__init__()
+        self.counts = list(counts)
+        self.tokens = nn.ParameterList(
+            [nn.Parameter(xavier_normal_tokens(num_classes, m, dim)) for m in self.counts if m > 0]
+        )
+
+    def gather(self, labels: torch.Tensor) -> list[torch.Tensor | None]:
+        """Per layer, the (B, M_l, D) prompts of each sample's class (None: no prompts)."""
+        out: list[torch.Tensor | None] = []
+        it = iter(self.tokens)
+        for m in self.counts:
+            out.append(next(it)[labels] if m > 0 else None)
+        return out
+
+
+class GatedUpdate(nn.Module):
+    """GRU-style cell on E-dim vectors, in torch.nn.GRUCell's parametrisation.
+
+    z = sigmoid(W_iz s + b_iz + W_hz h + b_hz), r = sigmoid(W_ir s + b_ir + W_hr h + b_hr),
+    n = act(W_in s + b_in + r * (W_hn h + b_hn)), h' = (1 - z) * n + z * h.
+    With act = tanh this is exactly nn.GRUCell; "gru_relu" uses ReLU.
+    """
+
+    def __init__(self, dim: int, activation: str = "relu") -> None:
+        super().__init__()
+        if activation not in ("relu", "tanh"):
+            raise ValueError(f"GRU activation must be 'relu' or 'tanh', got {activation!r}")
+        self.input = nn.Linear(dim, 3 * dim)
+        self.hidden = nn.Linear(dim, 3 * dim)
+        bound = dim**-0.5  # nn.GRUCell's default init
+        for p in self.parameters():
+            nn.init.uniform_(p, -bound, bound)
+        self.act = torch.relu if activation == "relu" else torch.tanh
+
+    def forward(self, s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        i_r, i_z, i_n = self.input(s).chunk(3, dim=-1)
+        h_r, h_z, h_n = self.hidden(h).chunk(3, dim=-1)
+        r = torch.sigmoid(i_r + h_r)
+        z = torch.sigmoid(i_z + h_z)
+        n = self.act(i_n + r * h_n)
+        return (1 - z) * n + z * h
+
+
+def initial_memory(num_classes: int, dim: int) -> torch.Tensor:
+    h = torch.empty(num_classes, dim)
+    nn.init.xavier_uniform_(h)
+    return F.normalize(h, dim=-1)
+
+
+def class_groups(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(classes, counts, order): order lists sample indices grouped by class, batch order kept."""
+    classes, counts = torch.unique(labels, return_counts=True)
+    order = torch.argsort(labels, stable=True)
+    return classes, counts, order
+
+
+def fold_gru(
+    memory: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, cell: nn.Module, dropout: nn.Module
+) -> torch.Tensor:
+    """New memory: for each batch class, h_j = dropout(cell(s_{c,j}, h_{j-1})) in batch order."""
+    classes, counts, order = class_groups(labels)
+    starts = torch.cumsum(counts, 0) - counts
+    h = memory[classes]
+    for j in range(int(counts.max())):
+        active = counts > j
+        idx = order[(starts + j).clamp(max=len(order) - 1)]
+        step = dropout(cell(s[idx], h))
+        h = torch.where(active[:, None], step, h)
+    return F.normalize(memory.index_copy(0, classes, h.to(memory.dtype)), dim=-1)
+
+
+def fold_mix(memory: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, lam: float) -> torch.Tensor:
+    """New memory: H[c] = lam * H[c] + (1 - lam) * mean of the batch's s of class c."""
+    classes, counts, _ = class_groups(labels)
+    index = torch.searchsorted(classes, labels)
+    sums = torch.zeros(len(classes), s.shape[1], dtype=s.dtype, device=s.device).index_add(0, index, s)
+    mean = sums / counts[:, None].to(s.dtype)
+    h = lam * memory[classes] + (1 - lam) * mean
+    return F.normalize(memory.index_copy(0, classes, h.to(memory.dtype)), dim=-1)
+
+
+class SemanticProxies(nn.Module):
+    def __init__(
+        self,
+        num_classes: int,
+        feature_dim: int,
+        embed_dim: int,
+        class_prompt_counts: Sequence[int],
+        update: str = "gru_relu",
+        bias_ratio: float = 0.5,
+        dropout: float = 0.0,
+        mix_lambda: float = 0.8,
+    ) -> None:
+        super().__init__()
+        if update not in ("gru", "gru_relu", "mix"):
+            raise ValueError(f"model.proxy.update must be gru, gru_relu or mix, got {update!r}")
+        self.update = update
+        self.bias_ratio = bias_ratio
+        self.mix_lambda = mix_lambda
+        self.class_prompts = ClassPrompts(num_classes, class_prompt_counts, feature_dim)
+        self.head = EmbeddingHead(feature_dim, embed_dim)
+        self.cell = GatedUpdate(embed_dim, "tanh" if update == "gru" else "relu") if update != "mix" else None
+        self.dropout = nn.Dropout(dropout)
+        self.bias = nn.Parameter(torch.empty(num_classes, embed_dim))
+        nn.init.xavier_uniform_(self.bias)
+        with torch.no_grad():
+            self.bias.div_(8)
+        # H: not a parameter, but part of the state a resumed run must continue from.
+        self.register_buffer("memory", initial_memory(num_classes, embed_dim), persistent=True)
+
+    def semantic_embeddings(self, images: torch.Tensor, labels: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
+        return self.head(backbone(images, self.class_prompts.gather(labels)))
+
+    def fold(self, s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        memory = self.memory.detach()
+        if self.update == "mix":
+            return fold_mix(memory, s.float(), labels, self.mix_lambda)
+        return fold_gru(memory, s.float(), labels, self.cell, self.dropout)
+
+    def combine(self, memory: torch.Tensor) -> torch.Tensor:
+        r = self.bias_ratio
+        return F.normalize(r * self.bias + (1 - r) * memory, dim=-1)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
+        s = self.semantic_embeddings(images, labels, backbone)
+        new_memory = self.fold(s, labels)
+        if self.training:
+            self.memory.copy_(new_memory.detach())
+        return self.combine(new_memory)

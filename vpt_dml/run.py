@@ -1,0 +1,117 @@
+"""`python -m vpt_dml.run [+experiment=NAME] [overrides]`: train, evaluate, record.
+
+Writes into the run folder (hydra.run.dir): checkpoints/, csv/metrics.csv,
+metrics.json (final test metrics + how they were produced), config_resolved.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vpt_dml.errors import UserError
+from vpt_dml.models.backbone import data_config
+from vpt_dml.module import VPTDMLModule
+from vpt_dml.provenance import environment
+from vpt_dml.summary import print_summary
+
+log = logging.getLogger("vpt_dml")
+
+
+def build_datamodule(cfg: DictConfig):
+    return instantiate(cfg.data, _convert_="all")
+
+
+def build_module(cfg: DictConfig, num_classes: int, eval_ks) -> VPTDMLModule:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return VPTDMLModule(
+        model=container["model"],
+        loss=container["loss"],
+        optim=container["optim"],
+        num_classes=num_classes,
+        eval_ks=eval_ks,
+    )
+
+
+def build_trainer(cfg: DictConfig) -> L.Trainer:
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+
+def train(cfg: DictConfig) -> dict:
+    if cfg.get("seed") is not None:  # seed 0 is a seed
+        L.seed_everything(cfg.seed, workers=True)
+    out_dir = Path(cfg.paths.output_dir)
+    dm = build_datamodule(cfg)
+    splits = dm.load()
+    module = build_module(cfg, splits.train.num_classes, dm.recall_ks)
+    # Preprocessing follows the backbone's own pretrained config (size, mean, std).
+    pre = data_config(module.embedder.backbone.vit)
+    dm.image_size, dm.mean, dm.std = pre["image_size"], pre["mean"], pre["std"]
+    trainer = build_trainer(cfg)
+
+    before = {}
+    if cfg.get("eval_before_training", True):
+        before = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    test = trainer.test(module, datamodule=dm, verbose=False)[0]
+
+    metrics = {k.removeprefix("test/"): float(v) for k, v in test.items()}
+    if before:
+        metrics["recall@1_before"] = float(before["val/recall@1"])
+    ckpt_cb = trainer.checkpoint_callback
+    result = {
+        "metrics": metrics,
+        "best_epoch": {
+            "note": "best validation-split epoch; equals the best *test* epoch when data.val_classes=0",
+            "val/recall@1": float(ckpt_cb.best_model_score) if ckpt_cb and ckpt_cb.best_model_score is not None else None,
+            "checkpoint": ckpt_cb.best_model_path if ckpt_cb else None,
+        },
+        "provenance": {
+            **environment(),
+            "seed": cfg.get("seed"),
+            "task_name": cfg.get("task_name"),
+            "overrides": list(HydraConfig.get().overrides.task),
+            "dataset": {"name": dm.name, "root": str(dm.root), **dm.count_report},
+            "backbone": {
+                "name": cfg.model.backbone.name,
+                "pretrained": bool(cfg.model.backbone.pretrained or cfg.model.backbone.weights),
+                "weights": cfg.model.backbone.weights
+                or ("timm hub" if cfg.model.backbone.pretrained else "random init"),
+            },
+            "parameters": getattr(module, "parameter_summary", None),
+            "epochs": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "world_size": trainer.world_size,
+        },
+    }
+    if trainer.is_global_zero:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        print_summary(result, out_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    # the value a Hydra sweeper (e.g. optuna) optimises
+    return metrics.get("recall@1")
+
+
+if __name__ == "__main__":
+    main()
