@@ -31,11 +31,13 @@ def build_datamodule(cfg: DictConfig):
 
 
 def build_module(cfg: DictConfig, num_classes: int, eval_ks) -> VPTDMLModule:
-    container = OmegaConf.to_container(cfg, resolve=True)
+    def plain(node):
+        return OmegaConf.to_container(node, resolve=True)
+
     return VPTDMLModule(
-        model=container["model"],
-        loss=container["loss"],
-        optim=container["optim"],
+        model=plain(cfg.model),
+        loss=plain(cfg.loss),
+        optim=plain(cfg.optim),
         num_classes=num_classes,
         eval_ks=eval_ks,
     )
@@ -80,7 +82,7 @@ def train(cfg: DictConfig) -> dict:
             **environment(),
             "seed": cfg.get("seed"),
             "task_name": cfg.get("task_name"),
-            "overrides": list(HydraConfig.get().overrides.task),
+            "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
             "dataset": {"name": dm.name, "root": str(dm.root), **dm.count_report},
             "backbone": {
                 "name": cfg.model.backbone.name,
@@ -97,7 +99,8 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        run_cfg = {k: v for k, v in cfg.items() if k != "hydra"}  # tests compose with the hydra node
+        (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(run_cfg), resolve=True))
         print_summary(result, out_dir)
     return metrics
 
