@@ -1,0 +1,144 @@
+"""LightningDataModule: splits, transforms, class-balanced training batches, eval loaders."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from vpt_dml.data.dataset import EvalDataset, ImageDataset
+from vpt_dml.data.records import RetrievalSplits
+from vpt_dml.data.registry import count_mismatches, load_splits
+from vpt_dml.data.sampler import ClassBalancedBatchSampler
+from vpt_dml.data.synthetic import write_synthetic_cub
+from vpt_dml.data.transforms import build_transforms
+from vpt_dml.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+
+class RetrievalDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        name: str = "synthetic",
+        root: str | None = None,
+        batch_size: int = 32,
+        samples_per_class: int = 2,
+        eval_batch_size: int = 128,
+        num_workers: int = 4,
+        val_classes: float = 0.0,
+        strict_counts: bool = True,
+        seed: int = 0,
+        synthetic: dict | None = None,
+        image_size: int = 224,
+        mean: tuple[float, ...] = (0.5, 0.5, 0.5),
+        std: tuple[float, ...] = (0.5, 0.5, 0.5),
+        recall_ks: tuple[int, ...] = (1, 2, 4, 8),
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.root = root
+        self.batch_size = batch_size
+        self.samples_per_class = samples_per_class
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.val_classes = val_classes
+        self.strict_counts = strict_counts
+        self.seed = seed
+        self.synthetic = dict(synthetic or {})
+        self.image_size = image_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.recall_ks = tuple(recall_ks)
+        self.splits: RetrievalSplits | None = None
+        self.count_report: dict = {}
+
+    # -- splits ------------------------------------------------------------------------
+    def load(self) -> RetrievalSplits:
+        """Parse the dataset once (idempotent); check counts against the official ones."""
+        if self.splits is not None:
+            return self.splits
+        if self.name == "synthetic":
+            if not self.root:
+                raise DatasetError("data.root is empty: set it to a cache folder for the generated dataset")
+            root = write_synthetic_cub(Path(self.root), **self.synthetic)
+            splits, official = load_splits("cub", str(root))
+            splits.name = "synthetic"
+            n, c = self.synthetic.get("images_per_class", 20), self.synthetic.get("num_classes", 20)
+            official = {"train_images": n * (c // 2), "test_images": n * (c - c // 2)}
+        else:
+            if not self.root:
+                raise DatasetError(f"data.root is not set: point it at your {self.name} download (data.root=/path)")
+            splits, official = load_splits(self.name, self.root)
+        summary = splits.summary()
+        problems = count_mismatches(summary, official) if official else []
+        self.count_report = {"counts": summary, "official": official, "mismatches": problems}
+        if problems:
+            msg = f"{self.name} at {self.root} does not match the official split ({'; '.join(problems)})"
+            if self.strict_counts:
+                raise DatasetError(msg + "; fix the copy or set data.strict_counts=false to train on it anyway")
+            log.warning(msg)
+        self.splits = self._hold_out_val(splits)
+        return self.splits
+
+    def _hold_out_val(self, splits: RetrievalSplits) -> RetrievalSplits:
+        """data.val_classes=F: the last fraction F of the train classes become a val split."""
+        self.val_records = None
+        if not self.val_classes:
+            return splits
+        classes = np.unique(splits.train.labels)
+        n_val = max(int(round(len(classes) * self.val_classes)), 1)
+        val_mask = np.isin(splits.train.labels, classes[-n_val:])
+        self.val_records = splits.train.subset(val_mask)
+        splits.train = splits.train.subset(~val_mask)
+        return splits
+
+    @property
+    def num_classes(self) -> int:
+        return self.load().train.num_classes
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = self.load()
+        train_tf = build_transforms(self.image_size, self.mean, self.std, train=True)
+        test_tf = build_transforms(self.image_size, self.mean, self.std, train=False)
+        self.train_set = ImageDataset(splits.train, train_tf)
+        self.test_set = EvalDataset(splits.test, splits.gallery, test_tf)
+        # Without held-out classes, validation is the test split (what the paper reports).
+        self.val_set = EvalDataset(self.val_records, None, test_tf) if self.val_records is not None else self.test_set
+
+    # -- loaders -----------------------------------------------------------------------
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        sampler = ClassBalancedBatchSampler(
+            self.train_set.records.labels, self.batch_size, self.samples_per_class, self.seed, world, rank
+        )
+        return DataLoader(
+            self.train_set,
+            batch_sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=True,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def _eval_loader(self, dataset: EvalDataset) -> DataLoader:
+        world, rank = self._world()
+        # Sharded without shuffling; padding duplicates are removed after the gather by index.
+        sampler = DistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
+        return DataLoader(
+            dataset, batch_size=self.eval_batch_size, sampler=sampler, num_workers=self.num_workers, pin_memory=True
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.test_set)

@@ -1,0 +1,64 @@
+"""The in-memory description of a retrieval dataset: image paths, labels and splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ImageRecords:
+    """Image files with integer class labels (contiguous from 0 within the split)."""
+
+    paths: list[str]
+    labels: np.ndarray
+    class_names: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.paths) != len(self.labels):
+            raise ValueError("paths and labels differ in length")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def num_classes(self) -> int:
+        return int(np.unique(self.labels).size)
+
+    def subset(self, mask: np.ndarray) -> ImageRecords:
+        idx = np.flatnonzero(mask)
+        return ImageRecords([self.paths[i] for i in idx], self.labels[idx], self.class_names)
+
+
+def relabel(labels: np.ndarray) -> np.ndarray:
+    """Map arbitrary class ids to 0..C-1 in sorted order of the original ids."""
+    _, inverse = np.unique(labels, return_inverse=True)
+    return inverse.astype(np.int64)
+
+
+@dataclass
+class RetrievalSplits:
+    """Zero-shot splits: train classes never appear in test.
+
+    `gallery` is set for query/gallery protocols (In-Shop); otherwise `test` is both the
+    query set and the gallery, and each query is left out of its own neighbours.
+    """
+
+    name: str
+    train: ImageRecords
+    test: ImageRecords
+    gallery: ImageRecords | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, int]:
+        out = {
+            "train_images": len(self.train),
+            "train_classes": self.train.num_classes,
+            "test_images": len(self.test),
+            "test_classes": self.test.num_classes,
+        }
+        if self.gallery is not None:
+            out["gallery_images"] = len(self.gallery)
+        return out

@@ -1,0 +1,87 @@
+"""Class-balanced batch sampling: bs/k distinct classes per batch, k images each.
+
+Deterministic in (seed, epoch). Under DDP every rank builds the same global plan for a
+step (world_size * bs/k classes) and takes its own contiguous slice, so the classes of
+one step are disjoint across ranks and each rank still sees k images per class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from vpt_dml.errors import UserError
+
+
+class ClassBalancedBatchSampler(Sampler[list[int]]):
+    def __init__(
+        self,
+        labels: np.ndarray,
+        batch_size: int,
+        samples_per_class: int,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if batch_size % samples_per_class:
+            raise UserError(
+                f"batch_size={batch_size} is not a multiple of samples_per_class={samples_per_class}; "
+                "set data.batch_size to a multiple of data.samples_per_class"
+            )
+        self.labels = np.asarray(labels)
+        self.batch_size = batch_size
+        self.k = samples_per_class
+        self.classes_per_batch = batch_size // samples_per_class
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.classes, inverse = np.unique(self.labels, return_inverse=True)
+        self.members = [np.flatnonzero(inverse == i) for i in range(len(self.classes))]
+        needed = self.classes_per_batch * num_replicas
+        if needed > len(self.classes):
+            raise UserError(
+                f"a step needs {needed} distinct classes (batch_size/samples_per_class x devices) "
+                f"but the training split has {len(self.classes)}; lower data.batch_size or raise samples_per_class"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        # METHOD.md §3: an epoch is len(train) // batch size steps (global batch under DDP).
+        return max(len(self.labels) // (self.batch_size * self.num_replicas), 1)
+
+    def global_plan(self) -> list[list[int]]:
+        """Index lists of every step for all ranks together: each one is world*bs long."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        per_step = self.classes_per_batch * self.num_replicas
+        # Per-class image queues, reshuffled when exhausted: every image is reached in turn.
+        queues = [rng.permutation(m) for m in self.members]
+        heads = np.zeros(len(self.members), dtype=np.int64)
+        order = rng.permutation(len(self.classes))
+        plan = []
+        for _ in range(len(self)):
+            if len(order) < per_step:
+                # Classes left from this pass go first, then a fresh pass without them, so
+                # every class is visited once per pass and a step never repeats a class.
+                fresh = rng.permutation(len(self.classes))
+                order = np.concatenate([order, fresh[~np.isin(fresh, order)]])
+            step_classes, order = order[:per_step], order[per_step:]
+            batch: list[int] = []
+            for c in step_classes:
+                for _ in range(self.k):
+                    if heads[c] >= len(queues[c]):
+                        queues[c] = rng.permutation(self.members[c])
+                        heads[c] = 0
+                    batch.append(int(queues[c][heads[c]]))
+                    heads[c] += 1
+            plan.append(batch)
+        return plan
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start = self.rank * self.batch_size
+        for step in self.global_plan():
+            yield step[start : start + self.batch_size]
