@@ -7,20 +7,26 @@ dataset index, metrics computed once and logged identically on every rank.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import lightning as L
 import torch
 import torch.nn as nn
 
+from vpt_dml import distributed
+from vpt_dml.errors import UserError
 from vpt_dml.evaluation import retrieval_metrics
 from vpt_dml.losses import ProxyAnchorLoss, ProxyNCALoss
+from vpt_dml.models.class_prompt_store import ClassPromptStore
 from vpt_dml.models.embedder import build_embedder
-from vpt_dml.models.params import parameter_breakdown
+from vpt_dml.models.params import format_breakdown, parameter_breakdown
 from vpt_dml.models.prompted_vit import layer_counts
 from vpt_dml.models.proxies import LearnedProxies
 from vpt_dml.models.semantic_proxies import SemanticProxies
-from vpt_dml.errors import UserError
+from vpt_dml.models.two_branch import two_branch_outputs
+
+log = logging.getLogger("vpt_dml")
 
 
 def build_proxies(cfg: Mapping, num_classes: int, feature_dim: int, embed_dim: int, num_layers: int) -> nn.Module:
@@ -31,6 +37,8 @@ def build_proxies(cfg: Mapping, num_classes: int, feature_dim: int, embed_dim: i
         q = cfg.get("class_prompts") or {}
         counts = layer_counts(q.get("num", 0), q.get("depth", 0), q.get("step", 0), num_layers)
         update = "mix" if kind == "semantic_mix" else cfg.get("update", "gru_relu")
+        if not 0.0 <= cfg.get("bias_ratio", 0.5) <= 1.0:
+            raise UserError(f"model.proxy.bias_ratio={cfg['bias_ratio']} must lie in [0, 1]")
         return SemanticProxies(
             num_classes,
             feature_dim,
@@ -40,8 +48,18 @@ def build_proxies(cfg: Mapping, num_classes: int, feature_dim: int, embed_dim: i
             bias_ratio=cfg.get("bias_ratio", 0.5),
             dropout=cfg.get("dropout", 0.0),
             mix_lambda=cfg.get("mix_lambda", 0.8),
+            **class_prompt_store_kwargs(cfg),
         )
     raise UserError(f"unknown model.proxy.kind {kind!r}; use learned, semantic_mix or semantic_gru")
+
+
+def class_prompt_store_kwargs(cfg: Mapping) -> dict:
+    """`model.proxy.class_prompt_store`: device (dense table) or host (the reference's bank,
+    models/class_prompt_store.py); `class_prompt_dtype`: float32 | bfloat16 host storage."""
+    store = cfg.get("class_prompt_store", "device")
+    if store not in ("device", "host"):
+        raise UserError(f"model.proxy.class_prompt_store={store!r}; use device or host")
+    return {"class_prompt_store": store, "class_prompt_dtype": cfg.get("class_prompt_dtype", "float32")}
 
 
 def build_loss(cfg: Mapping) -> nn.Module:
@@ -81,23 +99,72 @@ class VPTDMLModule(L.LightningModule):
     # -- training ----------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels, _ = batch
-        embeddings = self.embedder(images)
-        proxies = self.proxies(images, labels, self.embedder.backbone)
+        if self.hparams["model"].get("fused_branches", False) and isinstance(self.proxies, SemanticProxies):
+            # image and semantic branch as one 2B pass: same maths, less work (two_branch.py)
+            embeddings, proxies = two_branch_outputs(self.embedder, self.proxies, images, labels)
+        else:
+            embeddings = self.embedder(images)
+            proxies = self.proxies(images, labels, self.embedder.backbone)
+        # DDP: the loss sees the global batch on every rank (gradient maths: distributed.py)
+        embeddings, labels = distributed.gather_batch(embeddings, labels)
         loss = self.criterion(embeddings, labels, proxies)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
         return loss
 
+    # -- class-prompt store (model.proxy.class_prompt_store=host) ------------------------
+    @property
+    def class_prompt_store(self) -> ClassPromptStore | None:
+        return getattr(getattr(self.proxies, "class_prompts", None), "store", None)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if self.class_prompt_store is not None:  # H2D copy overlaps the image branch
+            self.class_prompt_store.prefetch(batch[1], self.device)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """The main step, then the store's row-wise step with the main group's settings.
+
+        16-mixed: the store's gradients carry the GradScaler's scale of this backward (read
+        before the step) and are divided by it; when the scaler skips the step (overflow,
+        seen as a lowered scale) the store skips it too. bf16/32: no scaling.
+        """
+        store = self.class_prompt_store
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and store is not None else 1.0
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if store is None:
+            return
+        skipped = scaler is not None and float(scaler.get_scale()) < scale
+        group = next(g for g in optimizer.param_groups if g.get("name") == "main")
+        kind = "sgd" if isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.SGD) else "adamw"
+        # the global-batch loss gives each rank W x its rows' gradient (distributed.py)
+        store.step(group, kind, grad_scale=scale, grad_divisor=self.trainer.world_size, skip=skipped)
+
     def parameter_groups(self) -> list[dict]:
-        """Proxies / proxy bias B get their own lr (lr_proxy), everything else lr."""
+        """Two groups: "main" (everything trainable but B) at lr, "proxy" (B) at lr_proxy.
+
+        The reference builds two optimizers of the same class, one per group, both
+        cosine-annealed with the same T_max/eta_min and stepped together. With one class and
+        one schedule, per-group state and per-group lr make that exactly one optimizer with
+        two param groups (SGD momentum, Adam moments are per parameter anyway). The reference
+        applies the same weight decay to B; optim.weight_decay_proxy overrides it.
+        """
         proxy, main = [], []
         for name, p in self.named_parameters():
             if p.requires_grad:
                 (proxy if name.startswith("proxies.bias") else main).append(p)
         o = self.optim_cfg
         wd = o.get("weight_decay", 0.0)
+        wd_proxy = o.get("weight_decay_proxy")
         groups = [{"params": main, "lr": o["lr"], "weight_decay": wd, "name": "main"}]
         if proxy:
-            groups.append({"params": proxy, "lr": o["lr_proxy"], "weight_decay": wd, "name": "proxy"})
+            groups.append(
+                {
+                    "params": proxy,
+                    "lr": o["lr_proxy"],
+                    "weight_decay": wd if wd_proxy is None else wd_proxy,
+                    "name": "proxy",
+                }
+            )
         return groups
 
     def configure_optimizers(self):
@@ -106,15 +173,38 @@ class VPTDMLModule(L.LightningModule):
         if o["name"] == "sgd":
             opt = torch.optim.SGD(groups, lr=o["lr"], momentum=o.get("momentum", 0.9))
         elif o["name"] == "adamw":
-            opt = torch.optim.AdamW(groups, lr=o["lr"])
+            opt = torch.optim.AdamW(groups, lr=o["lr"], betas=tuple(o.get("betas", (0.9, 0.999))))
         else:
             raise UserError(f"unknown optim.name {o['name']!r}; use sgd or adamw")
-        # Cosine per epoch with the presets' own T_max (may be shorter than the run: Cars ViT-B).
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=o["t_max"], eta_min=o["eta_min"])
+        if int(o["t_max"]) < 1:
+            raise UserError(f"optim.t_max={o['t_max']} must be >= 1 (epochs of the cosine period)")
+        # Cosine per epoch with the preset's own T_max; past T_max the lr rises again
+        # (Cars ViT-B: T_max 50 for 60 epochs), as torch's CosineAnnealingLR does.
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=int(o["t_max"]), eta_min=float(o["eta_min"])
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
     def on_fit_start(self) -> None:
-        self.parameter_summary = parameter_breakdown(self)
+        if self.class_prompt_store is not None:
+            if self.trainer.gradient_clip_val:
+                raise UserError(
+                    "trainer.gradient_clip_val does not reach the host class-prompt store; "
+                    "set trainer.gradient_clip_val=null or model.proxy.class_prompt_store=device"
+                )
+            self.class_prompt_store.broadcast_from_rank0()  # DDP: start identical
+        # parameters kept outside the module (a host-side class-prompt store) report here
+        extra_fn = getattr(self.proxies, "external_parameter_counts", None)
+        self.parameter_summary = parameter_breakdown(self, extra_fn() if extra_fn else None)
+        flat = {
+            f"params/{comp}/{key}": value
+            for comp, row in self.parameter_summary.items()
+            for key, value in row.items()
+        }
+        for logger in self.loggers:
+            logger.log_hyperparams(flat)
+        if self.trainer.is_global_zero:
+            log.info("parameters (trainable / total):\n%s", format_breakdown(self.parameter_summary))
 
     # -- evaluation --------------------------------------------------------------------
     def _collect(self, batch) -> None:
@@ -143,6 +233,9 @@ class VPTDMLModule(L.LightningModule):
         loader = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
         dataset = loader.dataset
         emb, labels = emb.cpu(), labels.cpu()
+        # images skipped as undecodable (data.skip_broken=true) carry label -1: left out
+        kept = labels >= 0
+        emb, labels, index = emb[kept], labels[kept], index[kept.to(index.device)]
         if dataset.has_gallery:
             q = dataset.query_mask[index.cpu()]
             g = dataset.gallery_mask[index.cpu()]

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from vpt_dml.callbacks import ExactResume
 from vpt_dml.errors import UserError
 from vpt_dml.models.backbone import data_config
 from vpt_dml.module import VPTDMLModule
@@ -45,6 +46,7 @@ def build_module(cfg: DictConfig, num_classes: int, eval_ks) -> VPTDMLModule:
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks.append(ExactResume())  # not optional: a resumed run must equal a straight one
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vpt_dml.data.layout import find_base
 from vpt_dml.data.records import ImageRecords, RetrievalSplits, relabel
 from vpt_dml.errors import DatasetError
 
@@ -22,14 +23,8 @@ SOURCE = "https://www.vision.caltech.edu/datasets/cub_200_2011/"
 
 
 def find_cub_dir(root: str | Path) -> Path:
-    root = Path(root).expanduser()
-    for candidate in (root / "CUB_200_2011", root):
-        if (candidate / "images.txt").is_file():
-            return candidate
-    raise DatasetError(
-        f"CUB-200-2011 not found under {root}: expected {root}/CUB_200_2011/images.txt and images/; "
-        f"download CUB_200_2011.tgz from {SOURCE} and set data.root to the folder holding CUB_200_2011/"
-    )
+    expected = "<root>/CUB_200_2011/images.txt, image_class_labels.txt and images/, or one folder per class"
+    return find_base(root, "images.txt", ["CUB_200_2011"], "CUB-200-2011", expected, SOURCE + " (CUB_200_2011.tgz)")
 
 
 def _read_two_columns(path: Path) -> dict[int, str]:

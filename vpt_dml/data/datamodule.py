@@ -16,6 +16,7 @@ from vpt_dml.data.registry import count_mismatches, load_splits
 from vpt_dml.data.sampler import ClassBalancedBatchSampler
 from vpt_dml.data.synthetic import write_synthetic_cub
 from vpt_dml.data.transforms import build_transforms
+from vpt_dml.data.verify import missing_files
 from vpt_dml.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ class RetrievalDataModule(L.LightningDataModule):
         mean: tuple[float, ...] = (0.5, 0.5, 0.5),
         std: tuple[float, ...] = (0.5, 0.5, 0.5),
         recall_ks: tuple[int, ...] = (1, 2, 4, 8),
+        skip_broken: bool = False,
+        check_files: bool = True,
+        fast_decode: bool = True,
     ) -> None:
         super().__init__()
         self.name = name
@@ -53,6 +57,9 @@ class RetrievalDataModule(L.LightningDataModule):
         self.image_size = image_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.recall_ks = tuple(recall_ks)
+        self.skip_broken = skip_broken
+        self.check_files = check_files
+        self.fast_decode = fast_decode
         self.splits: RetrievalSplits | None = None
         self.count_report: dict = {}
 
@@ -81,8 +88,35 @@ class RetrievalDataModule(L.LightningDataModule):
             if self.strict_counts:
                 raise DatasetError(msg + "; fix the copy or set data.strict_counts=false to train on it anyway")
             log.warning(msg)
+        if self.check_files:
+            splits = self._drop_missing(splits)
         self.splits = self._hold_out_val(splits)
         return self.splits
+
+    def _drop_missing(self, splits: RetrievalSplits) -> RetrievalSplits:
+        """Every listed file must exist; with data.skip_broken they are dropped and counted."""
+        missing = missing_files(splits)
+        if not missing:
+            return splits
+        if not self.skip_broken:
+            raise DatasetError(
+                f"{len(missing)} image(s) listed in the {self.name} metadata are missing, first: {missing[0]}; "
+                f"re-extract the dataset, or set data.skip_broken=true to train without them "
+                f"(python -m vpt_dml.data.verify {self.name} {self.root} lists them all)"
+            )
+        log.warning("%s: skipping %d missing image(s), first: %s", self.name, len(missing), missing[0])
+        self.count_report["skipped_missing"] = len(missing)
+        gone = set(missing)
+        for part, records in splits.all_records():
+            kept = records.subset(np.array([p not in gone for p in records.paths], dtype=bool))
+            lost = np.setdiff1d(np.unique(records.labels), np.unique(kept.labels))
+            if lost.size:
+                raise DatasetError(
+                    f"{self.name} {part} class {int(lost[0])} has no images left after skipping missing "
+                    "files; the class is empty, re-extract the dataset"
+                )
+            setattr(splits, part, kept)
+        return splits
 
     def _hold_out_val(self, splits: RetrievalSplits) -> RetrievalSplits:
         """data.val_classes=F: the last fraction F of the train classes become a val split."""
@@ -102,12 +136,30 @@ class RetrievalDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         splits = self.load()
-        train_tf = build_transforms(self.image_size, self.mean, self.std, train=True)
-        test_tf = build_transforms(self.image_size, self.mean, self.std, train=False)
-        self.train_set = ImageDataset(splits.train, train_tf)
-        self.test_set = EvalDataset(splits.test, splits.gallery, test_tf)
+        if getattr(self, "train_set", None) is not None:
+            return  # fit then test: keep the datasets (and their skipped-image records)
+        size, mean, std, fast = self.image_size, self.mean, self.std, self.fast_decode
+        train_tf = build_transforms(size, mean, std, train=True, fast=fast)
+        test_tf = build_transforms(size, mean, std, train=False, fast=fast)
+        skip = self.skip_broken
+        self.train_set = ImageDataset(splits.train, train_tf, skip)
+        self.test_set = EvalDataset(splits.test, splits.gallery, test_tf, skip)
         # Without held-out classes, validation is the test split (what the paper reports).
-        self.val_set = EvalDataset(self.val_records, None, test_tf) if self.val_records is not None else self.test_set
+        self.val_set = (
+            EvalDataset(self.val_records, None, test_tf, skip) if self.val_records is not None else self.test_set
+        )
+
+    def skipped_images(self) -> list[str]:
+        """Images skipped as undecodable so far (data.skip_broken=true)."""
+        sets = [getattr(self, a, None) for a in ("train_set", "val_set", "test_set")]
+        return sorted({p for ds in sets if ds is not None for p in ds.skipped_paths()})
+
+    def teardown(self, stage: str | None = None) -> None:
+        skipped = self.skipped_images()
+        if skipped:
+            log.warning("%s: skipped %d undecodable image(s), first: %s", self.name, len(skipped), skipped[0])
+            self.count_report["skipped_broken"] = len(skipped)
+            self.count_report["skipped_broken_files"] = skipped[:100]
 
     # -- loaders -----------------------------------------------------------------------
     def _world(self) -> tuple[int, int]:
@@ -126,7 +178,9 @@ class RetrievalDataModule(L.LightningDataModule):
             batch_sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=True,
-            persistent_workers=self.num_workers > 0,
+            # Fresh workers each epoch, seeded from the main RNG: a run resumed from a
+            # checkpoint then draws the same augmentations as a straight run.
+            persistent_workers=False,
         )
 
     def _eval_loader(self, dataset: EvalDataset) -> DataLoader:

@@ -60,5 +60,12 @@ class RetrievalSplits:
             "test_classes": self.test.num_classes,
         }
         if self.gallery is not None:
+            # query/gallery protocols count the test classes over both sets (In-Shop: 3,985 items)
+            both = np.concatenate([self.test.labels, self.gallery.labels])
+            out["test_classes"] = int(np.unique(both).size)
             out["gallery_images"] = len(self.gallery)
         return out
+
+    def all_records(self) -> list[tuple[str, ImageRecords]]:
+        parts = [("train", self.train), ("test", self.test)]
+        return parts + ([("gallery", self.gallery)] if self.gallery is not None else [])

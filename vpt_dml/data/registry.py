@@ -1,24 +1,53 @@
-"""Dataset name -> loader returning `RetrievalSplits` (and the official counts to check)."""
+"""Dataset name -> loader returning `RetrievalSplits`, plus the official counts to check."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
-from vpt_dml.data import cub
+from vpt_dml.data import cars, cub, inat, inshop, sop
+from vpt_dml.data.class_folders import load_class_folders, looks_like_class_folders
 from vpt_dml.data.records import RetrievalSplits
-from vpt_dml.errors import UserError
+from vpt_dml.errors import DatasetError, UserError
 
-# name -> (loader(root) -> splits, official counts or None)
-LOADERS: dict[str, tuple[Callable[..., RetrievalSplits], dict[str, int] | None]] = {
-    "cub": (cub.load_cub, cub.OFFICIAL_COUNTS),
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    load: Callable[[str], RetrievalSplits]
+    official: dict[str, int]
+    # the official layout's locator (raises DatasetError when absent); with
+    # `class_folders_ok`, a one-folder-per-class copy is accepted in its place
+    locate: Callable[[str], Path] | None = None
+    class_folders_ok: bool = False
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "cub": DatasetSpec(cub.load_cub, cub.OFFICIAL_COUNTS, cub.find_cub_dir, class_folders_ok=True),
+    "cars": DatasetSpec(cars.load_cars, cars.OFFICIAL_COUNTS, cars.find_cars_dir, class_folders_ok=True),
+    "sop": DatasetSpec(sop.load_sop, sop.OFFICIAL_COUNTS),
+    "inshop": DatasetSpec(inshop.load_inshop, inshop.OFFICIAL_COUNTS),
+    "inat": DatasetSpec(inat.load_inat, inat.OFFICIAL_COUNTS),
 }
 
 
-def load_splits(name: str, root: str) -> tuple[RetrievalSplits, dict[str, int] | None]:
-    if name not in LOADERS:
-        raise UserError(f"unknown dataset {name!r}; choose one of {sorted(LOADERS)} (data=<name>)")
-    loader, official = LOADERS[name]
-    return loader(root), official
+def dataset_spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)} (data=<name>)")
+    return DATASETS[name]
+
+
+def load_splits(name: str, root: str) -> tuple[RetrievalSplits, dict[str, int]]:
+    spec = dataset_spec(name)
+    if spec.class_folders_ok and spec.locate is not None:
+        try:
+            spec.locate(root)
+        except DatasetError:
+            if not looks_like_class_folders(root):
+                raise  # names the official layout and where to get it
+            splits = load_class_folders(name, root)
+            return splits, spec.official
+    return spec.load(root), spec.official
 
 
 def count_mismatches(summary: dict[str, int], official: dict[str, int]) -> list[str]:

@@ -158,3 +158,21 @@ def write_synthetic_cub(
     except OSError:  # another process won the race; its copy is identical
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def source_images(
+    first_class: int, num_classes: int, images_per_class: int, image_size: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """In-memory images of classes `first_class ..` of the same generator (uint8 NHWC, labels).
+
+    Used to pretrain the demo backbone on classes that neither split of the demo dataset
+    (classes `0 .. first_class-1`) contains, as ImageNet-21k is disjoint from CUB's test.
+    """
+    params = class_parameters(first_class + num_classes, seed)[first_class:]
+    images, labels = [], []
+    for c, p in enumerate(params):
+        rng = np.random.default_rng([seed, 10_000 + first_class + c])
+        for _ in range(images_per_class):
+            images.append(np.asarray(draw_instance(p, image_size, rng)))
+            labels.append(c)
+    return np.stack(images), np.asarray(labels, dtype=np.int64)

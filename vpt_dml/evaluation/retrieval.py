@@ -1,28 +1,47 @@
-"""Exact retrieval metrics: Recall@K, MAP@R, R-precision (cosine, query left out).
+"""Retrieval metrics: Recall@K, MAP@R (two conventions) and R-precision.
 
-Reference implementation: exact cosine k-NN in chunks (float32 similarities), ties
-broken by the lower gallery index. `vpt_dml.evaluation.knn` holds the fast search.
+Conventions (checked against pytorch-metric-learning's AccuracyCalculator):
+- cosine similarity, exact, ties ordered by the lower gallery index (see `knn`);
+- without a gallery the query set is its own gallery and a query is never its own
+  neighbour; with a gallery, queries are ranked against the gallery only;
+- R = number of positives (same-class gallery items, the query itself excluded);
+- a query with R = 0 ("lone" query, e.g. a singleton class) is left out of every metric,
+  Recall@K included, as AccuracyCalculator does for precision_at_1 / MAP@R / R-precision;
+- items labelled -1 (images the dataset could not decode) are dropped first;
+- `map@r_vptsp` is the VPTSP reference code's variant: R counts the query too (R + 1
+  without a gallery), AP over the top R, divided by that R; it gives lower numbers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from vpt_dml.errors import UserError
+from vpt_dml.evaluation.knn import rank_positives
+
+SKIPPED_LABEL = -1
 
 
-def _knn(queries: torch.Tensor, gallery: torch.Tensor, k: int, exclude_self: bool, chunk: int = 1024) -> torch.Tensor:
-    """Indices of the k most similar gallery items per query; ties -> lower index."""
-    out = []
-    for start in range(0, len(queries), chunk):
-        sim = queries[start : start + chunk] @ gallery.T
-        if exclude_self:
-            rows = torch.arange(sim.shape[0], device=sim.device)
-            sim[rows, rows + start] = -float("inf")
-        # stable descending sort keeps the lower index first among equal similarities
-        order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]
-        out.append(order)
-    return torch.cat(out)
+def _as_tensor(x, name: str) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x)
+    if name.endswith("embeddings"):
+        if t.ndim != 2 or t.shape[0] == 0:
+            raise UserError(f"{name} must be a non-empty (N, D) matrix, got shape {tuple(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise UserError(f"{name} contain NaN or inf; check the model output (e.g. fp16 overflow)")
+    elif t.ndim != 1 or t.dtype.is_floating_point:
+        raise UserError(f"{name} must be a 1-D integer vector, got {t.dtype} {tuple(t.shape)}")
+    return t
+
+
+def _checked_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    ks = tuple(ks)
+    if not ks or any(isinstance(k, bool) or int(k) != k or k < 1 for k in ks):
+        raise UserError(f"recall ks must be positive integers, got {list(ks)}; e.g. [1, 2, 4, 8]")
+    return tuple(int(k) for k in ks)
 
 
 def retrieval_metrics(
@@ -32,32 +51,55 @@ def retrieval_metrics(
     gallery_embeddings: torch.Tensor | np.ndarray | None = None,
     gallery_labels: torch.Tensor | np.ndarray | None = None,
 ) -> dict[str, float]:
-    q = F.normalize(torch.as_tensor(embeddings).float(), dim=-1)
-    ql = torch.as_tensor(labels).long()
+    ks = _checked_ks(ks)
+    if (gallery_embeddings is None) != (gallery_labels is None):
+        raise UserError("pass both gallery_embeddings and gallery_labels, or neither")
+    q, ql = _as_tensor(embeddings, "query embeddings"), _as_tensor(labels, "query labels")
+    if len(q) != len(ql):
+        raise UserError(f"{len(q)} query embeddings but {len(ql)} labels; pass one label each")
+    ql = ql.to(q.device)
+    keep = ql != SKIPPED_LABEL
+    q, ql = q[keep], ql[keep]
     same = gallery_embeddings is None
-    g = q if same else F.normalize(torch.as_tensor(gallery_embeddings).float(), dim=-1)
-    gl = ql if same else torch.as_tensor(gallery_labels).long()
+    if not same:
+        g = _as_tensor(gallery_embeddings, "gallery embeddings").to(q.device)
+        gl = _as_tensor(gallery_labels, "gallery labels").to(q.device)
+        if len(g) != len(gl):
+            raise UserError(f"{len(g)} gallery embeddings but {len(gl)} labels; pass one label each")
+        if g.shape[1] != q.shape[1]:
+            raise UserError(f"query dim {q.shape[1]} != gallery dim {g.shape[1]}; embed both with one model")
+        keep = gl != SKIPPED_LABEL
+        g, gl = g[keep], gl[keep]
 
-    # R per query: same-class gallery items other than the query itself.
-    classes, counts = torch.unique(gl, return_counts=True)
-    lookup = dict(zip(classes.tolist(), counts.tolist()))
-    r = torch.tensor([lookup.get(c, 0) for c in ql.tolist()]) - (1 if same else 0)
-    max_k = min(max(max(ks), int(r.max()) + 1), len(g) - (1 if same else 0))
-    nn_idx = _knn(q, g, max_k, exclude_self=same)
-    hits = gl[nn_idx] == ql[:, None]  # (Q, max_k)
+    ranks = rank_positives(q, ql, None if same else g, None if same else gl)
+    return metrics_from_ranks(ranks.num_positives, ranks.negatives_above, ks, same)
 
+
+def metrics_from_ranks(
+    num_positives: torch.Tensor, negatives_above: torch.Tensor, ks: tuple[int, ...], same: bool
+) -> dict[str, float]:
+    """Metrics from R and n_j (negatives above the j-th positive; its rank is n_j + j)."""
+    valid = num_positives > 0
+    if not bool(valid.any()):
+        raise UserError(
+            "no query has a same-class item to retrieve (every class is a singleton); "
+            "evaluation needs classes with at least 2 images"
+        )
+    r = num_positives[valid].double()
+    n = negatives_above[valid].double()
+    j = torch.arange(1, n.shape[1] + 1, dtype=torch.float64, device=n.device)
+    rank = n + j
+    listed = j <= r[:, None]  # real positives, not padding
     out: dict[str, float] = {}
+    first = rank[:, 0]
     for k in ks:
-        out[f"recall@{k}"] = float(hits[:, :k].any(dim=1).float().mean())
-    valid = r > 0
-    ranks = torch.arange(1, max_k + 1)
-    in_r = ranks[None, :] <= r[:, None]
-    prec = torch.cumsum(hits.float(), 1) / ranks
-    r_f = r.clamp(min=1).float()
-    out["map@r"] = float(((prec * hits * in_r).sum(1) / r_f)[valid].mean())
-    out["r_precision"] = float(((hits * in_r).sum(1) / r_f)[valid].mean())
-    # VPTSP reference variant: R counts the query too, AP over the top R (lower numbers).
-    r_v = r + (1 if same else 0)
-    in_rv = ranks[None, :] <= r_v[:, None]
-    out["map@r_vptsp"] = float(((prec * hits * in_rv).sum(1) / r_v.clamp(min=1).float())[valid].mean())
+        out[f"recall@{k}"] = float((first <= k).double().mean())
+
+    def average_precision(depth: torch.Tensor) -> torch.Tensor:
+        inside = listed & (rank <= depth[:, None])
+        return (torch.where(inside, j / rank, 0).sum(1) / depth).mean()
+
+    out["map@r"] = float(average_precision(r))
+    out["r_precision"] = float(((listed & (rank <= r[:, None])).sum(1) / r).mean())
+    out["map@r_vptsp"] = float(average_precision(r + (1 if same else 0)))
     return out

@@ -14,6 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vpt_dml.errors import UserError
+
+
+def _loss_dtype(x: torch.Tensor) -> torch.dtype:
+    """At least float32 (half-precision activations under AMP), float64 kept."""
+    return torch.promote_types(x.dtype, torch.float32)
+
 
 def _log1p_sum_exp(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per column, log(1 + sum over masked rows of exp(logits)), computed stably."""
@@ -32,17 +39,19 @@ class ProxyAnchorLoss(nn.Module):
     ) -> None:
         super().__init__()
         if positive_normalization not in ("present", "all"):
-            raise ValueError("positive_normalization must be 'present' or 'all'")
+            raise UserError(
+                f"loss.positive_normalization={positive_normalization!r}; use present or all"
+            )
         if proxy_range not in ("all", "in_batch"):
-            raise ValueError("proxy_range must be 'all' or 'in_batch'")
+            raise UserError(f"loss.proxy_range={proxy_range!r}; use all or in_batch")
         self.alpha = alpha
         self.delta = delta
         self.positive_normalization = positive_normalization
         self.proxy_range = proxy_range
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
-        emb = F.normalize(embeddings.float(), dim=-1)
-        prox = F.normalize(proxies.float(), dim=-1)
+        emb = F.normalize(embeddings.to(_loss_dtype(embeddings)), dim=-1)
+        prox = F.normalize(proxies.to(_loss_dtype(embeddings)), dim=-1)
         if self.proxy_range == "in_batch":
             classes, labels = torch.unique(labels, return_inverse=True)
             prox = prox[classes]

@@ -11,6 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _loss_dtype(x: torch.Tensor) -> torch.dtype:
+    """At least float32 (half-precision activations under AMP), float64 kept."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 class ProxyNCALoss(nn.Module):
     def __init__(self, scale: float = 3.0, label_smoothing: float = 0.0) -> None:
         super().__init__()
@@ -18,7 +23,7 @@ class ProxyNCALoss(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
-        x = self.scale * F.normalize(embeddings.float(), dim=-1)
-        p = self.scale * F.normalize(proxies.float(), dim=-1)
+        x = self.scale * F.normalize(embeddings.to(_loss_dtype(embeddings)), dim=-1)
+        p = self.scale * F.normalize(proxies.to(_loss_dtype(embeddings)), dim=-1)
         dist = torch.cdist(x, p).pow(2)
         return F.cross_entropy(-dist, labels, label_smoothing=self.label_smoothing)

@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vpt_dml.models.backbone import create_backbone, freeze
+from vpt_dml.models.backbone import create_backbone
 from vpt_dml.models.heads import EmbeddingHead
-from vpt_dml.models.peft import set_backbone_trainable
+from vpt_dml.models.peft import apply_peft
 from vpt_dml.models.prompted_vit import PromptedViT, layer_counts
 
 
@@ -32,12 +32,11 @@ class Embedder(nn.Module):
 
 
 def build_embedder(cfg: Mapping) -> Embedder:
-    """From the `model` config: backbone (frozen), PEFT switches, shared prompts, head."""
+    """From the `model` config: backbone (frozen), PEFT switches (peft.py), shared prompts, head."""
     b = cfg["backbone"]
     vit = create_backbone(b["name"], b.get("pretrained", False), b.get("weights"), b.get("kwargs"))
-    freeze(vit)
     peft = cfg["peft"]
-    set_backbone_trainable(vit, bitfit=peft.get("bitfit", False), full=peft.get("full", False))
+    apply_peft(vit, peft)
     p = peft.get("prompts") or {}
     counts = layer_counts(p.get("num", 0), p.get("depth", 0), p.get("step", 0), len(vit.blocks))
     backbone = PromptedViT(vit, counts)

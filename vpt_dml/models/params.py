@@ -52,3 +52,14 @@ def parameter_breakdown(module: nn.Module, extra: dict[str, tuple[int, int]] | N
         "tuned_pct": 100.0 * trainable / max(backbone_total, 1),
     }
     return rows
+
+
+def format_breakdown(rows: dict[str, dict]) -> str:
+    """A plain-text table of parameter_breakdown(), one component a line."""
+    lines = [f"{'component':<16}{'trainable':>14}{'total':>14}"]
+    for comp, row in rows.items():
+        if comp != "all":
+            lines.append(f"{comp:<16}{row['trainable']:>14,}{row['total']:>14,}")
+    a = rows["all"]
+    lines.append(f"{'all':<16}{a['trainable']:>14,}{a['total']:>14,}  ({a['tuned_pct']:.2f}% tuned)")
+    return "\n".join(lines)

@@ -3,7 +3,9 @@
 At layer l, n_l prompt tokens are inserted right after the prefix tokens (CLS, and
 register/distillation tokens where the model has them), the block runs, and the prompt
 outputs are dropped, so every layer sees fresh prompts ("VPT-deep"; "VPT-shallow" is
-layer 0 only). Prompts get no position embedding.
+layer 0 only). Prompts get no position embedding. The reference code prepends them before
+CLS instead; without position embeddings a block is permutation-equivariant, so the
+place in the sequence does not change any output.
 """
 
 from __future__ import annotations
@@ -21,10 +23,19 @@ def layer_counts(num: int, depth: int, step: int, num_layers: int) -> list[int]:
     return [max(num - layer * step, 0) if layer < depth else 0 for layer in range(num_layers)]
 
 
-def xavier_normal_tokens(*shape: int) -> torch.Tensor:
-    """Xavier-normal init of prompt tokens of shape (..., n, D), fan over (n, D)."""
-    n, d = shape[-2], shape[-1]
-    return torch.randn(*shape) * (2.0 / (n + d)) ** 0.5
+def xavier_normal_tokens(*shape: int, keep: int | None = None) -> torch.Tensor:
+    """Prompt init of the reference code: torch's xavier-normal on a (length, num, D) tensor.
+
+    A 2-d shape (num, D) means length 1 (one shared set). torch's fans for a 3-d tensor are
+    fan_in = num*D and fan_out = length*D, so std = sqrt(2 / ((num + length) * D)): for
+    class prompts the std shrinks with the number of classes, as in the reference. The
+    reference initialises every layer at the full count N and slices the first N_l tokens
+    (prompt block step); `keep` does that slice.
+    """
+    full = shape if len(shape) == 3 else (1, *shape)
+    tokens = nn.init.xavier_normal_(torch.empty(full))
+    tokens = tokens[:, :keep] if keep is not None else tokens
+    return tokens.reshape(*shape[:-2], tokens.shape[1], shape[-1]).clone()
 
 
 class PromptTokens(nn.Module):
@@ -33,7 +44,10 @@ class PromptTokens(nn.Module):
     def __init__(self, counts: Sequence[int], dim: int) -> None:
         super().__init__()
         self.counts = list(counts)
-        self.tokens = nn.ParameterList([nn.Parameter(xavier_normal_tokens(n, dim)) for n in self.counts if n > 0])
+        full = max(self.counts, default=0)  # N: layer 0's count; deeper layers keep a prefix
+        self.tokens = nn.ParameterList(
+            [nn.Parameter(xavier_normal_tokens(full, dim, keep=n)) for n in self.counts if n > 0]
+        )
 
     def per_layer(self) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = []

@@ -9,28 +9,48 @@ P_all = normalize(r * B + (1 - r) * H) with a learnable bias B.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vpt_dml import distributed
+from vpt_dml.models.class_prompt_store import ClassPromptStore, class_prompt_dtype
 from vpt_dml.models.heads import EmbeddingHead
 from vpt_dml.models.prompted_vit import xavier_normal_tokens
 
 
 class ClassPrompts(nn.Module):
-    """Dense class-prompt table: per prompted layer a (C, M_l, D) parameter."""
+    """Class prompts Q_l[c]: per prompted layer a (C, M_l, D) table.
 
-    def __init__(self, num_classes: int, counts: Sequence[int], dim: int) -> None:
+    store="device": dense parameters, trained by the main optimizer (small C).
+    store="host": a ClassPromptStore (host memory, row-wise optimizer; SOP/In-Shop/iNat).
+    Both start from the same draws, so a seeded run starts from the same prompts.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        counts: Sequence[int],
+        dim: int,
+        store: str = "device",
+        storage_dtype: str = "float32",
+    ) -> None:
         super().__init__()
         self.counts = list(counts)
-        self.tokens = nn.ParameterList(
-            [nn.Parameter(xavier_normal_tokens(num_classes, m, dim)) for m in self.counts if m > 0]
-        )
+        full = max(self.counts, default=0)  # M: every layer is initialised at M, then sliced
+        initial = [xavier_normal_tokens(num_classes, full, dim, keep=m) for m in self.counts if m > 0]
+        self.store = None
+        if store == "host":
+            self.store = ClassPromptStore(initial, self.counts, class_prompt_dtype(storage_dtype))
+        self.tokens = nn.ParameterList([] if self.store is not None else [nn.Parameter(t) for t in initial])
 
     def gather(self, labels: torch.Tensor) -> list[torch.Tensor | None]:
         """Per layer, the (B, M_l, D) prompts of each sample's class (None: no prompts)."""
+        if self.store is not None:
+            return self.store.gather(labels)
         out: list[torch.Tensor | None] = []
         it = iter(self.tokens)
         for m in self.counts:
@@ -44,17 +64,24 @@ class GatedUpdate(nn.Module):
     z = sigmoid(W_iz s + b_iz + W_hz h + b_hz), r = sigmoid(W_ir s + b_ir + W_hr h + b_hr),
     n = act(W_in s + b_in + r * (W_hn h + b_hn)), h' = (1 - z) * n + z * h.
     With act = tanh this is exactly nn.GRUCell; "gru_relu" uses ReLU.
+
+    The reference cell has one bias per gate and none inside r * (W_hn h), so by default
+    the hidden Linear has no bias (b_h* = 0; hidden_bias=True gives nn.GRUCell's full set).
+    Init as the reference: xavier-uniform per (E, E) weight block, zero biases.
     """
 
-    def __init__(self, dim: int, activation: str = "relu") -> None:
+    def __init__(self, dim: int, activation: str = "relu", hidden_bias: bool = False) -> None:
         super().__init__()
         if activation not in ("relu", "tanh"):
             raise ValueError(f"GRU activation must be 'relu' or 'tanh', got {activation!r}")
         self.input = nn.Linear(dim, 3 * dim)
-        self.hidden = nn.Linear(dim, 3 * dim)
-        bound = dim**-0.5  # nn.GRUCell's default init
-        for p in self.parameters():
-            nn.init.uniform_(p, -bound, bound)
+        self.hidden = nn.Linear(dim, 3 * dim, bias=hidden_bias)
+        with torch.no_grad():
+            for linear in (self.input, self.hidden):
+                for block in linear.weight.view(3, dim, dim):
+                    nn.init.xavier_uniform_(block)
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
         self.act = torch.relu if activation == "relu" else torch.tanh
 
     def forward(self, s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -115,6 +142,8 @@ class SemanticProxies(nn.Module):
         bias_ratio: float = 0.5,
         dropout: float = 0.0,
         mix_lambda: float = 0.8,
+        class_prompt_store: str = "device",
+        class_prompt_dtype: str = "float32",
     ) -> None:
         super().__init__()
         if update not in ("gru", "gru_relu", "mix"):
@@ -122,7 +151,9 @@ class SemanticProxies(nn.Module):
         self.update = update
         self.bias_ratio = bias_ratio
         self.mix_lambda = mix_lambda
-        self.class_prompts = ClassPrompts(num_classes, class_prompt_counts, feature_dim)
+        self.class_prompts = ClassPrompts(
+            num_classes, class_prompt_counts, feature_dim, class_prompt_store, class_prompt_dtype
+        )
         self.head = EmbeddingHead(feature_dim, embed_dim)
         self.cell = GatedUpdate(embed_dim, "tanh" if update == "gru" else "relu") if update != "mix" else None
         self.dropout = nn.Dropout(dropout)
@@ -132,6 +163,12 @@ class SemanticProxies(nn.Module):
             self.bias.div_(8)
         # H: not a parameter, but part of the state a resumed run must continue from.
         self.register_buffer("memory", initial_memory(num_classes, embed_dim), persistent=True)
+        self._folds = 0  # training folds so far: seeds the dropout shared by all DDP ranks
+
+    def external_parameter_counts(self) -> dict[str, tuple[int, int]]:
+        """Trainable numbers kept outside the module's parameters (the host class-prompt store)."""
+        store = self.class_prompts.store
+        return {"class_prompts": (store.numel(), store.numel())} if store is not None else {}
 
     def semantic_embeddings(self, images: torch.Tensor, labels: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
         return self.head(backbone(images, self.class_prompts.gather(labels)))
@@ -146,9 +183,25 @@ class SemanticProxies(nn.Module):
         r = self.bias_ratio
         return F.normalize(r * self.bias + (1 - r) * memory, dim=-1)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
-        s = self.semantic_embeddings(images, labels, backbone)
-        new_memory = self.fold(s, labels)
+    def proxies_from(self, s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Fold the semantic embeddings s into H (kept when training) and return P_all.
+
+        Under DDP every rank folds the same global batch (all ranks' s in rank order, with
+        the same dropout draws), so H and P_all are identical on every rank; see
+        vpt_dml/distributed.py for why the gradients then equal a single process's.
+        """
+        rng = contextlib.nullcontext()
+        if self.training:
+            s, labels = distributed.gather_batch(s, labels)
+            self._folds += 1
+            if self.dropout.p > 0:
+                rng = distributed.shared_rng(self._folds)
+        with rng:
+            new_memory = self.fold(s, labels)
         if self.training:
             self.memory.copy_(new_memory.detach())
         return self.combine(new_memory)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
+        # models/two_branch.py fuses this ViT pass with the image branch's, then proxies_from
+        return self.proxies_from(self.semantic_embeddings(images, labels, backbone), labels)

@@ -1,0 +1,151 @@
+"""The fused VPTSP training step (models/two_branch.py) computes exactly the two-pass step.
+
+float32 throughout (the GRU fold runs in fp32), so "exactly" means to float tolerance.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+
+from vpt_dml.losses import ProxyAnchorLoss
+from vpt_dml.models.embedder import Embedder
+from vpt_dml.models.heads import EmbeddingHead
+from vpt_dml.models.peft import set_backbone_trainable
+from vpt_dml.models.precision import cast_frozen_weights_
+from vpt_dml.models.prompted_vit import PromptedViT
+from vpt_dml.models.semantic_proxies import SemanticProxies
+from vpt_dml.models.two_branch import (
+    checkpointed_layers,
+    fast_features,
+    supports_fast_path,
+    two_branch_outputs,
+)
+
+NUM_CLASSES = 4
+# Per layer: different lengths, equal lengths, one branch without prompts, none at all.
+PROMPTS = [4, 3, 0, 2, 0]
+CLASS_PROMPTS = [2, 3, 3, 0, 0]
+
+
+def tiny_vit(**kwargs) -> torch.nn.Module:
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=5, num_heads=2, num_classes=0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**args, **kwargs})
+
+
+def build(full: bool = False, **vit_kwargs) -> tuple[Embedder, SemanticProxies]:
+    torch.manual_seed(0)
+    vit = tiny_vit(**vit_kwargs)
+    for p in vit.parameters():
+        p.requires_grad_(False)
+    set_backbone_trainable(vit, bitfit=True, full=full)
+    embedder = Embedder(PromptedViT(vit, PROMPTS), EmbeddingHead(32, 16))
+    proxies = SemanticProxies(NUM_CLASSES, 32, 16, CLASS_PROMPTS, update="gru_relu", bias_ratio=0.5)
+    return embedder, proxies
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(8, 3, 32, 32, generator=g, dtype=torch.float32)
+    return images, torch.tensor([2, 2, 0, 0, 3, 3, 1, 1])
+
+
+def step(embedder, proxies, images, labels, fused: bool):
+    """One training step's outputs and the gradients of every trainable parameter."""
+    if fused:
+        emb, prox = two_branch_outputs(embedder, proxies, images, labels)
+    else:  # the plain two-pass step of VPTDMLModule.training_step
+        emb, prox = embedder(images), proxies(images, labels, embedder.backbone)
+    loss = ProxyAnchorLoss()(emb, labels, prox)
+    loss.backward()
+    named = list(embedder.named_parameters()) + list(proxies.named_parameters())
+    grads = {n: p.grad.clone() for n, p in named if p.requires_grad}
+    return emb.detach(), prox.detach(), proxies.memory.clone(), grads
+
+
+def assert_same(a, b) -> None:
+    for x, y in zip(a[:3], b[:3], strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    assert a[3].keys() == b[3].keys()
+    for name in a[3]:
+        assert_close_to_scale(a[3][name], b[3][name], name)
+
+
+def assert_close_to_scale(x: torch.Tensor, ref: torch.Tensor, name: str = "") -> None:
+    """fp32 agreement relative to the tensor's scale (gradients here reach ~100)."""
+    err = (x - ref).abs().max().item()
+    assert err <= 1e-5 * ref.abs().max().item() + 1e-7, f"{name}: max error {err:g}"
+
+
+@pytest.mark.parametrize("checkpointing", [False, True, 0.4])
+def test_fused_step_equals_two_passes(checkpointing) -> None:
+    embedder, proxies = build()
+    assert supports_fast_path(embedder.backbone.vit)
+    images, labels = batch()
+    reference = step(copy.deepcopy(embedder), copy.deepcopy(proxies), images, labels, fused=False)
+    embedder.backbone.grad_checkpointing = checkpointing
+    fused = step(embedder, proxies, images, labels, fused=True)
+    assert_same(fused, reference)
+    # the gradients reach prompts, class prompts, BitFit biases and the GRU; frozen weights get none
+    grads = fused[3]
+    assert grads["backbone.prompts.tokens.0"].abs().sum() > 0
+    assert grads["class_prompts.tokens.0"].abs().sum() > 0
+    assert grads["backbone.vit.blocks.4.mlp.fc2.bias"].abs().sum() > 0
+    assert grads["cell.input.weight"].abs().sum() > 0
+    assert embedder.backbone.vit.blocks[0].attn.qkv.weight.grad is None
+
+
+def test_fallback_for_unsupported_pooling_equals_two_passes() -> None:
+    embedder, proxies = build(global_pool="avg")  # every output token counts: no CLS-only layer
+    assert not supports_fast_path(embedder.backbone.vit)
+    images, labels = batch()
+    reference = step(copy.deepcopy(embedder), copy.deepcopy(proxies), images, labels, fused=False)
+    assert_same(step(embedder, proxies, images, labels, fused=True), reference)
+
+
+def test_single_branch_fast_path_equals_prompted_vit_with_full_finetuning() -> None:
+    embedder, _ = build(full=True)
+    backbone = embedder.backbone.double()  # no GRU here: float64 shows the maths are equal
+    images = batch()[0].double()
+    ref = copy.deepcopy(backbone)
+    ref(images).pow(2).sum().backward()
+    (out,) = fast_features(backbone, images, [backbone.prompts.per_layer()])
+    out.pow(2).sum().backward()
+    torch.testing.assert_close(out, ref(images), rtol=1e-10, atol=1e-12)
+    for (name, p), q in zip(backbone.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-11, msg=name)
+
+
+def test_checkpointed_layers() -> None:
+    assert checkpointed_layers(12, True) == set(range(12))
+    assert checkpointed_layers(12, 0.0) == set()
+    assert checkpointed_layers(12, 0.5) == {0, 2, 4, 6, 8, 10}
+
+
+def test_frozen_weights_in_compute_dtype_train_under_autocast() -> None:
+    embedder, proxies = build()
+    reference = copy.deepcopy(embedder)
+    cast_frozen_weights_(embedder)
+    vit = embedder.backbone.vit
+    assert vit.blocks[0].attn.qkv.weight.dtype == torch.bfloat16  # frozen: cast once
+    assert vit.patch_embed.proj.weight.dtype == torch.bfloat16
+    assert vit.blocks[0].attn.qkv.bias.dtype == torch.float32  # trainable: fp32 master copy
+    assert vit.blocks[0].norm1.weight.dtype == torch.float32
+    images, labels = batch()
+    trainable = [p for p in [*embedder.parameters(), *proxies.parameters()] if p.requires_grad]
+    before = {n: p.detach().clone() for n, p in embedder.named_parameters()}
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb, prox = two_branch_outputs(embedder, proxies, images, labels)
+        ref_emb = reference(images)
+        loss = ProxyAnchorLoss()(emb, labels, prox)
+    loss.backward()
+    opt.step()
+    # the same bf16 maths as autocast over fp32 weights, up to bf16 rounding
+    torch.testing.assert_close(emb.float(), ref_emb.float(), rtol=0.05, atol=0.05)
+    for name, p in embedder.named_parameters():
+        changed = not torch.equal(p.detach(), before[name])
+        assert changed == p.requires_grad, name

@@ -1,0 +1,5 @@
+"""Lightning callbacks of the suite: exact resume and the retrieval images."""
+
+from vpt_dml.callbacks.exact_resume import ExactResume
+
+__all__ = ["ExactResume"]

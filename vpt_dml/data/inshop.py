@@ -1,0 +1,55 @@
+"""In-Shop Clothes Retrieval (DeepFashion) in its official layout.
+
+    list_eval_partition.txt   line 1: image count; line 2: header
+                              "image_name item_id evaluation_status"; then one row per image,
+                              status train | query | gallery
+    img/...                   the paths in column 1 are relative to the folder holding img/
+
+Found at <root>/ or <root>/Eval/; images at <root>/img or <root>/Img/img. Test queries are
+ranked against the gallery only (METHOD.md §5).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from vpt_dml.data.layout import find_base, read_rows
+from vpt_dml.data.records import ImageRecords, RetrievalSplits, relabel
+from vpt_dml.errors import DatasetError
+
+OFFICIAL_COUNTS = {
+    "train_images": 25882,
+    "train_classes": 3997,
+    "test_images": 14218,
+    "test_classes": 3985,
+    "gallery_images": 12612,
+}
+SOURCE = "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html"
+EXPECTED = "<root>/list_eval_partition.txt (or <root>/Eval/) and <root>/img/ (or <root>/Img/img/)"
+
+
+def load_inshop(root: str | Path) -> RetrievalSplits:
+    meta = find_base(root, "list_eval_partition.txt", ["Eval"], "In-Shop", EXPECTED, SOURCE)
+    root = Path(root).expanduser()
+    image_base = next((b for b in (root, root / "Img", meta) if (b / "img").is_dir()), root)
+    path = meta / "list_eval_partition.txt"
+    rows = read_rows(path, columns=3, skip=2)
+    declared = path.read_text().split(maxsplit=1)[0]
+    if declared.isdigit() and int(declared) != len(rows):
+        raise DatasetError(f"{path} declares {declared} images on line 1 but lists {len(rows)}; the file is truncated")
+    by_status: dict[str, tuple[list[str], list[int]]] = {s: ([], []) for s in ("train", "query", "gallery")}
+    for name, item, status in (r[:3] for r in rows):
+        if status not in by_status:
+            raise DatasetError(f"{path}: unknown evaluation_status {status!r} for {name}; expected train, query or gallery")
+        by_status[status][0].append(str(image_base / name))
+        by_status[status][1].append(int(item.removeprefix("id_")))
+    train_paths, train_ids = by_status["train"]
+    (q_paths, q_ids), (g_paths, g_ids) = by_status["query"], by_status["gallery"]
+    # one label space for queries and gallery, so a query's positives are found in the gallery
+    test_labels = relabel(np.asarray(q_ids + g_ids, dtype=np.int64))
+    query = ImageRecords(q_paths, test_labels[: len(q_ids)])
+    gallery = ImageRecords(g_paths, test_labels[len(q_ids) :])
+    train = ImageRecords(train_paths, relabel(np.asarray(train_ids, dtype=np.int64)))
+    return RetrievalSplits("inshop", train, query, gallery)

@@ -1,0 +1,83 @@
+"""Integrity checks of a dataset copy, at start-up and on demand.
+
+    python -m vpt_dml.data.verify DATASET ROOT [--decode]
+
+checks the layout, the split counts against the official ones, that every listed file
+exists, and with --decode that every image decodes. Exit 0 when the copy is exact, 1 when
+it differs (each difference on its own line), 2 when it cannot be read at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from PIL import Image
+
+from vpt_dml.data.records import RetrievalSplits
+from vpt_dml.data.registry import DATASETS, count_mismatches, load_splits
+from vpt_dml.errors import UserError
+
+
+def missing_files(splits: RetrievalSplits) -> list[str]:
+    """Listed files that do not exist (one os.stat each: cheap enough for start-up)."""
+    missing = []
+    for _, records in splits.all_records():
+        for path in records.paths:
+            try:
+                os.stat(path)
+            except OSError:
+                missing.append(path)
+    return missing
+
+
+def undecodable_files(splits: RetrievalSplits, log_every: int = 0) -> list[tuple[str, str]]:
+    """(path, reason) for every image that PIL cannot fully decode."""
+    bad = []
+    done = 0
+    for _, records in splits.all_records():
+        for path in records.paths:
+            try:
+                with Image.open(path) as im:
+                    im.load()
+            except Exception as e:  # noqa: BLE001 - any decoder failure is a finding
+                bad.append((path, str(e).splitlines()[0] if str(e) else type(e).__name__))
+            done += 1
+            if log_every and done % log_every == 0:
+                print(f"  decoded {done} images, {len(bad)} broken", file=sys.stderr)
+    return bad
+
+
+def verify(splits: RetrievalSplits, official: dict[str, int], decode: bool = False) -> list[str]:
+    """Every problem found, one line each (empty: the copy matches the official split)."""
+    problems = [f"count {p}" for p in count_mismatches(splits.summary(), official)]
+    missing = missing_files(splits)
+    problems += [f"missing file: {p}" for p in missing]
+    if decode:
+        present = set(missing)
+        problems += [f"cannot decode: {p} ({why})" for p, why in undecodable_files(splits, 5000) if p not in present]
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vpt_dml.data.verify", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dataset", choices=sorted(DATASETS))
+    parser.add_argument("root", help="the folder data.root would point at")
+    parser.add_argument("--decode", action="store_true", help="also open and decode every image (slow)")
+    args = parser.parse_args(argv)
+    try:
+        splits, official = load_splits(args.dataset, args.root)
+        print(f"{args.dataset} at {args.root}: {splits.summary()}")
+        problems = verify(splits, official, args.decode)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for line in problems:
+        print(line)
+    print("OK: matches the official split" if not problems else f"{len(problems)} problem(s) found")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
