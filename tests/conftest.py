@@ -87,4 +87,5 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
 
 
 def resolved(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)
+    """The run's config as plain data (the `hydra` node left out: it needs a live job)."""
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)

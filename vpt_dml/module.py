@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from vpt_dml import distributed
 from vpt_dml.errors import UserError
-from vpt_dml.evaluation import retrieval_metrics
+from vpt_dml.evaluation import clustering_metrics, retrieval_metrics
 from vpt_dml.losses import ProxyAnchorLoss, ProxyNCALoss
 from vpt_dml.models.class_prompt_store import ClassPromptStore
 from vpt_dml.models.embedder import build_embedder
@@ -232,20 +232,39 @@ class VPTDMLModule(L.LightningModule):
         emb, labels, index = self.gather_embeddings()
         loader = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
         dataset = loader.dataset
-        emb, labels = emb.cpu(), labels.cpu()
+        # metrics run where the embeddings are: torch path on GPU, bf16 candidates on CPU
+        labels, index = labels.to(emb.device), index.to(emb.device)
         # images skipped as undecodable (data.skip_broken=true) carry label -1: left out
         kept = labels >= 0
-        emb, labels, index = emb[kept], labels[kept], index[kept.to(index.device)]
+        emb, labels, index = emb[kept], labels[kept], index[kept]
         if dataset.has_gallery:
-            q = dataset.query_mask[index.cpu()]
-            g = dataset.gallery_mask[index.cpu()]
+            q = dataset.query_mask.to(emb.device)[index]
+            g = dataset.gallery_mask.to(emb.device)[index]
             metrics = retrieval_metrics(emb[q], labels[q], self.eval_ks, emb[g], labels[g])
         else:
             metrics = retrieval_metrics(emb, labels, self.eval_ks)
+        # k-means over thousands of classes is slow (SOP: minutes): test stage only, unless
+        # `clustering_every_epoch` is set on the module
+        if stage == "test" or getattr(self, "clustering_every_epoch", False):
+            metrics.update(self._clustering(emb, labels))
         for key, value in metrics.items():
             # identical on every rank already: no sync needed
             self.log(f"{stage}/{key}", value, prog_bar=key == "recall@1", rank_zero_only=False)
         return metrics
+
+    def _clustering(self, emb: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """NMI / F1 on all evaluated items; computed on rank 0 and broadcast, since
+        multi-threaded k-means need not give identical clusters on every rank."""
+        classes = len(torch.unique(labels))
+        if classes < 2 or len(labels) <= classes:
+            log.warning("NMI/F1 skipped: k-means needs >= 2 classes and more items than classes")
+            return {}
+        result = None
+        if self.trainer.is_global_zero:
+            result = clustering_metrics(emb.cpu(), labels.cpu(), seed=0)
+        if self.trainer.world_size > 1:
+            result = self.trainer.strategy.broadcast(result, src=0)
+        return result
 
     def on_validation_epoch_end(self) -> None:
         self._evaluate("val")

@@ -14,10 +14,13 @@ from pathlib import Path
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vpt_dml.callbacks import ExactResume
+from vpt_dml.callbacks.wandb_logger import finish_wandb
 from vpt_dml.errors import UserError
 from vpt_dml.models.backbone import data_config
 from vpt_dml.module import VPTDMLModule
@@ -47,11 +50,37 @@ def build_module(cfg: DictConfig, num_classes: int, eval_ks) -> VPTDMLModule:
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks.append(ExactResume())  # not optional: a resumed run must equal a straight one
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # a logger factory may return None (W&B could not start): the others carry on
+    loggers = [lg for c in (cfg.get("logger") or {}).values() if c and (lg := instantiate(c)) is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger):  # the whole run config, not only the module's part
+            lg.log_hyperparams(OmegaConf.to_container(cfg_without_hydra(cfg), resolve=True))
+    return trainer
+
+
+def cfg_without_hydra(cfg: DictConfig) -> DictConfig:
+    return OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"})
+
+
+def refuse_ddp_sweep(cfg: DictConfig) -> None:
+    """`-m` with a multi-device DDP strategy makes every child launch its own sweep."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    devices = cfg.trainer.get("devices", 1)
+    many = devices in (-1, "-1", "auto") or (isinstance(devices, int) and devices > 1) or (
+        isinstance(devices, str) and "," in devices
+    )
+    if "ddp" in strategy and many:
+        raise UserError(
+            f"a sweep (-m) cannot run trainer.strategy={strategy} on devices={devices}: launch one DDP "
+            "job per process instead (a shell loop over the values, see the README)"
+        )
 
 
 def train(cfg: DictConfig) -> dict:
+    refuse_ddp_sweep(cfg)
     if cfg.get("seed") is not None:  # seed 0 is a seed
         L.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
@@ -114,6 +143,8 @@ def main(cfg: DictConfig) -> float | None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        finish_wandb()  # the next job of a sweep opens its own W&B run
     # the value a Hydra sweeper (e.g. optuna) optimises
     return metrics.get("recall@1")
 

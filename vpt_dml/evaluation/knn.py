@@ -107,23 +107,51 @@ def _error_norms(x64: torch.Tensor, x_c: torch.Tensor) -> torch.Tensor:
     ])
 
 
-def _positive_table(query_labels: torch.Tensor, gallery_labels: torch.Tensor, same: bool):
-    """(Q, R_max) gallery indices of each query's positives (ascending, -1 padded), and R."""
-    device = gallery_labels.device
-    order = torch.argsort(gallery_labels, stable=True)  # by label, then by index
-    classes, counts = torch.unique_consecutive(gallery_labels[order], return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    pos = torch.searchsorted(classes, query_labels).clamp(max=len(classes) - 1)
-    count = torch.where(classes[pos] == query_labels, counts[pos], 0)
-    cols = torch.arange(int(count.max()), device=device)
-    take = (starts[pos][:, None] + cols).clamp(max=len(order) - 1)
-    idx = torch.where(cols < count[:, None], order[take], -1)
+def _positives(q64, g64, ql, gl, same: bool):
+    """Each query's positives, best first: gallery index, exact similarity, and R.
+
+    Returns (Q, R_max) tables padded with index -1 / similarity -inf. Ties are ordered
+    by the lower gallery index. Similarities come from one small Gram matrix per class,
+    so each gallery row is read once per class rather than once per query.
+    """
+    device, n_q, n_g = q64.device, len(q64), len(g64)
+    g_order = torch.argsort(gl, stable=True)  # by label, then by index
+    classes, g_count = torch.unique_consecutive(gl[g_order], return_counts=True)
+    g_start = torch.cumsum(g_count, 0) - g_count
+
+    q_order = torch.argsort(ql, stable=True)
+    q_classes, q_count = torch.unique_consecutive(ql[q_order], return_counts=True)
+    q_start = torch.cumsum(q_count, 0) - q_count
+    at = torch.searchsorted(classes, q_classes).clamp(max=len(classes) - 1)
+    members = torch.where(classes[at] == q_classes, g_count[at], 0)  # per query class
+    width, depth = int(members.max()), int(q_count.max())
+    if width == 0:
+        empty = torch.zeros(n_q, 0, dtype=torch.long, device=device)
+        return empty, empty.double(), torch.zeros(n_q, dtype=torch.long, device=device)
+
+    idx = torch.full((n_q, width), -1, dtype=torch.long, device=device)
+    sim = torch.full((n_q, width), -torch.inf, dtype=torch.float64, device=device)
+    chunk = max(1, (1 << 21) // (max(width, depth) * q64.shape[1]))
+    q_cols, g_cols = torch.arange(depth, device=device), torch.arange(width, device=device)
+    for c in range(0, len(q_classes), chunk):
+        part = slice(c, c + chunk)
+        qi = torch.where(q_cols < q_count[part, None],
+                         q_order[(q_start[part, None] + q_cols).clamp(max=n_q - 1)], -1)
+        gi = torch.where(g_cols < members[part, None],
+                         g_order[(g_start[at[part]][:, None] + g_cols).clamp(max=n_g - 1)], -1)
+        gram = torch.bmm(q64[qi.clamp(min=0)], g64[gi.clamp(min=0)].transpose(1, 2))
+        gram = gram.masked_fill(gi[:, None, :] < 0, -torch.inf)
+        rows = qi >= 0
+        sim[qi[rows]] = gram[rows]
+        idx[qi[rows]] = gi[:, None, :].expand(-1, depth, -1)[rows]
     if same:  # the query is not its own positive
-        idx = torch.where(idx == torch.arange(len(idx), device=device)[:, None], -1, idx)
-    # move the -1 padding to the end, keeping ascending gallery order
-    idx = torch.gather(idx, 1, torch.argsort(idx < 0, dim=1, stable=True))
+        self_hit = idx == torch.arange(n_q, device=device)[:, None]
+        idx, sim = idx.masked_fill(self_hit, -1), sim.masked_fill(self_hit, -torch.inf)
+    # columns are in ascending gallery order, so a stable sort breaks ties by index
+    order = torch.argsort(sim, dim=1, descending=True, stable=True)
     num = (idx >= 0).sum(1)
-    return idx[:, : int(num.max())], num
+    r_max = int(num.max())
+    return idx.gather(1, order)[:, :r_max], sim.gather(1, order)[:, :r_max], num
 
 
 def _rows_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -137,57 +165,113 @@ class _Counter:
     rest (and for padding): +inf is never beaten and never uncertain.
     """
 
-    def __init__(self, q64, g64, ql, gl, pos_idx, bounds: _Bounds) -> None:
+    def __init__(self, q64, g64, ql, gl, pos_idx, pos_exact, num_pos, bounds: _Bounds, n_pad: int):
         self.q64, self.g64, self.ql, self.gl = q64, g64, ql, gl
-        self.pos_idx, self.bounds = pos_idx, bounds
+        self.q32 = q64.float()
+        self.g32 = self.q32 if g64 is q64 else g64.float()
+        # float32 re-score: inputs rounded (2^-24 each) and D-term accumulation (gamma_D)
+        dim = q64.shape[1]
+        gamma = dim * 2.0**-24 / (1 - dim * 2.0**-24)
+        self.eps32 = (2 * 2.0**-24 + 2.0**-48 + gamma * (1 + 2.0**-24) ** 2) * 1.01 + 1e-12
+        self.pos_idx, self.pos_exact, self.num_pos, self.bounds = pos_idx, pos_exact, num_pos, bounds
         self.pos_sim = torch.full(pos_idx.shape, torch.inf, dtype=torch.float64, device=q64.device)
         self.eps = torch.zeros_like(self.pos_sim)
-        self.matters = torch.zeros_like(pos_idx, dtype=torch.bool)
+        self.matters = pos_idx >= 0
         self.counts = torch.zeros_like(pos_idx)
+        # lower bounds on the best negatives seen so far, for the (R+1)-th best bound L
+        self.best_neg = torch.full((len(q64), pos_idx.shape[1] + 1), -torch.inf,
+                                   dtype=torch.float64, device=q64.device)
+        self.lo = torch.full((n_pad,), torch.inf, device=q64.device)  # candidate threshold
         self.candidates = self.rescored = 0
 
-    def set_rows(self, rows: slice, pos_sim: torch.Tensor, lower: torch.Tensor) -> torch.Tensor:
-        """Decide which positives of `rows` matter; returns their candidate threshold lo.
+    def learn(self, q: torch.Tensor, lower: torch.Tensor) -> None:
+        """Merge proven lower bounds of (distinct, not yet seen) negatives; tighten lo.
 
-        The best positive always matters (Recall@K); the others only if they can still
-        rank within R + 1, i.e. are not below the lower bound on the (R+1)-th best.
+        L = (R+1)-th best of {exact positives} and these bounds is a lower bound on the
+        (R+1)-th best similarity. A positive below L ranks beyond R + 1: it stops mattering
+        (it never matters again, as L only grows). The best positive always matters
+        (Recall@K needs its rank at any depth).
         """
-        matters = pos_sim >= lower[:, None]
-        matters[:, :1] = True
-        matters &= self.pos_idx[rows] >= 0
+        if len(q) == 0:
+            return
+        width = self.best_neg.shape[1]
+        order = torch.argsort(lower, descending=True, stable=True)
+        order = order[torch.argsort(q[order], stable=True)]  # by query, best first
+        q, lower = q[order], lower[order]
+        rows, counts = torch.unique_consecutive(q, return_counts=True)
+        rank = torch.arange(len(q), device=q.device) - torch.repeat_interleave(
+            torch.cumsum(counts, 0) - counts, counts)
+        keep = rank < width
+        fresh = torch.full((len(rows), width), -torch.inf, dtype=torch.float64, device=q.device)
+        fresh[torch.repeat_interleave(torch.arange(len(rows), device=q.device), counts)[keep],
+              rank[keep]] = lower[keep]
+        self.best_neg[rows] = torch.cat([self.best_neg[rows], fresh], 1).topk(width, dim=1).values
+        known = torch.cat([self.pos_exact[rows], self.best_neg[rows]], 1).sort(dim=1, descending=True)
+        bound = known.values.gather(1, self.num_pos[rows][:, None])
+        matters = self.matters[rows] & (self.pos_exact[rows] >= bound)
+        matters[:, 0] = self.pos_idx[rows, 0] >= 0
         self.matters[rows] = matters
-        self.pos_sim[rows] = torch.where(matters, pos_sim, torch.inf)
-        self.eps[rows] = self.bounds.at(torch.where(matters, pos_sim, 0), rows)
-        return torch.where(matters, pos_sim - self.eps[rows], torch.inf).amin(1)
+        self.pos_sim[rows] = torch.where(matters, self.pos_exact[rows], torch.inf)
+        self.eps[rows] = self.bounds.at(torch.where(matters, self.pos_exact[rows], 0), rows)
+        lo = torch.where(matters, self.pos_sim[rows] - self.eps[rows], torch.inf).amin(1)
+        self.lo[rows] = lo.float()
 
-    def add(self, q: torch.Tensor, g: torch.Tensor, approx: torch.Tensor) -> None:
+    def add(self, q: torch.Tensor, g: torch.Tensor, approx: torch.Tensor, learn: bool) -> None:
         negative = self.gl[g] != self.ql[q]  # drops the query itself and its positives
         q, g, approx = q[negative], g[negative], approx[negative].double()
         self.candidates += len(q)
         for s in range(0, len(q), ENTRY_CHUNK):
             self._add(q[s : s + ENTRY_CHUNK], g[s : s + ENTRY_CHUNK], approx[s : s + ENTRY_CHUNK])
+        if learn:  # only after counting: `learn` may retire positives these entries beat
+            self.learn(q, approx - self.bounds.widest(q))
 
     def _add(self, q, g, approx) -> None:
         p_sim, eps = self.pos_sim[q], self.eps[q]
         above = approx[:, None] > p_sim + eps
         unsure = ~above & (approx[:, None] >= p_sim - eps)
         rows = unsure.any(1).nonzero().squeeze(1)
-        if len(rows):
+        if len(rows):  # float32 first (half the memory traffic), float64 within its bound
             self.rescored += len(rows)
-            exact = _rows_dot(self.q64[q[rows]], self.g64[g[rows]])[:, None]
-            ps, pi = p_sim[rows], self.pos_idx[q[rows]]
-            beats = (exact > ps) | ((exact == ps) & (g[rows, None] < pi))
-            above[rows] = torch.where(unsure[rows], beats, above[rows])
+            qr, gr = q[rows], g[rows]
+            ps, unsure = p_sim[rows], unsure[rows]
+            s32 = _rows_dot(self.q32[qr], self.g32[gr]).double()[:, None]
+            beats = s32 > ps + self.eps32
+            close = unsure & ~beats & (s32 >= ps - self.eps32)
+            tight = close.any(1).nonzero().squeeze(1)
+            if len(tight):
+                s64 = _rows_dot(self.q64[qr[tight]], self.g64[gr[tight]])[:, None]
+                pt, pi = ps[tight], self.pos_idx[qr[tight]]
+                exact = (s64 > pt) | ((s64 == pt) & (gr[tight, None] < pi))
+                beats[tight] = torch.where(close[tight], exact, beats[tight])
+            above[rows] = torch.where(unsure, beats, above[rows])
         self.counts.index_add_(0, q, above.long())
+
+
+def _sortable_bits(block: torch.Tensor) -> torch.Tensor:
+    """A view whose integer order equals the value order for values >= 0.
+
+    bfloat16 bit patterns read as int16 order non-negative values correctly and put all
+    negative values below them; max-pooling the bits is a cheap exact filter for
+    thresholds > 0 (float32 blocks are compared as they are).
+    """
+    return block.view(torch.int16) if block.dtype == torch.bfloat16 else block
+
+
+def _threshold_bits(lo: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`lo` in the units of `_sortable_bits`, rounded down; lo <= 0 passes every segment."""
+    if dtype != torch.bfloat16:
+        return lo
+    top = (lo.float().clamp(max=1e30).view(torch.int32) >> 16).to(torch.int16)  # truncates: rounds down
+    return torch.where(lo > 0, top, torch.iinfo(torch.int16).min).masked_fill(lo.isinf(), 32767)
 
 
 def _candidates_rows(block: torch.Tensor, lo: torch.Tensor):
     """(row, col, value) of the entries with value >= lo[row]; block columns % SEGMENT == 0."""
     r, c = block.shape
-    seg_max = block.view(r, c // SEGMENT, SEGMENT).amax(2)
-    rr, ss = (seg_max >= lo[:, None]).nonzero(as_tuple=True)
+    seg_max = _sortable_bits(block).view(r, c // SEGMENT, SEGMENT).amax(2)
+    rr, ss = (seg_max >= _threshold_bits(lo, block.dtype)[:, None]).nonzero(as_tuple=True)
     cols = ss[:, None] * SEGMENT + torch.arange(SEGMENT, device=block.device)
-    vals = block[rr[:, None], cols]
+    vals = block[rr[:, None], cols].float()
     keep = vals >= lo[rr][:, None]
     return rr[:, None].expand_as(cols)[keep], cols[keep], vals[keep]
 
@@ -195,10 +279,10 @@ def _candidates_rows(block: torch.Tensor, lo: torch.Tensor):
 def _candidates_cols(block: torch.Tensor, lo: torch.Tensor):
     """(col, row, value) of the entries with value >= lo[col]; block rows % SEGMENT == 0."""
     r, c = block.shape
-    seg_max = block.view(r // SEGMENT, SEGMENT, c).amax(1)
-    ss, cc = (seg_max >= lo[None, :]).nonzero(as_tuple=True)
+    seg_max = _sortable_bits(block).view(r // SEGMENT, SEGMENT, c).amax(1)
+    ss, cc = (seg_max >= _threshold_bits(lo, block.dtype)[None, :]).nonzero(as_tuple=True)
     rows = ss[:, None] * SEGMENT + torch.arange(SEGMENT, device=block.device)
-    vals = block[rows, cc[:, None]]
+    vals = block[rows, cc[:, None]].float()
     keep = vals >= lo[cc][:, None]
     return cc[:, None].expand_as(rows)[keep], rows[keep], vals[keep]
 
@@ -208,22 +292,18 @@ def _padded(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(extra, x.shape[1])]) if extra else x
 
 
-def _lower_bound_r1(sim, first_row, first_col, ctx) -> torch.Tensor:
-    """Proven lower bound on the (R+1)-th best exact similarity of rows first_row...
-
-    The (R+1)-th best of any R+1 gallery items is a lower bound: take the R exact
-    positives and the block's best negatives, each lowered by its error bound.
-    """
+def _best_negatives(sim, first_row, first_col, ctx):
+    """(query, lower bound) for each row's best negatives in this block (R_max + 1 of them)."""
     rows = torch.arange(first_row, first_row + len(sim), device=sim.device)
-    vals, cols = sim.topk(min(ctx.pos_sim.shape[1] + 2, sim.shape[1]), dim=1)
+    # any items give a valid bound; the bit order picks the best non-negative ones
+    cols = _sortable_bits(sim).topk(min(ctx.pos_sim.shape[1] + 2, sim.shape[1]), dim=1).indices
     g = cols + first_col
     negative = (g < ctx.n_g) & (ctx.gl[g.clamp(max=ctx.n_g - 1)] != ctx.ql[rows][:, None])
     if ctx.same:
         negative &= g != rows[:, None]
-    lower = vals.double() - ctx.bounds.widest(rows)[:, None]
-    known = torch.cat([ctx.pos_sim[rows], torch.where(negative, lower, -torch.inf)], dim=1)
-    best = known.sort(dim=1, descending=True).values
-    return best.gather(1, ctx.num_pos[rows][:, None]).squeeze(1)
+    lower = sim.gather(1, cols).double() - ctx.bounds.widest(rows)[:, None]
+    q = rows[:, None].expand_as(cols)
+    return q[negative], lower[negative]
 
 
 @dataclass
@@ -239,18 +319,35 @@ class _Context:
     bounds: _Bounds
 
 
-def rank_positives(
+def rank_positives(*args, **kwargs) -> PositiveRanks:
+    """Exact n_j (negatives ranked above each positive) for every query.
+
+    Arguments as `_rank_positives`. Small bookkeeping ops run single-threaded: with two
+    threads on a busy machine their OpenMP regions spin-wait and cost more than the work
+    (measured: 7x slower overall on 2 shared cores); the GEMMs get every thread.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _rank_positives(*args, threads=threads, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _rank_positives(
     queries: torch.Tensor,
     query_labels: torch.Tensor,
     gallery: torch.Tensor | None = None,
     gallery_labels: torch.Tensor | None = None,
     candidate: torch.dtype | None = None,
     block: int = BLOCK,
+    threads: int = 1,
 ) -> PositiveRanks:
     """Exact n_j (negatives ranked above each positive) for every query.
 
     Without a gallery the queries are their own gallery and each query is left out of its
-    own neighbours. Embeddings need not be normalised; labels are integers.
+    own neighbours. Embeddings need not be normalised; labels are integers. `candidate`
+    overrides the candidate GEMM dtype; `block` the block size (tests use small ones).
     """
     same = gallery is None
     device = queries.device
@@ -260,16 +357,7 @@ def rank_positives(
     gl = ql if same else gallery_labels.long().to(device)
     n_q, n_g = len(q64), len(g64)
 
-    pos_idx, num_pos = _positive_table(ql, gl, same)
-    pos_sim = torch.cat([  # chunked: the gathered (rows, R_max, D) block stays small
-        _rows_dot(q64[s : s + ROW_CHUNK, None, :], g64[pos_idx[s : s + ROW_CHUNK].clamp(min=0)])
-        for s in range(0, n_q, ROW_CHUNK)
-    ])
-    pos_sim = torch.where(pos_idx >= 0, pos_sim, -torch.inf)
-    # best first; the table is in ascending index order, so a stable sort breaks ties by index
-    order = torch.argsort(pos_sim, dim=1, descending=True, stable=True)
-    pos_sim, pos_idx = pos_sim.gather(1, order), pos_idx.gather(1, order)
-
+    pos_idx, pos_sim, num_pos = _positives(q64, g64, ql, gl, same)
     if pos_idx.shape[1] == 0:  # only lone queries: nothing to rank
         return PositiveRanks(num_pos, pos_idx.clone())
     dtype = candidate or candidate_dtype(device)
@@ -279,29 +367,36 @@ def rank_positives(
     bounds = _Bounds(q64, g64, qc[:n_q], qc[:n_q] if same else gc[:n_g], dtype, device)
     ctx = _Context(q64, g64, ql, gl, n_g, same, pos_sim, num_pos, bounds)
 
-    counter = _Counter(q64, g64, ql, gl, pos_idx, bounds)
-    lo = torch.full((len(qc),), torch.inf, device=device)
+    counter = _Counter(q64, g64, ql, gl, pos_idx, pos_sim, num_pos, bounds, len(qc))
+    lo = counter.lo
 
-    def scan(sim, i, j, both_sides):
+    def gemm(i, j):  # the only heavy kernel: it gets every thread, the bookkeeping gets one
+        torch.set_num_threads(threads)
+        try:
+            return qc[i : i + block] @ gc[j : j + block].T
+        finally:
+            torch.set_num_threads(1)
+
+    def scan(sim, i, j, both_sides, learn=True):
         r, c, v = _candidates_rows(sim, lo[i : i + len(sim)])
         ok = c + j < n_g
-        counter.add(r[ok] + i, c[ok] + j, v[ok])
+        counter.add(r[ok] + i, c[ok] + j, v[ok], learn)
         if both_sides:  # the transposed block: queries j..., gallery items i...
             c, r, v = _candidates_cols(sim, lo[j : j + sim.shape[1]])
             ok = r + i < n_g
-            counter.add(c[ok] + j, r[ok] + i, v[ok])
+            counter.add(c[ok] + j, r[ok] + i, v[ok], learn)
 
-    # Diagonal blocks (or the first gallery block) first: they set each query's bound L.
+    # Diagonal blocks (or the first gallery block) first: their best negatives give each
+    # query its first bound L; later blocks' candidates tighten it (each item once).
     for i in range(0, n_q, block):
         j = i if same else 0
-        sim = (qc[i : i + block] @ gc[j : j + block].T).float()
-        rows = slice(i, min(i + block, n_q))
-        lower = _lower_bound_r1(sim[: rows.stop - i], i, j, ctx)
-        lo[rows] = counter.set_rows(rows, pos_sim[rows], lower).float()
-        scan(sim, i, j, False)
+        sim = gemm(i, j)
+        rows = min(block, n_q - i)
+        counter.learn(*_best_negatives(sim[:rows], i, j, ctx))
+        scan(sim, i, j, False, learn=False)
     for i in range(0, n_q, block):
         for j in range(i + block if same else block, len(gc), block):
-            scan((qc[i : i + block] @ gc[j : j + block].T).float(), i, j, same)
+            scan(gemm(i, j), i, j, same)
 
     counts = counter.counts.masked_fill(~counter.matters, n_g)
     return PositiveRanks(num_pos, counts, counter.candidates, counter.rescored)

@@ -14,6 +14,7 @@ from vpt_dml.models.backbone import create_backbone
 from vpt_dml.models.heads import EmbeddingHead
 from vpt_dml.models.peft import apply_peft
 from vpt_dml.models.prompted_vit import PromptedViT, layer_counts
+from vpt_dml.models.synthetic_pretraining import pretrain_backbone
 
 
 class Embedder(nn.Module):
@@ -34,6 +35,9 @@ class Embedder(nn.Module):
 def build_embedder(cfg: Mapping) -> Embedder:
     """From the `model` config: backbone (frozen), PEFT switches (peft.py), shared prompts, head."""
     b = cfg["backbone"]
+    if b.get("synthetic_pretraining") and b.get("weights"):
+        # the demo's stand-in for downloaded weights: made once, then loaded like a download
+        pretrain_backbone(b["name"], b.get("kwargs") or {}, b["weights"], **b["synthetic_pretraining"])
     vit = create_backbone(b["name"], b.get("pretrained", False), b.get("weights"), b.get("kwargs"))
     peft = cfg["peft"]
     apply_peft(vit, peft)

@@ -14,13 +14,13 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from vpt_dml.data.synthetic import source_images
+from vpt_dml.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,11 @@ def pretrain_backbone(
     out_path = Path(out_path).expanduser()
     if out_path.is_file():
         return out_path
+    if not name.startswith("vit_") or int(kwargs.get("depth", 12)) > 6:
+        raise UserError(
+            f"model.backbone.synthetic_pretraining is meant for the demo's tiny ViT, not {name}; "
+            "remove it and set model.backbone.pretrained=true or model.backbone.weights=PATH"
+        )
     size = int(kwargs.get("img_size", 224))
     log.info("pretraining the demo backbone on %d generated source classes (once, cached at %s)", num_classes, out_path)
     x, y = source_images(skip_classes, num_classes, images_per_class, size, seed)
@@ -49,7 +54,7 @@ def pretrain_backbone(
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        model = timm.create_model(name, pretrained=False, num_classes=int(labels.max()) + 1, **kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * (len(images) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
@@ -69,7 +74,8 @@ def pretrain_backbone(
             opt.step()
             sched.step()
             correct += int((logits.argmax(1) == labels[idx]).sum())
-        log.info("  source epoch %d/%d: loss %.3f, train acc %.2f", epoch + 1, epochs, float(loss), correct / (len(idx) * (i + 1)))
+        seen = len(idx) * (i + 1)
+        log.info("source epoch %d/%d: loss %.3f, train acc %.2f", epoch + 1, epochs, loss.item(), correct / seen)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, suffix=".tmp")

@@ -73,13 +73,21 @@ def _prompt_len(prompt: Prompt) -> int:
 def _block(blk: Block, x: torch.Tensor, prompts: Sequence[Prompt], cls_only: bool) -> torch.Tensor:
     """timm `Block.forward` on x (G*B, T, D), branch g's prompts joining its keys/values."""
     attn = blk.attn
-    n_rows, n_tok, _ = x.shape
-    batch = n_rows // len(prompts)
-    qkv = attn.qkv(blk.norm1(x)).unflatten(-1, (3, attn.num_heads, attn.head_dim))
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (G*B, H, T, hd) each
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if cls_only:
-        q, x = q[:, :, :1], x[:, :1]
+    batch = x.shape[0] // len(prompts)
+    h = blk.norm1(x)
+    if cls_only:  # only CLS's output is read after the last block
+        x = x[:, :1]
+    # q and (k, v) from two slices of the qkv weight: the attention then keeps q and the
+    # prompt-extended k, v for backward, not also the whole qkv output
+    width = attn.qkv.out_features // 3
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    q = F.linear(
+        h[:, :1] if cls_only else h, weight[:width], bias[:width] if bias is not None else None
+    )
+    kv = F.linear(h, weight[width:], bias[width:] if bias is not None else None)
+    q = attn.q_norm(q.unflatten(-1, (attn.num_heads, attn.head_dim)).transpose(1, 2))
+    k, v = kv.unflatten(-1, (2, attn.num_heads, attn.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+    k = attn.k_norm(k)  # q, k, v: (G*B, H, T, hd)
     drop = attn.attn_drop.p if attn.training else 0.0
     lengths = {_prompt_len(p) for p in prompts}
     if lengths == {0}:
@@ -153,8 +161,12 @@ def two_branch_features(
     return img, sem
 
 
-def two_branch_outputs(embedder: nn.Module, proxies: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+def two_branch_outputs(
+    embedder: nn.Module, proxies: nn.Module, images: torch.Tensor, labels: torch.Tensor
+):
     """(embeddings, proxies) of a VPTSP training step, as `embedder(x)` and `proxies(x, y, backbone)`."""
-    feats, sem = two_branch_features(embedder.backbone, images, proxies.class_prompts.gather(labels))
+    feats, sem = two_branch_features(
+        embedder.backbone, images, proxies.class_prompts.gather(labels)
+    )
     emb = embedder.head(feats) if embedder.head is not None else F.normalize(feats, dim=-1)
     return emb, proxies.proxies_from(proxies.head(sem), labels)

@@ -1,0 +1,101 @@
+"""Clustering metrics, the DDP de-duplication helper, and the multi-block search paths."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from test_evaluation import brute_force, clustered, tied
+
+from vpt_dml.errors import UserError
+from vpt_dml.evaluation import clustering_metrics, retrieval_metrics
+from vpt_dml.evaluation.clustering import _torch_kmeans, nmi, pair_f1
+from vpt_dml.evaluation.knn import rank_positives
+from vpt_dml.evaluation.retrieval import metrics_from_ranks
+from vpt_dml.module import unique_first
+
+
+def ours(x, y, ks, g=None, gl=None, block=64):
+    r = rank_positives(x, y, g, gl, block=block)
+    return metrics_from_ranks(r.num_positives, r.negatives_above, ks, g is None)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_many_blocks_with_retired_positives_match_float64(seed):
+    """Big classes (R up to 11) over 10 blocks: bounds L retire deep positives mid-scan."""
+    x, y = clustered(60, (1, 4, 12), 24, noise=1.1, seed=seed)
+    ks = (1, 3, 30, 500)
+    r = rank_positives(x, y, block=64)
+    assert r.candidates > 0 and (r.negatives_above == len(x)).any()  # some were retired
+    close = brute_force(x, y, ks=ks)
+    got = metrics_from_ranks(r.num_positives, r.negatives_above, ks, True)
+    for key in close:
+        assert abs(close[key] - got[key]) <= 1e-9, key
+
+
+def test_ties_over_blocks_and_gallery_blocks_match_float64():
+    x, y = tied(200, 8, seed=7)
+    assert all(abs(a - b) <= 1e-9 for a, b in zip(brute_force(x, y, ks=(1, 5)).values(),
+                                                    ours(x, y, (1, 5)).values()))
+    q, ql, g, gl = x[:90], y[:90], x[90:], y[90:]
+    want = brute_force(q, ql, g, gl, ks=(1, 5))
+    got = ours(q, ql, (1, 5), g, gl)
+    assert all(abs(want[k] - got[k]) <= 1e-9 for k in want)
+
+
+def test_nmi_and_f1_match_definitions():
+    sk = pytest.importorskip("sklearn.metrics")
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(7, (300,), generator=gen)
+    clusters = torch.where(torch.rand(300, generator=gen) < 0.7, labels, torch.randint(7, (300,), generator=gen))
+    assert nmi(labels, clusters) == pytest.approx(sk.normalized_mutual_info_score(labels, clusters), abs=1e-9)
+    pairs = list(itertools.combinations(range(300), 2))
+    i, j = map(np.array, zip(*pairs))
+    same_class = (labels[i] == labels[j]).numpy()
+    same_cluster = (clusters[i] == clusters[j]).numpy()
+    tp = (same_class & same_cluster).sum()
+    p, r = tp / same_cluster.sum(), tp / same_class.sum()
+    assert pair_f1(labels, clusters) == pytest.approx(2 * p * r / (p + r), abs=1e-12)
+    # relabelling clusters changes nothing; merging everything into one cluster does
+    assert nmi(labels, clusters + 100) == pytest.approx(nmi(labels, clusters))
+    assert nmi(labels, torch.zeros_like(labels)) == 0.0
+
+
+@pytest.mark.parametrize("backend", ["default", "torch"])
+def test_kmeans_recovers_separated_classes(backend):
+    x, y = clustered(6, (20,), 16, noise=0.05, seed=3)
+    if backend == "torch":
+        clusters = _torch_kmeans(x, 6, seed=0, iters=20)
+        # well-separated, but random init may merge two classes: allow at most one error pair
+        assert nmi(y, clusters) > 0.85
+    else:
+        m = clustering_metrics(x, y)
+        assert m["nmi"] > 0.85 and m["f1"] > 0.6
+    noisy = clustering_metrics(torch.randn(120, 16), y)
+    assert noisy["nmi"] < 0.5
+
+
+def test_clustering_rejects_unclusterable_input():
+    with pytest.raises(UserError, match="more items than classes"):
+        clustering_metrics(torch.randn(4, 3), torch.arange(4))
+
+
+def test_unique_first_drops_sampler_padding():
+    """3 ranks, DistributedSampler-style: 10 items padded to 12 by repeating the first ones;
+    all_gather stacks (rank, item) and flatten interleaves ranks."""
+    n, ranks = 10, 3
+    total = -(-n // ranks) * ranks
+    order = list(range(n)) + list(range(total - n))  # padding repeats items 0, 1
+    per_rank = [order[r::ranks] for r in range(ranks)]
+    index = torch.tensor(per_rank).T.reshape(-1)  # what all_gather(...).flatten(0, 1) yields
+    x, y = clustered(5, (2,), 8, noise=0.3, seed=0)
+    emb, labels = x[index], y[index]
+    uniq, first = unique_first(index)
+    assert torch.equal(uniq, torch.arange(n))
+    assert torch.equal(index[first], uniq)
+    assert torch.equal(emb[first], x) and torch.equal(labels[first], y)
+    # duplicates would double-count queries: the metrics must differ without de-duplication
+    assert retrieval_metrics(emb[first], labels[first]) == retrieval_metrics(x, y)
+    assert retrieval_metrics(emb, labels)["map@r"] != retrieval_metrics(x, y)["map@r"]

@@ -1,0 +1,108 @@
+"""Export: only the tuned tensors, >=20x smaller than the checkpoint, same embeddings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf, open_dict
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from tests.conftest import compose_config, tiny_overrides
+from vpt_dml.errors import UserError
+from vpt_dml.export import export_run, load_exported, main
+from vpt_dml.models.embedder import build_embedder
+from vpt_dml.run import train
+
+# Frozen weights dominate, as in a real ViT (the TINY_* backbone is too small to show it).
+EXPORT_BACKBONE = [
+    "++model.backbone.kwargs={img_size: 32, patch_size: 8, embed_dim: 96, depth: 4, num_heads: 3}",
+    "model.embed_dim=16",
+]
+
+
+def train_run(root: Path) -> Path:
+    cfg = compose_config(tiny_overrides(*EXPORT_BACKBONE, "eval_before_training=false"), root)
+    train(cfg)
+    return Path(cfg.paths.output_dir)
+
+
+def backbone_weights_file(run_dir: Path, out: Path) -> Path:
+    """The run's random-init backbone as a local weights file (what a download would be)."""
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    prefix = "embedder.backbone.vit."
+    vit = {k.removeprefix(prefix): v.contiguous() for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    save_file(vit, str(out))
+    return out
+
+
+def trained_embedder(run_dir: Path):
+    """The trained image branch straight from last.ckpt (the reference for the export)."""
+    model_cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config_resolved.yaml").model, resolve=True)
+    embedder = build_embedder(model_cfg)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    state = {k.removeprefix("embedder."): v for k, v in ckpt["state_dict"].items() if k.startswith("embedder.")}
+    embedder.load_state_dict(state)
+    return embedder.eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("export")
+    run_dir = train_run(root)
+    out = root / "model.safetensors"
+    report = export_run(run_dir, out)
+    return {
+        "run_dir": run_dir,
+        "file": out,
+        "report": report,
+        "weights": backbone_weights_file(run_dir, root / "backbone.safetensors"),
+    }
+
+
+def test_export_holds_only_tuned_tensors_and_is_small(exported) -> None:
+    report = exported["report"]
+    assert report["checkpoint_bytes"] >= 20 * report["export_bytes"], report
+    with safe_open(str(exported["file"]), framework="pt") as f:
+        keys = set(f.keys())
+        meta = f.metadata()
+    assert "head.fc.weight" in keys and "backbone.prompts.tokens.0" in keys
+    assert "backbone.vit.blocks.0.attn.qkv.bias" in keys  # BitFit
+    assert not any(k.endswith(".weight") and k.startswith("backbone.vit.") for k in keys)
+    assert not any(k.startswith("proxies") for k in keys)  # training aids stay behind
+    assert json.loads(meta["fingerprint"])["backbone"] == "vit_tiny_patch16_224"
+
+
+def test_exported_embeddings_equal_trained_model(exported) -> None:
+    model = load_exported(exported["file"], backbone_weights=str(exported["weights"]))
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = trained_embedder(exported["run_dir"])(images)
+    torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-6)
+
+
+def test_load_refuses_other_backbone(exported) -> None:
+    # random init: same name and shapes, other frozen weights
+    with pytest.raises(UserError, match="checksum mismatch"):
+        load_exported(exported["file"], pretrained=False)
+
+
+def test_cli_reports_error_in_one_line(tmp_path: Path, capsys) -> None:
+    assert main([str(tmp_path / "missing_run"), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "config_resolved.yaml" in err
+
+
+def test_export_rejects_checkpoint_of_another_model(exported, tmp_path: Path) -> None:
+    other = tmp_path / "run"
+    other.mkdir()
+    cfg = OmegaConf.load(exported["run_dir"] / "config_resolved.yaml")
+    with open_dict(cfg):
+        cfg.model.embed_dim = 8  # the checkpoint's head is 16-d
+    (other / "config_resolved.yaml").write_text(OmegaConf.to_yaml(cfg))
+    ckpt = exported["run_dir"] / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match="does not match the model"):
+        export_run(other, tmp_path / "x.safetensors", which=str(ckpt))

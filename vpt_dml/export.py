@@ -1,0 +1,214 @@
+"""`python -m vpt_dml.export RUN_DIR OUT.safetensors`: ship only what training tuned.
+
+The file holds the tuned tensors of the image branch (prompts, BitFit biases, head,
+adapters / LoRA: whatever had requires_grad), the run's model config and a fingerprint
+of the frozen backbone. Loading rebuilds the backbone from timm by name (pretrained as
+in the config, or from a local weights file), checks the fingerprint and refuses a
+different backbone. Class prompts, GRU, H and the proxy bias are training aids and are
+left out (inference uses the image branch only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from vpt_dml.errors import UserError
+from vpt_dml.models.backbone import data_config
+from vpt_dml.models.embedder import Embedder, build_embedder
+
+FORMAT = "vpt_dml.export/1"
+PREFIX = "embedder."
+# How many frozen tensors the checksum covers: enough to tell two checkpoints apart.
+CHECKSUM_TENSORS = 4
+
+
+def run_checkpoint(run_dir: Path, which: str = "last") -> Path:
+    """checkpoints/last.ckpt (or the best-* one, or an explicit file) of a run folder."""
+    if which not in ("last", "best"):
+        path = Path(which)
+        if not path.is_file():
+            raise UserError(f"checkpoint {which} does not exist; use --checkpoint last, best or a .ckpt path")
+        return path
+    ckpt_dir = run_dir / "checkpoints"
+    found = [ckpt_dir / "last.ckpt"] if which == "last" else sorted(ckpt_dir.glob("best*.ckpt"))
+    found = [p for p in found if p.is_file()]
+    if not found:
+        raise UserError(f"no {which} checkpoint in {ckpt_dir}; is {run_dir} a finished run folder of vpt_dml.run?")
+    return found[-1]
+
+
+def structure_only(model_cfg: Mapping) -> dict:
+    """The model config with its backbone weights switched off: same shapes, no download."""
+    cfg = copy.deepcopy(dict(model_cfg))
+    backbone = dict(cfg["backbone"])
+    backbone.update(pretrained=False, weights=None)
+    backbone.pop("synthetic_pretraining", None)
+    cfg["backbone"] = backbone
+    return cfg
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def fingerprint(model_cfg: Mapping, state: Mapping[str, torch.Tensor], tuned: set[str]) -> dict:
+    """Backbone name + every tensor's name and shape + a checksum of a few frozen tensors."""
+    shapes = {name: list(t.shape) for name, t in state.items()}
+    frozen = sorted(name for name in state if name not in tuned)
+    # spread over the network: first, last and evenly in between
+    step = max(len(frozen) // CHECKSUM_TENSORS, 1)
+    sample = frozen[::step][:CHECKSUM_TENSORS - 1] + frozen[-1:] if frozen else []
+    return {
+        "backbone": model_cfg["backbone"]["name"],
+        "kwargs": dict(model_cfg["backbone"].get("kwargs") or {}),
+        "shapes_sha256": hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest(),
+        "frozen_checksum_tensors": sorted(set(sample)),
+        "frozen_sha256": tensor_digest({n: state[n] for n in set(sample)}),
+    }
+
+
+def export_run(run_dir: Path, out: Path, which: str = "last") -> dict:
+    """Write OUT.safetensors from a run folder; returns a small report (sizes, counts)."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config_resolved.yaml"
+    if not cfg_path.is_file():
+        raise UserError(f"{cfg_path} is missing; give the run folder that vpt_dml.run wrote")
+    cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
+    model_cfg = cfg["model"]
+    ckpt_path = run_checkpoint(run_dir, which)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    state = {k.removeprefix(PREFIX): v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
+
+    # requires_grad decides what was tuned; build the same structure without weights
+    reference = build_embedder(structure_only(model_cfg))
+    tuned = {name for name, p in reference.named_parameters() if p.requires_grad}
+    expected = reference.state_dict()
+    if set(expected) != set(state) or any(expected[k].shape != state[k].shape for k in state):
+        raise UserError(
+            f"{ckpt_path} does not match the model in {cfg_path}; export the checkpoint of that same run"
+        )
+    tensors = {name: state[name].contiguous() for name in sorted(tuned)}
+    image = data_config(reference.backbone.vit)
+    metadata = {
+        "format": FORMAT,
+        "model": json.dumps(model_cfg),
+        "backbone": model_cfg["backbone"]["name"],
+        "fingerprint": json.dumps(fingerprint(model_cfg, state, tuned)),
+        "preprocessing": json.dumps(image),
+        "source": str(ckpt_path),
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=metadata)
+    return {
+        "checkpoint": str(ckpt_path),
+        "checkpoint_bytes": ckpt_path.stat().st_size,
+        "export_bytes": out.stat().st_size,
+        "tuned_tensors": len(tensors),
+        "tuned_parameters": sum(t.numel() for t in tensors.values()),
+    }
+
+
+class ExportedModel:
+    """An exported embedder, ready for inference, plus its preprocessing settings."""
+
+    def __init__(self, embedder: Embedder, preprocessing: dict, model_cfg: dict) -> None:
+        self.embedder = embedder.eval()
+        self.preprocessing = preprocessing
+        self.model_cfg = model_cfg
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embedder(images)
+
+
+def read_export(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; give a file written by `python -m vpt_dml.export`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise UserError(f"{path} is not a safetensors file ({type(e).__name__}); give an export of vpt_dml") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{path} is not a vpt_dml export (format {meta.get('format')!r}, expected {FORMAT})")
+    return tensors, meta
+
+
+def load_exported(
+    path: Path, backbone_weights: str | None = None, pretrained: bool | None = None
+) -> ExportedModel:
+    """Rebuild the backbone by name, check it is the one the model was tuned on, load.
+
+    `backbone_weights`: a local checkpoint of the backbone (instead of the hub);
+    `pretrained`: override the config's choice (tests: False with a weights file).
+    """
+    tensors, meta = read_export(path)
+    model_cfg = json.loads(meta["model"])
+    expected = json.loads(meta["fingerprint"])
+    backbone = model_cfg["backbone"]
+    if backbone_weights is not None:
+        backbone.update(weights=str(backbone_weights), pretrained=True)
+        backbone.pop("synthetic_pretraining", None)
+    if pretrained is not None:
+        backbone["pretrained"] = pretrained
+    embedder = build_embedder(model_cfg)
+    state = embedder.state_dict()
+    tuned = set(tensors)
+    found = fingerprint(model_cfg, state, tuned)
+    fix = "load it with the backbone it was tuned on (--backbone-weights PATH for a local copy)"
+    if found["backbone"] != expected["backbone"] or found["shapes_sha256"] != expected["shapes_sha256"]:
+        raise UserError(
+            f"{path} was tuned on {expected['backbone']} {expected['kwargs']}, but the rebuilt backbone "
+            f"is {found['backbone']} {found['kwargs']} with other shapes; {fix}"
+        )
+    if found["frozen_sha256"] != expected["frozen_sha256"]:
+        raise UserError(
+            f"the frozen weights of {found['backbone']} differ from those {path} was tuned on "
+            f"(checksum mismatch); {fix}"
+        )
+    missing = tuned - set(state)
+    if missing:
+        raise UserError(f"{path} holds tensors the model lacks ({sorted(missing)[:3]}); re-export the run")
+    embedder.load_state_dict(tensors, strict=False)
+    return ExportedModel(embedder, json.loads(meta["preprocessing"]), model_cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vpt_dml.export", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path, help="run folder of vpt_dml.run (holds config_resolved.yaml)")
+    parser.add_argument("out", type=Path, help="output .safetensors file")
+    parser.add_argument("--checkpoint", default="last", help="last (default), best, or a .ckpt path")
+    args = parser.parse_args(argv)
+    try:
+        report = export_run(args.run_dir, args.out, args.checkpoint)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ratio = report["checkpoint_bytes"] / report["export_bytes"]
+    print(
+        f"wrote {args.out}: {report['tuned_parameters']:,} tuned parameters, "
+        f"{report['export_bytes'] / 1e6:.2f} MB ({ratio:.0f}x smaller than {report['checkpoint']})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
