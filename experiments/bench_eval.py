@@ -49,6 +49,37 @@ def sop_like(n: int, classes: int, dim: int, seed: int, device: str):
     return x.to(device), labels.to(device)
 
 
+def brute_force_float64(
+    x: torch.Tensor, y: torch.Tensor, ks, chunk: int = 1024
+) -> dict[str, float]:
+    """Full float64 sort per query, ties by lower index (stable sort), lone queries left out."""
+    x = torch.nn.functional.normalize(x.double(), dim=1)
+    r_all = torch.bincount(y)[y] - 1
+    sums = {f"recall@{k}": 0.0 for k in ks} | {"map@r": 0.0, "r_precision": 0.0}
+    valid = 0
+    for s in range(0, len(x), chunk):
+        sim = x[s : s + chunk] @ x.T
+        rows = torch.arange(len(sim), device=x.device)
+        sim[rows, rows + s] = -torch.inf  # the query itself goes last, then is cut off
+        order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :-1]
+        hits = y[order] == y[s : s + chunk, None]
+        r = r_all[s : s + chunk]
+        ok = r > 0
+        hits, r = hits[ok], r[ok].double()
+        valid += int(ok.sum())
+        first = hits.float().argmax(1)
+        for k in ks:
+            sums[f"recall@{k}"] += float((first < k).sum())
+        depth = int(r.max())
+        h = hits[:, :depth].double()
+        ranks = torch.arange(1, depth + 1, device=x.device)
+        inside = ranks[None, :] <= r[:, None]
+        prec = torch.cumsum(h, 1) / ranks
+        sums["map@r"] += float(((prec * h * inside).sum(1) / r).sum())
+        sums["r_precision"] += float(((h * inside).sum(1) / r).sum())
+    return {k: v / valid for k, v in sums.items()}
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
@@ -61,13 +92,22 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-pml", action="store_true", help="time our metrics only")
+    ap.add_argument(
+        "--check",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also compare with a float64 full sort on the first N items",
+    )
     args = ap.parse_args()
     device = args.device
     cuda = device.startswith("cuda")
 
     x, y = sop_like(args.n, args.classes, args.dim, args.seed, device)
-    print(f"data: {args.n} x {args.dim}, {args.classes} classes, device {device}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"data: {args.n} x {args.dim}, {args.classes} classes, device {device}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     rss_before = peak_rss_gb()
     if cuda:
         torch.cuda.synchronize()
@@ -78,11 +118,33 @@ def main() -> None:
         torch.cuda.synchronize()
     t_ours = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else peak_rss_gb()
-    print(f"ours: {t_ours:.2f} s, peak {'GPU' if cuda else 'process RSS'} memory {peak:.2f} GB "
-          f"(RSS before: {rss_before:.2f} GB)")
+    print(
+        f"ours: {t_ours:.2f} s, peak {'GPU' if cuda else 'process RSS'} memory {peak:.2f} GB "
+        f"(RSS before: {rss_before:.2f} GB)"
+    )
     print("ours:", {k: round(v, 6) for k, v in ours.items()})
-    result = {"device": device, "n": args.n, "classes": args.classes, "dim": args.dim,
-              "ours_s": round(t_ours, 3), "ours_peak_gb": round(peak, 3), "ours": ours}
+    result = {
+        "device": device,
+        "n": args.n,
+        "classes": args.classes,
+        "dim": args.dim,
+        "ours_s": round(t_ours, 3),
+        "ours_peak_gb": round(peak, 3),
+        "ours": ours,
+    }
+
+    if args.check:
+        sub_x, sub_y = x[: args.check], y[: args.check]
+        sub_y = torch.unique(sub_y, return_inverse=True)[1]
+        t0 = time.perf_counter()
+        want = brute_force_float64(sub_x, sub_y, (1, 10, 100, 1000))
+        t_ref = time.perf_counter() - t0
+        got = retrieval_metrics(sub_x, sub_y, ks=(1, 10, 100, 1000))
+        check_diff = max(abs(want[k] - got[k]) for k in want)
+        print(
+            f"float64 full sort on {args.check} items: {t_ref:.2f} s, largest difference {check_diff:.2e}"
+        )
+        result.update(check_n=args.check, check_max_abs_diff=check_diff)
 
     if args.skip_pml:
         print("pytorch-metric-learning comparison skipped (--skip-pml)")
@@ -100,14 +162,18 @@ def main() -> None:
             t0 = time.perf_counter()
             ref = calc.get_accuracy(x, y, x, y, ref_includes_query=True)
             t_pml = time.perf_counter() - t0
-            pairs = [("recall@1", "precision_at_1"), ("map@r", "mean_average_precision_at_r"),
-                     ("r_precision", "r_precision")]
+            pairs = [
+                ("recall@1", "precision_at_1"),
+                ("map@r", "mean_average_precision_at_r"),
+                ("r_precision", "r_precision"),
+            ]
             diff = max(abs(ours[a] - ref[b]) for a, b in pairs)
             print(f"pytorch-metric-learning AccuracyCalculator: {t_pml:.2f} s")
             print("pml:", {k: round(v, 6) for k, v in ref.items()})
             print(f"speed-up {t_pml / t_ours:.1f}x, largest metric difference {diff:.2e}")
-            result.update(pml_s=round(t_pml, 3), speedup=round(t_pml / t_ours, 2),
-                          max_abs_diff=diff, pml=ref)
+            result.update(
+                pml_s=round(t_pml, 3), speedup=round(t_pml / t_ours, 2), max_abs_diff=diff, pml=ref
+            )
     print(json.dumps(result))
 
 

@@ -39,7 +39,9 @@ def brute_force(q, ql, g=None, gl=None, ks=(1, 2, 4, 8)):
         rv = r + (1 if same else 0)
         mapv.append((prec * hits)[:rv].sum() / rv)
     out = {f"recall@{k}": float(np.mean(v)) for k, v in rec.items()}
-    out.update({"map@r": np.mean(mapr), "r_precision": np.mean(rprec), "map@r_vptsp": np.mean(mapv)})
+    out.update(
+        {"map@r": np.mean(mapr), "r_precision": np.mean(rprec), "map@r_vptsp": np.mean(mapv)}
+    )
     return out
 
 
@@ -83,7 +85,10 @@ def test_clustered_uneven_classes_match_float64(candidate):
     ranks = rank_positives(x, y, candidate=candidate, block=64)
     from vpt_dml.evaluation.retrieval import metrics_from_ranks
 
-    close(brute_force(x, y, ks=ks), metrics_from_ranks(ranks.num_positives, ranks.negatives_above, ks, True))
+    close(
+        brute_force(x, y, ks=ks),
+        metrics_from_ranks(ranks.num_positives, ranks.negatives_above, ks, True),
+    )
 
 
 def test_ties_and_singletons_match_float64():
@@ -124,13 +129,20 @@ def test_matches_pytorch_metric_learning_on_tied_data():
     xn = x / x.norm(dim=1, keepdim=True)
     sim = xn @ xn.T
     sim.fill_diagonal_(-torch.inf)
-    order = torch.from_numpy(np.lexsort((np.broadcast_to(np.arange(len(x)), sim.shape), -sim.numpy())))
+    order = torch.from_numpy(
+        np.lexsort((np.broadcast_to(np.arange(len(x)), sim.shape), -sim.numpy()))
+    )
     knn_labels = y[order[:, : len(x) - 1]]
     calc = pml.AccuracyCalculator(k="max_bin_count")
     labels_counts = torch.unique(y, return_counts=True)
     _, not_lone = pml.get_lone_query_labels(y, labels_counts, True, torch.eq)
-    kw = dict(knn_labels=knn_labels, query_labels=y, not_lone_query_mask=not_lone,
-              label_counts=labels_counts, ref_includes_query=True)
+    kw = dict(
+        knn_labels=knn_labels,
+        query_labels=y,
+        not_lone_query_mask=not_lone,
+        label_counts=labels_counts,
+        ref_includes_query=True,
+    )
     assert abs(calc.calculate_precision_at_1(**kw) - ours["recall@1"]) <= 1e-6
     assert abs(calc.calculate_mean_average_precision_at_r(**kw) - ours["map@r"]) <= 1e-6
     assert abs(calc.calculate_r_precision(**kw) - ours["r_precision"]) <= 1e-6

@@ -21,6 +21,7 @@ from vpt_dml.losses import ProxyAnchorLoss, ProxyNCALoss
 from vpt_dml.models.class_prompt_store import ClassPromptStore
 from vpt_dml.models.embedder import build_embedder
 from vpt_dml.models.params import format_breakdown, parameter_breakdown
+from vpt_dml.models.precision import cast_frozen_weights_
 from vpt_dml.models.prompted_vit import layer_counts
 from vpt_dml.models.proxies import LearnedProxies
 from vpt_dml.models.semantic_proxies import SemanticProxies
@@ -80,10 +81,19 @@ class VPTDMLModule(L.LightningModule):
         optim: Mapping,
         num_classes: int,
         eval_ks: Sequence[int] = (1, 2, 4, 8),
+        clustering_every_epoch: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.embedder = build_embedder(model)
+        self.clustering_every_epoch = clustering_every_epoch
+        if model.get("frozen_weights_dtype") == "bfloat16":
+            # cast once instead of on every autocast step; needs bf16-mixed precision
+            cast_frozen_weights_(self.embedder, torch.bfloat16)
+        if model.get("compile", False):
+            # compile the inner blocks in place (state-dict keys unchanged), not the module
+            for block in self.embedder.backbone.vit.blocks:
+                block.compile()
         feature_dim = self.embedder.feature_dim
         embed_dim = model.get("embed_dim") or feature_dim
         num_layers = self.embedder.backbone.num_layers
@@ -244,8 +254,8 @@ class VPTDMLModule(L.LightningModule):
         else:
             metrics = retrieval_metrics(emb, labels, self.eval_ks)
         # k-means over thousands of classes is slow (SOP: minutes): test stage only, unless
-        # `clustering_every_epoch` is set on the module
-        if stage == "test" or getattr(self, "clustering_every_epoch", False):
+        # eval.clustering_every_epoch is set
+        if stage == "test" or self.clustering_every_epoch:
             metrics.update(self._clustering(emb, labels))
         for key, value in metrics.items():
             # identical on every rank already: no sync needed
@@ -261,7 +271,8 @@ class VPTDMLModule(L.LightningModule):
             return {}
         result = None
         if self.trainer.is_global_zero:
-            result = clustering_metrics(emb.cpu(), labels.cpu(), seed=0)
+            # on GPU: torch k-means on the device; on CPU: faiss k-means when installed
+            result = clustering_metrics(emb, labels, seed=0)
         if self.trainer.world_size > 1:
             result = self.trainer.strategy.broadcast(result, src=0)
         return result

@@ -28,6 +28,8 @@ from vpt_dml.provenance import environment
 from vpt_dml.summary import print_summary
 
 log = logging.getLogger("vpt_dml")
+# faiss logs each missing CPU-specific build it probes (avx512, avx2) as an error-looking line
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def build_datamodule(cfg: DictConfig):
@@ -44,6 +46,7 @@ def build_module(cfg: DictConfig, num_classes: int, eval_ks) -> VPTDMLModule:
         optim=plain(cfg.optim),
         num_classes=num_classes,
         eval_ks=eval_ks,
+        clustering_every_epoch=bool(cfg.get("eval", {}).get("clustering_every_epoch", False)),
     )
 
 

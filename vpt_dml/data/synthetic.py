@@ -1,6 +1,6 @@
 """A generated fine-grained image dataset written in the CUB-200-2011 layout.
 
-Each class is a combination of a few parameters (shape, hue, stripe angle and stripe
+Each class is a combination of a few parameters (shape, body hue, stripe hue and stripe
 frequency), so classes differ in details, as in fine-grained benchmarks. Instances vary
 in rotation, scale, position, background and noise. The images are written once to a
 cache folder (keyed by the generation parameters) and read back by the real CUB loader,
@@ -21,7 +21,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "hexagon", "ellipse")
-GENERATOR_VERSION = 1  # bump when the drawing code changes, so caches are rebuilt
+HUE_LEVELS = 24  # neighbouring hues 15 degrees apart: a fine-grained cue
+STRIPE_HUE_LEVELS = 6  # colour of the stripes; flip- and crop-invariant like the body hue
+NOISE_SIGMA = 20.0
+GENERATOR_VERSION = 3  # bump when the drawing code changes, so caches are rebuilt
 
 
 def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
@@ -58,18 +61,34 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
     return np.array(rgb) * 255
 
 
-def class_parameters(num_classes: int, seed: int) -> list[dict]:
-    """Distinct parameter combinations, one per class, in a seeded order."""
-    rng = np.random.default_rng(seed)
+# The dataset's classes form one family (like CUB's birds): two shapes with one stripe
+# period, told apart only by body hue and stripe hue. Backbone pretraining for the demo draws
+# its classes from outside the family, so no dataset class is ever seen in pretraining.
+FAMILY_SHAPES = ("star", "hexagon")
+FAMILY_PERIOD = 5
+PERIODS = (3, 5, 8)
+
+
+def class_parameters(num_classes: int, seed: int, family: bool = True) -> list[dict]:
+    """Distinct parameter combinations, one per class, in a seeded order.
+
+    family=True: the fine-grained dataset classes; family=False: pretraining classes.
+    """
+    rng = np.random.default_rng([seed, int(family)])
     params = []
     seen = set()
     while len(params) < num_classes:
         p = {
             "shape": SHAPES[int(rng.integers(len(SHAPES)))],
-            "hue": round(float(rng.integers(12)) / 12, 4),
-            "stripe_angle": round(float(rng.integers(4)) * math.pi / 4, 4),
-            "stripe_period": int(rng.choice([3, 5, 8])),
+            "hue": round(float(rng.integers(HUE_LEVELS)) / HUE_LEVELS, 4),
+            "stripe_hue": round(float(rng.integers(STRIPE_HUE_LEVELS)) / STRIPE_HUE_LEVELS, 4),
+            "stripe_period": int(rng.choice(PERIODS)),
         }
+        if family:
+            p["shape"] = FAMILY_SHAPES[int(rng.integers(len(FAMILY_SHAPES)))]
+            p["stripe_period"] = FAMILY_PERIOD
+        elif p["shape"] in FAMILY_SHAPES and p["stripe_period"] == FAMILY_PERIOD:
+            continue
         key = tuple(p.values())
         if key not in seen:
             seen.add(key)
@@ -97,14 +116,14 @@ def draw_instance(p: dict, size: int, rng: np.random.Generator) -> Image.Image:
     mask = np.asarray(mask_img, dtype=np.float64)[..., None] / 255.0
 
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    angle = p["stripe_angle"]  # stripes keep their absolute angle: a class cue
+    angle = rng.uniform(0, math.pi)  # a nuisance: a flip would confuse an angle class cue
     period = p["stripe_period"] * size / 64
     stripes = (np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period) > 0)[..., None]
     fg = _hsv_to_rgb(p["hue"], rng.uniform(0.65, 0.95), rng.uniform(0.75, 1.0))
-    fg2 = fg * 0.35
+    fg2 = _hsv_to_rgb(p["stripe_hue"], 0.9, 0.45)
     shape_px = np.where(stripes, fg, fg2)
     img = canvas * (1 - mask) + shape_px * mask
-    img += rng.normal(0, 8, img.shape)
+    img += rng.normal(0, NOISE_SIGMA, img.shape)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
@@ -135,7 +154,7 @@ def write_synthetic_cub(
     image_lines, label_lines, class_lines, split_lines = [], [], [], []
     image_id = 0
     for c, p in enumerate(class_parameters(num_classes, seed), 1):
-        folder = f"{c:03d}.{p['shape']}_h{int(p['hue'] * 12):02d}_a{int(round(p['stripe_angle'] * 4 / math.pi))}_p{p['stripe_period']}"
+        folder = f"{c:03d}.{p['shape']}_h{int(p['hue'] * HUE_LEVELS):02d}_s{int(p['stripe_hue'] * STRIPE_HUE_LEVELS)}_p{p['stripe_period']}"
         (base / "images" / folder).mkdir(parents=True)
         class_lines.append(f"{c} {folder}")
         rng = np.random.default_rng([seed, c])
@@ -161,23 +180,20 @@ def write_synthetic_cub(
 
 
 def source_images(
-    first_class: int, num_classes: int, images_per_class: int, image_size: int, seed: int = 0
+    num_classes: int, images_per_class: int, image_size: int, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """In-memory images of classes `first_class ..` of the same generator, with *coarse* labels.
+    """In-memory images of pretraining classes from outside the dataset's family.
 
-    Used to pretrain the demo backbone on classes that neither split of the demo dataset
-    (classes `0 .. first_class-1`) contains, as ImageNet-21k is disjoint from CUB's test.
-    The labels are coarse (shape x stripe period, hue and stripe angle ignored), as
-    ImageNet's labels are coarse next to CUB's species: fine-grained cues stay in the
+    The labels are coarse (shape x stripe period; both hues ignored), as
+    ImageNet's labels are coarse next to CUB's species: the fine cues stay in the
     features but are not emphasised, which is what metric-learning fine-tuning adds.
     Returns uint8 NHWC images and int64 coarse labels.
     """
-    params = class_parameters(first_class + num_classes, seed)[first_class:]
-    periods = sorted({p["stripe_period"] for p in params})
+    params = class_parameters(num_classes, seed, family=False)
     images, labels = [], []
     for c, p in enumerate(params):
-        rng = np.random.default_rng([seed, 10_000 + first_class + c])
-        coarse = SHAPES.index(p["shape"]) * len(periods) + periods.index(p["stripe_period"])
+        rng = np.random.default_rng([seed, 10_000 + c])
+        coarse = SHAPES.index(p["shape"]) * len(PERIODS) + PERIODS.index(p["stripe_period"])
         for _ in range(images_per_class):
             images.append(np.asarray(draw_instance(p, image_size, rng)))
             labels.append(coarse)

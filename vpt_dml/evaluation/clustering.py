@@ -41,8 +41,11 @@ def nmi(labels: torch.Tensor, clusters: torch.Tensor) -> float:
     if h_a == 0 and h_b == 0:  # one class, one cluster: identical partitions
         return 1.0
     # I = sum n_ij/N log(N n_ij / (a_i b_j)); expand to avoid indexing a_i, b_j per cell
-    mi = (cells / n * torch.log(cells / n)).sum() - (a / n * torch.log(a / n)).sum() \
+    mi = (
+        (cells / n * torch.log(cells / n)).sum()
+        - (a / n * torch.log(a / n)).sum()
         - (b / n * torch.log(b / n)).sum()
+    )
     return float((mi / ((h_a + h_b) / 2)).clamp(0, 1))
 
 
@@ -73,15 +76,28 @@ def kmeans(x: torch.Tensor, k: int, seed: int = 0, iters: int = 20) -> torch.Ten
     return _torch_kmeans(x.float(), k, seed, iters)
 
 
-def _torch_kmeans(x: torch.Tensor, k: int, seed: int, iters: int, chunk: int = 8192) -> torch.Tensor:
+def _torch_kmeans(
+    x: torch.Tensor, k: int, seed: int, iters: int, chunk: int = 8192
+) -> torch.Tensor:
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    centres = x[torch.randperm(len(x), generator=gen)[:k].to(x.device)].clone()
+    # k-means++ seeding: each new centre drawn with probability ~ squared distance
+    picks = [int(torch.randint(len(x), (1,), generator=gen))]
+    dist = ((x - x[picks[0]]) ** 2).sum(1)
+    for _ in range(k - 1):
+        pick = int(torch.multinomial(dist.double().cpu() + 1e-30, 1, generator=gen))
+        picks.append(pick)
+        dist = torch.minimum(dist, ((x - x[pick]) ** 2).sum(1))
+    centres = x[picks].clone()
     sq = (x * x).sum(1)
     for _ in range(iters + 1):
-        assign = torch.cat([  # nearest centre by squared L2, chunked to bound memory
-            (sq[s : s + chunk, None] - 2 * x[s : s + chunk] @ centres.T + (centres**2).sum(1)).argmin(1)
-            for s in range(0, len(x), chunk)
-        ])
+        assign = torch.cat(
+            [  # nearest centre by squared L2, chunked to bound memory
+                (
+                    sq[s : s + chunk, None] - 2 * x[s : s + chunk] @ centres.T + (centres**2).sum(1)
+                ).argmin(1)
+                for s in range(0, len(x), chunk)
+            ]
+        )
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
         counts = torch.bincount(assign, minlength=k).to(x.dtype)
         empty = counts == 0  # keep an empty cluster's old centre
@@ -90,18 +106,25 @@ def _torch_kmeans(x: torch.Tensor, k: int, seed: int, iters: int, chunk: int = 8
 
 
 def clustering_metrics(
-    embeddings: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray, seed: int = 0, iters: int = 20
+    embeddings: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    seed: int = 0,
+    iters: int = 20,
 ) -> dict[str, float]:
     """{"nmi", "f1"} of k-means (k = number of classes) on the L2-normalised embeddings."""
     x = torch.as_tensor(embeddings)
     y = torch.as_tensor(labels)
     if x.ndim != 2 or len(x) != len(y):
-        raise UserError(f"clustering needs (N, D) embeddings and N labels, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise UserError(
+            f"clustering needs (N, D) embeddings and N labels, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     keep = y != SKIPPED_LABEL
     x, y = torch.nn.functional.normalize(x[keep].float(), dim=1), y[keep].cpu()
     k = len(torch.unique(y))
     if k < 2 or len(x) <= k:
-        raise UserError(f"clustering needs at least 2 classes and more items than classes, got {k} classes "
-                        f"and {len(x)} items")
+        raise UserError(
+            f"clustering needs at least 2 classes and more items than classes, got {k} classes "
+            f"and {len(x)} items"
+        )
     clusters = kmeans(x, k, seed, iters)
     return {"nmi": nmi(y, clusters), "f1": pair_f1(y, clusters)}

@@ -5,7 +5,8 @@ the positives (same-class gallery items) land in the query's neighbour list. Wit
 positives sorted best first, n_j = number of negatives ranked above the j-th positive,
 whose rank is then n_j + j. So instead of top-K lists (K = 1000 on SOP) we count, per
 query and positive, the negatives that beat it:
-- n_1 is always exact (Recall@K needs the first positive's rank, for any K);
+- n_1 is exact up to `max_rank` (Recall@K needs the first positive's rank; deeper
+  than the largest K only "beyond" matters);
 - for j > 1, MAP@R and R-precision only look at ranks <= R + 1. A positive whose exact
   similarity is below a proven lower bound L on the (R+1)-th best similarity ranks
   beyond R + 1; it is reported as "beyond" (n_j = number of gallery items) and its
@@ -19,12 +20,16 @@ Speed: the all-pairs similarity pass runs in reduced precision (bfloat16 on CPU,
 on GPU) and only proposes candidates. `_Bounds` gives a proven eps with
 |s_approx - s_exact| <= eps for every pair (per query, and growing with |s|). A negative
 more than eps above (below) a positive's exact similarity certainly beats (loses to) it;
-anything within eps is re-scored in float64. A negative matters only if it could beat a
+anything within eps is re-scored: in float32 (bound gamma_D ~ 3e-5 for D = 512), and
+in float64 only if still within that bound. A negative matters only if it could beat a
 positive that matters, so candidates are the entries with s_approx >= lo (per query); a
 max-pool over 64-wide column segments finds them without another full pass. When the
 query set is its own gallery the matrix is symmetric: only blocks on and above the
 diagonal are computed and each off-diagonal block serves its rows and its columns. The
-diagonal blocks go first; their best entries give each query its bound L.
+diagonal blocks go first; their best negatives give each query its first bound L, and
+the candidates of every later block tighten it (lo rises, deep positives retire).
+Memory stays bounded by the block size, whatever the embeddings look like; badly
+separated embeddings (an untrained model) only make more candidates, hence slower.
 """
 
 from __future__ import annotations
@@ -46,13 +51,19 @@ class PositiveRanks:
     num_positives: torch.Tensor  # (Q,)
     negatives_above: torch.Tensor  # (Q, R_max) int64; "beyond R + 1" positives hold len(gallery)
     candidates: int = 0  # candidate entries examined
-    rescored: int = 0  # of those, re-scored in float64
+    rescored: int = 0  # of those, re-scored exactly (float32, then float64 if needed)
 
 
 def candidate_dtype(device: torch.device) -> torch.dtype:
-    # bfloat16 GEMMs run at about twice float32 speed on AVX512-BF16 CPUs; GPUs are fast
-    # enough in float32, which keeps the candidate window narrow.
-    return torch.bfloat16 if device.type == "cpu" else torch.float32
+    """bfloat16 on CPUs where oneDNN runs it natively (about 2x float32 GEMM speed on
+    AVX512-BF16), float32 elsewhere: GPUs are fast enough and keep the window narrow."""
+    if device.type != "cpu":
+        return torch.float32
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        native = False
+    return torch.bfloat16 if native else torch.float32
 
 
 def _unit_roundoffs(dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
@@ -60,7 +71,11 @@ def _unit_roundoffs(dtype: torch.dtype, device: torch.device) -> tuple[float, fl
     if dtype == torch.bfloat16:
         return 2.0**-8, 2.0**-8
     if dtype == torch.float32:
-        return (2.0**-10 if device.type == "cuda" else 2.0**-24), 2.0**-24
+        if torch.get_float32_matmul_precision() == "medium":  # may run as bfloat16 inside
+            return 2.0**-8, 2.0**-24
+        if device.type == "cuda" or torch.get_float32_matmul_precision() == "high":
+            return 2.0**-10, 2.0**-24  # TF32 (10 stored bits), perhaps truncated
+        return 2.0**-24, 2.0**-24
     raise ValueError(f"no error bound for candidate dtype {dtype}")
 
 
@@ -71,7 +86,8 @@ class _Bounds:
       |q^.g^ - q.g| <= |e_q . g^| + |q . e_g| <= |e_q| (1 + max|e_g|) + max|e_g|   (Cauchy-Schwarz)
     float32 accumulation over D terms adds gamma_D (1 + |e_q|)(1 + max|e_g|) with
     gamma_D = D 2^-24 / (1 - D 2^-24), and rounding the output to the GEMM's dtype adds
-    u_out |v| with |v| <= |s| + eps_in. CUDA's TF32 rounds inputs inside the GEMM: there
+    u_out |v| with |v| <= |s| + eps_in. A float32 GEMM may round its inputs internally
+    (TF32 on CUDA, or bfloat16 under torch.set_float32_matmul_precision("medium")): there
     the input term is the worst case 2 u_in + u_in^2 instead. A 1% safety factor and 1e-9
     absolute cover the float64 normalisation and re-score.
     """
@@ -80,9 +96,13 @@ class _Bounds:
         u_in, self.u_out = _unit_roundoffs(dtype, device)
         dim = q64.shape[1]
         gamma = dim * 2.0**-24 / (1 - dim * 2.0**-24)
-        if device.type == "cuda" and dtype == torch.float32:
-            self.eps_in = torch.full((len(q64),), 2 * u_in + u_in**2 + gamma * (1 + u_in) ** 2,
-                                     dtype=torch.float64, device=device)
+        if dtype == torch.float32 and u_in > 2.0**-24:  # rounding happens inside the GEMM
+            self.eps_in = torch.full(
+                (len(q64),),
+                2 * u_in + u_in**2 + gamma * (1 + u_in) ** 2,
+                dtype=torch.float64,
+                device=device,
+            )
         else:
             e_q = _error_norms(q64, q_c)
             e_g = e_q.max() if g_c is q_c else _error_norms(g64, g_c).max()
@@ -101,10 +121,12 @@ class _Bounds:
 
 
 def _error_norms(x64: torch.Tensor, x_c: torch.Tensor) -> torch.Tensor:
-    return torch.cat([
-        (x_c[s : s + ROW_CHUNK].double() - x64[s : s + ROW_CHUNK]).norm(dim=1)
-        for s in range(0, len(x64), ROW_CHUNK)
-    ])
+    return torch.cat(
+        [
+            (x_c[s : s + ROW_CHUNK].double() - x64[s : s + ROW_CHUNK]).norm(dim=1)
+            for s in range(0, len(x64), ROW_CHUNK)
+        ]
+    )
 
 
 def _positives(q64, g64, ql, gl, same: bool):
@@ -135,10 +157,16 @@ def _positives(q64, g64, ql, gl, same: bool):
     q_cols, g_cols = torch.arange(depth, device=device), torch.arange(width, device=device)
     for c in range(0, len(q_classes), chunk):
         part = slice(c, c + chunk)
-        qi = torch.where(q_cols < q_count[part, None],
-                         q_order[(q_start[part, None] + q_cols).clamp(max=n_q - 1)], -1)
-        gi = torch.where(g_cols < members[part, None],
-                         g_order[(g_start[at[part]][:, None] + g_cols).clamp(max=n_g - 1)], -1)
+        qi = torch.where(
+            q_cols < q_count[part, None],
+            q_order[(q_start[part, None] + q_cols).clamp(max=n_q - 1)],
+            -1,
+        )
+        gi = torch.where(
+            g_cols < members[part, None],
+            g_order[(g_start[at[part]][:, None] + g_cols).clamp(max=n_g - 1)],
+            -1,
+        )
         gram = torch.bmm(q64[qi.clamp(min=0)], g64[gi.clamp(min=0)].transpose(1, 2))
         gram = gram.masked_fill(gi[:, None, :] < 0, -torch.inf)
         rows = qi >= 0
@@ -165,7 +193,20 @@ class _Counter:
     rest (and for padding): +inf is never beaten and never uncertain.
     """
 
-    def __init__(self, q64, g64, ql, gl, pos_idx, pos_exact, num_pos, bounds: _Bounds, n_pad: int):
+    def __init__(
+        self,
+        q64,
+        g64,
+        ql,
+        gl,
+        pos_idx,
+        pos_exact,
+        num_pos,
+        bounds: _Bounds,
+        n_pad: int,
+        max_rank: int,
+    ):
+        self.max_rank = max_rank
         self.q64, self.g64, self.ql, self.gl = q64, g64, ql, gl
         self.q32 = q64.float()
         self.g32 = self.q32 if g64 is q64 else g64.float()
@@ -173,14 +214,20 @@ class _Counter:
         dim = q64.shape[1]
         gamma = dim * 2.0**-24 / (1 - dim * 2.0**-24)
         self.eps32 = (2 * 2.0**-24 + 2.0**-48 + gamma * (1 + 2.0**-24) ** 2) * 1.01 + 1e-12
-        self.pos_idx, self.pos_exact, self.num_pos, self.bounds = pos_idx, pos_exact, num_pos, bounds
+        self.pos_idx, self.pos_exact, self.num_pos, self.bounds = (
+            pos_idx,
+            pos_exact,
+            num_pos,
+            bounds,
+        )
         self.pos_sim = torch.full(pos_idx.shape, torch.inf, dtype=torch.float64, device=q64.device)
         self.eps = torch.zeros_like(self.pos_sim)
         self.matters = pos_idx >= 0
         self.counts = torch.zeros_like(pos_idx)
         # lower bounds on the best negatives seen so far, for the (R+1)-th best bound L
-        self.best_neg = torch.full((len(q64), pos_idx.shape[1] + 1), -torch.inf,
-                                   dtype=torch.float64, device=q64.device)
+        self.best_neg = torch.full(
+            (len(q64), pos_idx.shape[1] + 1), -torch.inf, dtype=torch.float64, device=q64.device
+        )
         self.lo = torch.full((n_pad,), torch.inf, device=q64.device)  # candidate threshold
         self.candidates = self.rescored = 0
 
@@ -189,8 +236,8 @@ class _Counter:
 
         L = (R+1)-th best of {exact positives} and these bounds is a lower bound on the
         (R+1)-th best similarity. A positive below L ranks beyond R + 1: it stops mattering
-        (it never matters again, as L only grows). The best positive always matters
-        (Recall@K needs its rank at any depth).
+        (it never matters again, as L only grows). The best positive keeps mattering
+        until its rank is known to exceed `max_rank` (see `_retire_deep`).
         """
         if len(q) == 0:
             return
@@ -200,16 +247,21 @@ class _Counter:
         q, lower = q[order], lower[order]
         rows, counts = torch.unique_consecutive(q, return_counts=True)
         rank = torch.arange(len(q), device=q.device) - torch.repeat_interleave(
-            torch.cumsum(counts, 0) - counts, counts)
+            torch.cumsum(counts, 0) - counts, counts
+        )
         keep = rank < width
         fresh = torch.full((len(rows), width), -torch.inf, dtype=torch.float64, device=q.device)
-        fresh[torch.repeat_interleave(torch.arange(len(rows), device=q.device), counts)[keep],
-              rank[keep]] = lower[keep]
+        fresh[
+            torch.repeat_interleave(torch.arange(len(rows), device=q.device), counts)[keep],
+            rank[keep],
+        ] = lower[keep]
         self.best_neg[rows] = torch.cat([self.best_neg[rows], fresh], 1).topk(width, dim=1).values
-        known = torch.cat([self.pos_exact[rows], self.best_neg[rows]], 1).sort(dim=1, descending=True)
+        known = torch.cat([self.pos_exact[rows], self.best_neg[rows]], 1).sort(
+            dim=1, descending=True
+        )
         bound = known.values.gather(1, self.num_pos[rows][:, None])
         matters = self.matters[rows] & (self.pos_exact[rows] >= bound)
-        matters[:, 0] = self.pos_idx[rows, 0] >= 0
+        matters[:, 0] = self.matters[rows, 0]  # only `_retire_deep` drops the best one
         self.matters[rows] = matters
         self.pos_sim[rows] = torch.where(matters, self.pos_exact[rows], torch.inf)
         self.eps[rows] = self.bounds.at(torch.where(matters, self.pos_exact[rows], 0), rows)
@@ -245,6 +297,16 @@ class _Counter:
                 beats[tight] = torch.where(close[tight], exact, beats[tight])
             above[rows] = torch.where(unsure, beats, above[rows])
         self.counts.index_add_(0, q, above.long())
+        self._retire_deep(torch.unique(q))
+
+    def _retire_deep(self, rows: torch.Tensor) -> None:
+        """Once n_1 reaches max_rank, every positive of the query ranks beyond any K
+        asked for and beyond R + 1 (max_rank > R_max): stop counting for it."""
+        deep = rows[self.counts[rows, 0] >= self.max_rank]
+        if len(deep):
+            self.matters[deep] = False
+            self.pos_sim[deep] = torch.inf
+            self.lo[deep] = torch.inf
 
 
 def _sortable_bits(block: torch.Tensor) -> torch.Tensor:
@@ -261,7 +323,9 @@ def _threshold_bits(lo: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`lo` in the units of `_sortable_bits`, rounded down; lo <= 0 passes every segment."""
     if dtype != torch.bfloat16:
         return lo
-    top = (lo.float().clamp(max=1e30).view(torch.int32) >> 16).to(torch.int16)  # truncates: rounds down
+    top = (lo.float().clamp(max=1e30).view(torch.int32) >> 16).to(
+        torch.int16
+    )  # truncates: rounds down
     return torch.where(lo > 0, top, torch.iinfo(torch.int16).min).masked_fill(lo.isinf(), 32767)
 
 
@@ -341,6 +405,7 @@ def _rank_positives(
     gallery_labels: torch.Tensor | None = None,
     candidate: torch.dtype | None = None,
     block: int = BLOCK,
+    max_rank: int | None = None,
     threads: int = 1,
 ) -> PositiveRanks:
     """Exact n_j (negatives ranked above each positive) for every query.
@@ -348,6 +413,8 @@ def _rank_positives(
     Without a gallery the queries are their own gallery and each query is left out of its
     own neighbours. Embeddings need not be normalised; labels are integers. `candidate`
     overrides the candidate GEMM dtype; `block` the block size (tests use small ones).
+    `max_rank` (e.g. the largest Recall@K): a query whose best positive ranks deeper is
+    reported as "beyond" for every positive, which bounds the work on poor embeddings.
     """
     same = gallery is None
     device = queries.device
@@ -367,7 +434,8 @@ def _rank_positives(
     bounds = _Bounds(q64, g64, qc[:n_q], qc[:n_q] if same else gc[:n_g], dtype, device)
     ctx = _Context(q64, g64, ql, gl, n_g, same, pos_sim, num_pos, bounds)
 
-    counter = _Counter(q64, g64, ql, gl, pos_idx, pos_sim, num_pos, bounds, len(qc))
+    cap = max(max_rank or n_g, pos_idx.shape[1] + 1)  # beyond R + 1 too
+    counter = _Counter(q64, g64, ql, gl, pos_idx, pos_sim, num_pos, bounds, len(qc), cap)
     lo = counter.lo
 
     def gemm(i, j):  # the only heavy kernel: it gets every thread, the bookkeeping gets one

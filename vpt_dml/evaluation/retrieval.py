@@ -31,7 +31,9 @@ def _as_tensor(x, name: str) -> torch.Tensor:
         if t.ndim != 2 or t.shape[0] == 0:
             raise UserError(f"{name} must be a non-empty (N, D) matrix, got shape {tuple(t.shape)}")
         if not torch.isfinite(t).all():
-            raise UserError(f"{name} contain NaN or inf; check the model output (e.g. fp16 overflow)")
+            raise UserError(
+                f"{name} contain NaN or inf; check the model output (e.g. fp16 overflow)"
+            )
     elif t.ndim != 1 or t.dtype.is_floating_point:
         raise UserError(f"{name} must be a 1-D integer vector, got {t.dtype} {tuple(t.shape)}")
     return t
@@ -65,13 +67,17 @@ def retrieval_metrics(
         g = _as_tensor(gallery_embeddings, "gallery embeddings").to(q.device)
         gl = _as_tensor(gallery_labels, "gallery labels").to(q.device)
         if len(g) != len(gl):
-            raise UserError(f"{len(g)} gallery embeddings but {len(gl)} labels; pass one label each")
+            raise UserError(
+                f"{len(g)} gallery embeddings but {len(gl)} labels; pass one label each"
+            )
         if g.shape[1] != q.shape[1]:
-            raise UserError(f"query dim {q.shape[1]} != gallery dim {g.shape[1]}; embed both with one model")
+            raise UserError(
+                f"query dim {q.shape[1]} != gallery dim {g.shape[1]}; embed both with one model"
+            )
         keep = gl != SKIPPED_LABEL
         g, gl = g[keep], gl[keep]
 
-    ranks = rank_positives(q, ql, None if same else g, None if same else gl)
+    ranks = rank_positives(q, ql, None if same else g, None if same else gl, max_rank=max(ks))
     return metrics_from_ranks(ranks.num_positives, ranks.negatives_above, ks, same)
 
 

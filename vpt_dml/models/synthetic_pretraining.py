@@ -29,7 +29,6 @@ def pretrain_backbone(
     name: str,
     kwargs: dict,
     out_path: str | Path,
-    skip_classes: int,
     num_classes: int = 96,
     images_per_class: int = 24,
     epochs: int = 12,
@@ -48,12 +47,13 @@ def pretrain_backbone(
         )
     size = int(kwargs.get("img_size", 224))
     log.info("pretraining the demo backbone on %d generated source classes (once, cached at %s)", num_classes, out_path)
-    x, y = source_images(skip_classes, num_classes, images_per_class, size, seed)
+    x, y = source_images(num_classes, images_per_class, size, seed)
     images = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
     labels = torch.from_numpy(y)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
+        # coarse classes (shape x period); ids of shapes absent from the sample stay unused
         model = timm.create_model(name, pretrained=False, num_classes=int(labels.max()) + 1, **kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * (len(images) // batch_size)
