@@ -35,16 +35,22 @@ from vpt_dml.models.prompted_vit import PromptedViT  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--classes", type=int, nargs="+", default=[100, 11318])
-    p.add_argument("--batch", type=int, default=32, help="samples per step, one per class (SOP: k=1)")
+    p.add_argument(
+        "--batch", type=int, default=32, help="samples per step, one per class (SOP: k=1)"
+    )
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--img", type=int, default=32)
     p.add_argument("--patch", type=int, default=8)
-    p.add_argument("--prompts", type=int, default=5, help="class prompts per layer (M), on every layer")
+    p.add_argument(
+        "--prompts", type=int, default=5, help="class prompts per layer (M), on every layer"
+    )
     p.add_argument("--storage", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--steps", type=int, default=5, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=5)
@@ -65,10 +71,16 @@ class Setup:
         self.device, self.mode, self.num_classes, self.batch = device, mode, num_classes, args.batch
         torch.manual_seed(0)
         vit = VisionTransformer(
-            img_size=args.img, patch_size=args.patch, embed_dim=args.dim, depth=args.depth,
-            num_heads=args.heads, num_classes=0,
+            img_size=args.img,
+            patch_size=args.patch,
+            embed_dim=args.dim,
+            depth=args.depth,
+            num_heads=args.heads,
+            num_classes=0,
         )
-        self.model = PromptedViT(vit).to(device).requires_grad_(False)  # frozen: prompt traffic dominates
+        self.model = (
+            PromptedViT(vit).to(device).requires_grad_(False)
+        )  # frozen: prompt traffic dominates
         self.counts = [args.prompts] * args.depth
         initial = [torch.randn(num_classes, m, args.dim) * 0.02 for m in self.counts]
         self.group = {"lr": 1e-4, "weight_decay": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8}
@@ -133,8 +145,15 @@ def main() -> None:
             times[key].append(s.timed(args.steps))
 
     small, large = min(args.classes), max(args.classes)
-    result = {"device": str(device), "batch": args.batch, "dim": args.dim, "depth": args.depth,
-              "prompts_per_layer": args.prompts, "storage": args.storage, "classes": args.classes}
+    result = {
+        "device": str(device),
+        "batch": args.batch,
+        "dim": args.dim,
+        "depth": args.depth,
+        "prompts_per_layer": args.prompts,
+        "storage": args.storage,
+        "classes": args.classes,
+    }
     for m in modes:
         for c in args.classes:
             ms = 1000 * statistics.median(times[(m, c)])

@@ -47,9 +47,18 @@ def write_jpegs(folder: Path, n: int, w: int, h: int) -> list[str]:
 def torchvision_default(size: int, train: bool):
     """What a plain torchvision recipe does: PIL decode, then the Compose."""
     if train:
-        tf = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+        tf = T.Compose(
+            [
+                T.RandomResizedCrop(size),
+                T.RandomHorizontalFlip(),
+                T.ToTensor(),
+                T.Normalize(MEAN, STD),
+            ]
+        )
     else:
-        tf = T.Compose([T.Resize(eval_resize(size)), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+        tf = T.Compose(
+            [T.Resize(eval_resize(size)), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)]
+        )
 
     def load(path: str) -> torch.Tensor:
         with Image.open(path) as im:
@@ -75,8 +84,12 @@ def images_per_s(load, paths: list[str], device: torch.device) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--sizes", nargs="+", default=["500x375", "800x600"],
-                        help="image sizes WxH (CUB/SOP-like and iNat/Cars-like by default)")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        default=["500x375", "800x600"],
+        help="image sizes WxH (CUB/SOP-like and iNat/Cars-like by default)",
+    )
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--crop", type=int, default=224)
@@ -89,7 +102,10 @@ def main() -> None:
             w, h = (int(v) for v in spec.lower().split("x"))
             paths = write_jpegs(Path(tmp), args.images, w, h)
             for stage, train in (("train", True), ("eval", False)):
-                pipes = {"torchvision": torchvision_default(args.crop, train), "suite": suite_loader(args.crop, train)}
+                pipes = {
+                    "torchvision": torchvision_default(args.crop, train),
+                    "suite": suite_loader(args.crop, train),
+                }
                 for load in pipes.values():  # warm-up
                     images_per_s(load, paths[:4], device)
                 rates: dict[str, list[float]] = {k: [] for k in pipes}
@@ -104,10 +120,22 @@ def main() -> None:
                     "suite_img_s": round(med["suite"], 1),
                     "ratio": round(med["suite"] / med["torchvision"], 2),
                 }
-                print(f"{key:>16}: torchvision {med['torchvision']:7.1f} img/s   suite {med['suite']:7.1f} img/s"
-                      f"   ratio {results[key]['ratio']:.2f}x")
-    print(json.dumps({"bench": "data_pipeline", "device": str(device), "crop": args.crop,
-                      "images": args.images, "rounds": args.rounds, "results": results}))
+                print(
+                    f"{key:>16}: torchvision {med['torchvision']:7.1f} img/s   suite {med['suite']:7.1f} img/s"
+                    f"   ratio {results[key]['ratio']:.2f}x"
+                )
+    print(
+        json.dumps(
+            {
+                "bench": "data_pipeline",
+                "device": str(device),
+                "crop": args.crop,
+                "images": args.images,
+                "rounds": args.rounds,
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -47,7 +47,9 @@ TINY_TRAINER = [
 ]
 
 
-def compose_config(overrides: list[str], tmp_path: Path, experiment: str | None = None) -> DictConfig:
+def compose_config(
+    overrides: list[str], tmp_path: Path, experiment: str | None = None
+) -> DictConfig:
     """Compose conf/train.yaml as `python -m vpt_dml.run` would, with paths in tmp_path."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -74,7 +76,12 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
     """Run `python -m vpt_dml.run ...` in a subprocess (for CLI / DDP / sweep tests)."""
     import subprocess
 
-    full_env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    full_env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     full_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "vpt_dml.run", *args],
@@ -88,4 +95,6 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
 
 def resolved(cfg: DictConfig) -> dict:
     """The run's config as plain data (the `hydra` node left out: it needs a live job)."""
-    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    return OmegaConf.to_container(
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
+    )

@@ -48,7 +48,9 @@ def reference_rows(store_initial: list[torch.Tensor], make_opt) -> list[torch.Te
             for p, w in zip(params[c], weights):
                 p.grad = w[mask].sum(0)
             opts[c].step()
-    return [torch.stack([params[c][i].detach() for c in range(C)]) for i in range(len(store_initial))]
+    return [
+        torch.stack([params[c][i].detach() for c in range(C)]) for i in range(len(store_initial))
+    ]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_cli, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -15,7 +14,11 @@ pytestmark = pytest.mark.slow
 def test_cli_run_dir_and_metrics(tmp_path: Path):
     run_dir = tmp_path / "my_run"
     res = run_cli(
-        [*tiny_overrides("trainer.max_epochs=1"), f"hydra.run.dir={run_dir}", f"paths.data_dir={tmp_path / 'data'}"],
+        [
+            *tiny_overrides("trainer.max_epochs=1"),
+            f"hydra.run.dir={run_dir}",
+            f"paths.data_dir={tmp_path / 'data'}",
+        ],
         cwd=REPO,
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -34,7 +37,11 @@ def test_cli_run_dir_and_metrics(tmp_path: Path):
 )
 def test_bad_input_is_one_line_error(tmp_path: Path, override: str, expected: str):
     res = run_cli(
-        [*tiny_overrides(override), f"hydra.run.dir={tmp_path / 'run'}", f"paths.data_dir={tmp_path / 'data'}"],
+        [
+            *tiny_overrides(override),
+            f"hydra.run.dir={tmp_path / 'run'}",
+            f"paths.data_dir={tmp_path / 'data'}",
+        ],
         cwd=REPO,
     )
     assert res.returncode == 2

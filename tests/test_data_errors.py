@@ -58,7 +58,9 @@ def test_listed_but_missing_file_at_startup(tmp_path: Path):
     dm = RetrievalDataModule(name="sop", root=str(root), strict_counts=False, num_workers=0)
     with pytest.raises(DatasetError, match=r"1 image\(s\) listed .* missing, first: .*1002_1\.JPG"):
         dm.load()
-    dm = RetrievalDataModule(name="sop", root=str(root), strict_counts=False, skip_broken=True, num_workers=0)
+    dm = RetrievalDataModule(
+        name="sop", root=str(root), strict_counts=False, skip_broken=True, num_workers=0
+    )
     assert len(dm.load().train) == 9 and dm.count_report["skipped_missing"] == 1
     assert str(gone) not in dm.splits.train.paths
 
@@ -66,7 +68,9 @@ def test_listed_but_missing_file_at_startup(tmp_path: Path):
 def test_skipping_the_last_image_of_a_class_is_an_error(tmp_path: Path):
     root = fake_sop(tmp_path, per_class=1)
     (root / "Stanford_Online_Products" / "bicycle_final" / "1003_0.JPG").unlink()
-    dm = RetrievalDataModule(name="sop", root=str(root), strict_counts=False, skip_broken=True, num_workers=0)
+    dm = RetrievalDataModule(
+        name="sop", root=str(root), strict_counts=False, skip_broken=True, num_workers=0
+    )
     with pytest.raises(DatasetError, match="train class 2 has no images left"):
         dm.load()
 
@@ -107,7 +111,9 @@ def test_worker_error_keeps_its_one_line(tmp_path: Path):
 
 def test_skips_in_worker_processes_are_counted(tmp_path: Path):
     records, bad = records_with_corrupt(tmp_path)
-    ds = ImageDataset(records, build_transforms(16, (0.5,) * 3, (0.5,) * 3, train=False), skip_broken=True)
+    ds = ImageDataset(
+        records, build_transforms(16, (0.5,) * 3, (0.5,) * 3, train=False), skip_broken=True
+    )
     batches = list(DataLoader(ds, batch_size=4, num_workers=1))
     assert batches[0][2].tolist() == [0, 0, 2, 3]
     assert ds.skipped_paths() == [bad]
@@ -132,10 +138,14 @@ def test_verify_cli_lists_every_problem(tmp_path: Path, capsys):
 @pytest.mark.slow
 def test_cli_corrupt_image_during_training_ends_with_one_line(tmp_path: Path):
     data_dir = tmp_path / "data"
-    root = write_synthetic_cub(data_dir / "synthetic", num_classes=8, images_per_class=6, image_size=32, seed=0)
+    root = write_synthetic_cub(
+        data_dir / "synthetic", num_classes=8, images_per_class=6, image_size=32, seed=0
+    )
     bad = sorted((root / "CUB_200_2011" / "images").rglob("*.jpg"))[0]
     truncate(str(bad))
-    args = tiny_overrides(f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'run'}", "data.num_workers=1")
+    args = tiny_overrides(
+        f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'run'}", "data.num_workers=1"
+    )
     proc = run_cli(args, cwd=REPO, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -145,7 +155,9 @@ def test_cli_corrupt_image_during_training_ends_with_one_line(tmp_path: Path):
 
 @pytest.mark.slow
 def test_cli_wrong_root_ends_with_one_line(tmp_path: Path):
-    args = tiny_overrides("data=cub", f"data.root={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'run'}")
+    args = tiny_overrides(
+        "data=cub", f"data.root={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'run'}"
+    )
     args = [a for a in args if not a.startswith("data.synthetic")]
     proc = run_cli(args, cwd=REPO, timeout=300)
     assert proc.returncode == 2

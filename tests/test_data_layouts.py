@@ -17,7 +17,12 @@ from vpt_dml.errors import DatasetError
 
 def test_cub_first_hundred_classes_train(tmp_path: Path):
     splits, _ = load_splits("cub", str(fake_cub(tmp_path, per_class=2)))
-    assert splits.summary() == {"train_images": 200, "train_classes": 100, "test_images": 200, "test_classes": 100}
+    assert splits.summary() == {
+        "train_images": 200,
+        "train_classes": 100,
+        "test_images": 200,
+        "test_classes": 100,
+    }
     assert all(int(Path(p).parent.name[:3]) <= 100 for p in splits.train.paths)
     assert all(int(Path(p).parent.name[:3]) > 100 for p in splits.test.paths)
 
@@ -25,7 +30,12 @@ def test_cub_first_hundred_classes_train(tmp_path: Path):
 def test_cars_mat_split_by_class_not_by_test_flag(tmp_path: Path):
     splits, official = load_splits("cars", str(fake_cars(tmp_path)))
     # odd classes have 2 images, even ones 1: 49*2 + 49 per half
-    assert splits.summary() == {"train_images": 147, "train_classes": 98, "test_images": 147, "test_classes": 98}
+    assert splits.summary() == {
+        "train_images": 147,
+        "train_classes": 98,
+        "test_images": 147,
+        "test_classes": 98,
+    }
     assert official["train_images"] == 8054
     assert splits.train.paths[0].endswith("car_ims/000001.jpg")
     assert np.array_equal(np.unique(splits.train.labels), np.arange(98))
@@ -33,14 +43,23 @@ def test_cars_mat_split_by_class_not_by_test_flag(tmp_path: Path):
 
 def test_sop_uses_official_files(tmp_path: Path):
     splits, _ = load_splits("sop", str(fake_sop(tmp_path)))
-    assert splits.summary() == {"train_images": 10, "train_classes": 5, "test_images": 8, "test_classes": 4}
+    assert splits.summary() == {
+        "train_images": 10,
+        "train_classes": 5,
+        "test_images": 8,
+        "test_classes": 4,
+    }
     assert all(Path(p).is_file() for p in splits.train.paths + splits.test.paths)
 
 
 def test_inshop_query_and_gallery(tmp_path: Path):
     splits, _ = load_splits("inshop", str(fake_inshop(tmp_path)))
     assert splits.summary() == {
-        "train_images": 6, "train_classes": 3, "test_images": 4, "test_classes": 3, "gallery_images": 3,
+        "train_images": 6,
+        "train_classes": 3,
+        "test_images": 4,
+        "test_classes": 3,
+        "gallery_images": 3,
     }
     # queries and gallery share one label space: item 10's query and gallery images agree
     q = dict(zip(splits.test.paths, splits.test.labels))
@@ -61,10 +80,24 @@ def test_inshop_truncated_partition_file(tmp_path: Path):
 
 def test_inat_class_is_category_folder(tmp_path: Path):
     splits, _ = load_splits("inat", str(fake_inat(tmp_path)))
-    assert splits.summary() == {"train_images": 6, "train_classes": 2, "test_images": 3, "test_classes": 1}
-    by_label = {lab: {Path(p).parent.name for p, l2 in zip(splits.train.paths, splits.train.labels) if l2 == lab}
-                for lab in set(splits.train.labels.tolist())}
-    assert sorted(map(frozenset, by_label.values()), key=sorted) == [frozenset({"3"}), frozenset({"7477"})]
+    assert splits.summary() == {
+        "train_images": 6,
+        "train_classes": 2,
+        "test_images": 3,
+        "test_classes": 1,
+    }
+    by_label = {
+        lab: {
+            Path(p).parent.name
+            for p, l2 in zip(splits.train.paths, splits.train.labels)
+            if l2 == lab
+        }
+        for lab in set(splits.train.labels.tolist())
+    }
+    assert sorted(map(frozenset, by_label.values()), key=sorted) == [
+        frozenset({"3"}),
+        frozenset({"7477"}),
+    ]
 
 
 def test_class_folders_flat_numbered(tmp_path: Path):
@@ -82,7 +115,12 @@ def test_class_folders_classification_split_is_merged(tmp_path: Path):
         for name in ("Audi A4", "BMW M3", "Fiat 500", "Volvo XC90"):
             put(tmp_path / part / name / f"{part}.jpg")
     splits, _ = load_splits("cars", str(tmp_path))
-    assert splits.summary() == {"train_images": 4, "train_classes": 2, "test_images": 4, "test_classes": 2}
+    assert splits.summary() == {
+        "train_images": 4,
+        "train_classes": 2,
+        "test_images": 4,
+        "test_classes": 2,
+    }
     assert {Path(p).parent.name for p in splits.test.paths} == {"Fiat 500", "Volvo XC90"}
 
 
@@ -105,7 +143,9 @@ def test_empty_class_folder_is_named(tmp_path: Path):
 def test_count_check_names_the_difference(tmp_path: Path):
     root = fake_sop(tmp_path)
     dm = RetrievalDataModule(name="sop", root=str(root), num_workers=0)
-    with pytest.raises(DatasetError, match="train_images: found 10 expected 59551.*strict_counts=false"):
+    with pytest.raises(
+        DatasetError, match="train_images: found 10 expected 59551.*strict_counts=false"
+    ):
         dm.load()
     dm = RetrievalDataModule(name="sop", root=str(root), num_workers=0, strict_counts=False)
     assert dm.load().summary()["train_classes"] == 5
@@ -114,10 +154,18 @@ def test_count_check_names_the_difference(tmp_path: Path):
 
 def test_exact_copy_passes_the_count_check(tmp_path: Path, monkeypatch):
     root = fake_inshop(tmp_path)
-    exact = {"train_images": 6, "train_classes": 3, "test_images": 4, "test_classes": 3, "gallery_images": 3}
+    exact = {
+        "train_images": 6,
+        "train_classes": 3,
+        "test_images": 4,
+        "test_classes": 3,
+        "gallery_images": 3,
+    }
     spec = dataclasses.replace(registry.DATASETS["inshop"], official=exact)
     monkeypatch.setitem(registry.DATASETS, "inshop", spec)
-    dm = RetrievalDataModule(name="inshop", root=str(root), num_workers=0, batch_size=2, samples_per_class=1)
+    dm = RetrievalDataModule(
+        name="inshop", root=str(root), num_workers=0, batch_size=2, samples_per_class=1
+    )
     dm.load()
     assert dm.count_report["mismatches"] == []
     dm.setup()

@@ -59,7 +59,11 @@ def single_process_test(cfg, ckpt: Path) -> dict[str, float]:
     pre = data_config(module.embedder.backbone.vit)
     dm.image_size, dm.mean, dm.std = pre["image_size"], pre["mean"], pre["std"]
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     out = trainer.test(module, datamodule=dm, verbose=False)[0]
     return {k.removeprefix("test/"): float(v) for k, v in out.items()}
@@ -76,7 +80,12 @@ def test_ddp_cpu_ranks_agree_and_match_single_process_eval(tmp_path: Path, k: in
         "+callbacks.save_rank_state._target_=vpt_dml.distributed.SaveRankState",
         f"+callbacks.save_rank_state.dirpath={state_dir}",
     ]
-    proc = run_cli(args, cwd=REPO, env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}, timeout=400)
+    proc = run_cli(
+        args,
+        cwd=REPO,
+        env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())},
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     result = json.loads((run_dir / "metrics.json").read_text())
@@ -88,7 +97,10 @@ def test_ddp_cpu_ranks_agree_and_match_single_process_eval(tmp_path: Path, k: in
     assert len(r0["store"]) == len(r1["store"]) > 0
     for a, b in zip(r0["store"], r1["store"]):
         assert a.dtype == b.dtype and a.shape == b.shape
-        assert a.contiguous().view(torch.uint8).numpy().tobytes() == b.contiguous().view(torch.uint8).numpy().tobytes()
+        assert (
+            a.contiguous().view(torch.uint8).numpy().tobytes()
+            == b.contiguous().view(torch.uint8).numpy().tobytes()
+        )
 
     # per-row step counts (last state tensor): each step draws 2 x BATCH/k distinct classes,
     # each counted once, whichever rank drew it

@@ -60,7 +60,15 @@ def test_embed_writes_trained_models_embeddings(setup, tmp_path: Path) -> None:
 def test_retrieve_finds_the_query_itself_first(setup, tmp_path: Path, capsys) -> None:
     query = sorted(setup["gallery"].rglob("*.jpg"))[7]
     out = tmp_path / "res.json"
-    args = [*model_args(setup), str(query), str(setup["gallery"]), "--top-k", "3", "--out", str(out)]
+    args = [
+        *model_args(setup),
+        str(query),
+        str(setup["gallery"]),
+        "--top-k",
+        "3",
+        "--out",
+        str(out),
+    ]
     assert retrieve.main(args) == 0
     results = json.loads(out.read_text())
     assert len(results) == 1 and len(results[0]["neighbours"]) == 3
@@ -74,10 +82,21 @@ def test_retrieve_finds_the_query_itself_first(setup, tmp_path: Path, capsys) ->
 
 def test_retrieve_reuses_embed_output(setup, tmp_path: Path) -> None:
     cached = tmp_path / "gallery_emb"
-    assert embed.main([*model_args(setup), str(setup["gallery"]), str(cached), "--no-progress"]) == 0
+    assert (
+        embed.main([*model_args(setup), str(setup["gallery"]), str(cached), "--no-progress"]) == 0
+    )
     query = sorted(setup["gallery"].rglob("*.jpg"))[2]
     out = tmp_path / "res.json"
-    args = [*model_args(setup), str(query), str(cached), "--top-k", "5", "--out", str(out), "--no-progress"]
+    args = [
+        *model_args(setup),
+        str(query),
+        str(cached),
+        "--top-k",
+        "5",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert retrieve.main(args) == 0
     top = json.loads(out.read_text())[0]["neighbours"]
     assert len(top) == 5 and Path(top[0]["path"]).name == query.name

@@ -34,17 +34,27 @@ def backbone_weights_file(run_dir: Path, out: Path) -> Path:
     """The run's random-init backbone as a local weights file (what a download would be)."""
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     prefix = "embedder.backbone.vit."
-    vit = {k.removeprefix(prefix): v.contiguous() for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    vit = {
+        k.removeprefix(prefix): v.contiguous()
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith(prefix)
+    }
     save_file(vit, str(out))
     return out
 
 
 def trained_embedder(run_dir: Path):
     """The trained image branch straight from last.ckpt (the reference for the export)."""
-    model_cfg = OmegaConf.to_container(OmegaConf.load(run_dir / "config_resolved.yaml").model, resolve=True)
+    model_cfg = OmegaConf.to_container(
+        OmegaConf.load(run_dir / "config_resolved.yaml").model, resolve=True
+    )
     embedder = build_embedder(model_cfg)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
-    state = {k.removeprefix("embedder."): v for k, v in ckpt["state_dict"].items() if k.startswith("embedder.")}
+    state = {
+        k.removeprefix("embedder."): v
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith("embedder.")
+    }
     embedder.load_state_dict(state)
     return embedder.eval()
 

@@ -27,7 +27,9 @@ def test_resume_equals_straight_run(tmp_path: Path) -> None:
     straight, straight_ckpt = run_tiny(tmp_path, "straight", "trainer.max_epochs=2")
     _, first_ckpt = run_tiny(tmp_path, "first", "trainer.max_epochs=1")
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    resumed, resumed_ckpt = run_tiny(tmp_path, "resumed", "trainer.max_epochs=2", f"ckpt_path={last}")
+    resumed, resumed_ckpt = run_tiny(
+        tmp_path, "resumed", "trainer.max_epochs=2", f"ckpt_path={last}"
+    )
 
     assert resumed_ckpt["epoch"] == straight_ckpt["epoch"] == 1
     assert resumed_ckpt["global_step"] == straight_ckpt["global_step"]
@@ -35,7 +37,9 @@ def test_resume_equals_straight_run(tmp_path: Path) -> None:
     memory = "proxies.memory"
     assert not torch.equal(first_ckpt["state_dict"][memory], straight_ckpt["state_dict"][memory])
     for key, value in straight_ckpt["state_dict"].items():
-        torch.testing.assert_close(resumed_ckpt["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
+        torch.testing.assert_close(
+            resumed_ckpt["state_dict"][key], value, rtol=0, atol=1e-6, msg=key
+        )
     for a, b in zip(straight_ckpt["optimizer_states"], resumed_ckpt["optimizer_states"]):
         for pid, state in a["state"].items():
             for name, t in state.items():

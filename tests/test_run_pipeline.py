@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import compose_config, resolved, tiny_overrides
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from conftest import compose_config, resolved, tiny_overrides
 from vpt_dml.run import train
 
 
@@ -32,7 +32,11 @@ def test_run_writes_metrics_and_provenance(tmp_path: Path):
     # counts verified against what the generator was asked for: 4 train / 4 test classes x 6
     assert prov["dataset"]["counts"]["train_images"] == 24
     assert prov["dataset"]["counts"]["test_images"] == 24
-    assert prov["backbone"] == {"name": "vit_tiny_patch16_224", "pretrained": False, "weights": "random init"}
+    assert prov["backbone"] == {
+        "name": "vit_tiny_patch16_224",
+        "pretrained": False,
+        "weights": "random init",
+    }
     assert prov["global_step"] == 2 * (24 // 8)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     saved = OmegaConf.load(run_dir / "config_resolved.yaml")

@@ -44,7 +44,9 @@ def test_deterministic_in_seed_and_epoch():
 
 
 def test_two_ranks_get_disjoint_classes_each_step():
-    ranks = [ClassBalancedBatchSampler(LABELS, 4, 2, seed=0, num_replicas=2, rank=r) for r in (0, 1)]
+    ranks = [
+        ClassBalancedBatchSampler(LABELS, 4, 2, seed=0, num_replicas=2, rank=r) for r in (0, 1)
+    ]
     for epoch in range(3):
         steps = [epoch_batches(s, epoch) for s in ranks]
         assert len(steps[0]) == len(steps[1]) == len(LABELS) // 8
@@ -59,7 +61,10 @@ def test_every_image_reached_over_epochs():
     seen: set[int] = set()
     for world in (1, 2):
         seen.clear()
-        samplers = [ClassBalancedBatchSampler(LABELS, 4, 1, seed=0, num_replicas=world, rank=r) for r in range(world)]
+        samplers = [
+            ClassBalancedBatchSampler(LABELS, 4, 1, seed=0, num_replicas=world, rank=r)
+            for r in range(world)
+        ]
         for epoch in range(8):
             for s in samplers:
                 seen.update(i for batch in epoch_batches(s, epoch) for i in batch)

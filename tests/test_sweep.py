@@ -29,7 +29,10 @@ def test_two_point_prompt_length_sweep_is_reported(tmp_path: Path) -> None:
     assert sorted(p.parent.name for p in sweep_dir.rglob("metrics.json")) == ["0", "1"]
 
     report = subprocess.run(
-        [sys.executable, "-m", "vpt_dml.report", str(sweep_dir)], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "vpt_dml.report", str(sweep_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert report.returncode == 0, report.stderr
     rows = list(csv.reader((sweep_dir / "report.csv").open()))

@@ -42,4 +42,6 @@ def test_failing_wandb_init_warns_and_training_goes_on(tmp_path: Path, monkeypat
     assert "recall@1" in metrics
     assert any("W&B could not start" in r.getMessage() for r in caplog.records)
     run = Path(cfg.paths.output_dir)
-    assert (run / "metrics.json").is_file() and "train/loss" in (run / "csv" / "metrics.csv").read_text()
+    assert (run / "metrics.json").is_file() and "train/loss" in (
+        run / "csv" / "metrics.csv"
+    ).read_text()

@@ -110,7 +110,11 @@ def shared_rng(step: int) -> Iterator[None]:
         seed = seed.to(_collective_device(seed))
         dist.broadcast(seed, src=0)
         _shared_seed = int(seed)
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    devices = (
+        [torch.cuda.current_device()]
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else []
+    )
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed((_shared_seed + 1_000_003 * step) % (1 << 63))
         yield

@@ -49,11 +49,17 @@ def embed_files(
     desc: str = "embedding",
 ) -> np.ndarray:
     pre = model.preprocessing
-    transform = build_transforms(pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), train=False)
+    transform = build_transforms(
+        pre["image_size"], tuple(pre["mean"]), tuple(pre["std"]), train=False
+    )
     embedder = model.embedder.to(device)
     rows = []
-    for start in tqdm(range(0, len(files), batch_size), desc=desc, unit="batch", disable=not progress):
-        batch = torch.stack([load_transformed(str(f), transform) for f in files[start : start + batch_size]])
+    for start in tqdm(
+        range(0, len(files), batch_size), desc=desc, unit="batch", disable=not progress
+    ):
+        batch = torch.stack(
+            [load_transformed(str(f), transform) for f in files[start : start + batch_size]]
+        )
         rows.append(embedder(batch.to(device)).float().cpu())
     return torch.cat(rows).numpy() if rows else np.zeros((0, 0), dtype=np.float32)
 
@@ -68,20 +74,28 @@ def read_embeddings(folder: Path) -> tuple[np.ndarray, list[str]]:
     embeddings = np.load(folder / EMBEDDINGS)
     names = (folder / FILE_LIST).read_text().splitlines()
     if len(names) != len(embeddings):
-        raise UserError(f"{folder}: {len(names)} files but {len(embeddings)} embeddings; run vpt_dml.embed again")
+        raise UserError(
+            f"{folder}: {len(names)} files but {len(embeddings)} embeddings; run vpt_dml.embed again"
+        )
     return embeddings, names
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("weights", type=Path, help="a .safetensors file from `python -m vpt_dml.export`")
-    parser.add_argument("--backbone-weights", help="local checkpoint of the backbone (instead of the hub)")
+    parser.add_argument(
+        "weights", type=Path, help="a .safetensors file from `python -m vpt_dml.export`"
+    )
+    parser.add_argument(
+        "--backbone-weights", help="local checkpoint of the backbone (instead of the hub)"
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vpt_dml.embed", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vpt_dml.embed", description=__doc__.split("\n")[0]
+    )
     add_model_arguments(parser)
     parser.add_argument("image_dir", type=Path, help="folder of images (searched recursively)")
     parser.add_argument("out", type=Path, help="output folder for embeddings.npy and files.txt")
@@ -95,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {len(files)} embeddings of dim {emb.shape[1]} to {args.out / EMBEDDINGS} (+ {FILE_LIST})")
+    print(
+        f"wrote {len(files)} embeddings of dim {emb.shape[1]} to {args.out / EMBEDDINGS} (+ {FILE_LIST})"
+    )
     return 0
 
 

@@ -11,7 +11,11 @@ class UserError(ValueError):
     def __init__(self, message: str = "") -> None:
         # A DataLoader worker re-raises as type(f"Caught X in DataLoader worker...{traceback}"):
         # keep only the original one-line message, which is the traceback's last line.
-        if isinstance(message, str) and message.startswith("Caught ") and "Original Traceback" in message:
+        if (
+            isinstance(message, str)
+            and message.startswith("Caught ")
+            and "Original Traceback" in message
+        ):
             message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
         super().__init__(message)
 

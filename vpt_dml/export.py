@@ -38,13 +38,17 @@ def run_checkpoint(run_dir: Path, which: str = "last") -> Path:
     if which not in ("last", "best"):
         path = Path(which)
         if not path.is_file():
-            raise UserError(f"checkpoint {which} does not exist; use --checkpoint last, best or a .ckpt path")
+            raise UserError(
+                f"checkpoint {which} does not exist; use --checkpoint last, best or a .ckpt path"
+            )
         return path
     ckpt_dir = run_dir / "checkpoints"
     found = [ckpt_dir / "last.ckpt"] if which == "last" else sorted(ckpt_dir.glob("best*.ckpt"))
     found = [p for p in found if p.is_file()]
     if not found:
-        raise UserError(f"no {which} checkpoint in {ckpt_dir}; is {run_dir} a finished run folder of vpt_dml.run?")
+        raise UserError(
+            f"no {which} checkpoint in {ckpt_dir}; is {run_dir} a finished run folder of vpt_dml.run?"
+        )
     return found[-1]
 
 
@@ -72,7 +76,7 @@ def fingerprint(model_cfg: Mapping, state: Mapping[str, torch.Tensor], tuned: se
     frozen = sorted(name for name in state if name not in tuned)
     # spread over the network: first, last and evenly in between
     step = max(len(frozen) // CHECKSUM_TENSORS, 1)
-    sample = frozen[::step][:CHECKSUM_TENSORS - 1] + frozen[-1:] if frozen else []
+    sample = frozen[::step][: CHECKSUM_TENSORS - 1] + frozen[-1:] if frozen else []
     return {
         "backbone": model_cfg["backbone"]["name"],
         "kwargs": dict(model_cfg["backbone"].get("kwargs") or {}),
@@ -92,7 +96,9 @@ def export_run(run_dir: Path, out: Path, which: str = "last") -> dict:
     model_cfg = cfg["model"]
     ckpt_path = run_checkpoint(run_dir, which)
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    state = {k.removeprefix(PREFIX): v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
+    state = {
+        k.removeprefix(PREFIX): v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)
+    }
 
     # requires_grad decides what was tuned; build the same structure without weights
     reference = build_embedder(structure_only(model_cfg))
@@ -146,9 +152,13 @@ def read_export(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for a bad header
-        raise UserError(f"{path} is not a safetensors file ({type(e).__name__}); give an export of vpt_dml") from None
+        raise UserError(
+            f"{path} is not a safetensors file ({type(e).__name__}); give an export of vpt_dml"
+        ) from None
     if meta.get("format") != FORMAT:
-        raise UserError(f"{path} is not a vpt_dml export (format {meta.get('format')!r}, expected {FORMAT})")
+        raise UserError(
+            f"{path} is not a vpt_dml export (format {meta.get('format')!r}, expected {FORMAT})"
+        )
     return tensors, meta
 
 
@@ -174,7 +184,10 @@ def load_exported(
     tuned = set(tensors)
     found = fingerprint(model_cfg, state, tuned)
     fix = "load it with the backbone it was tuned on (--backbone-weights PATH for a local copy)"
-    if found["backbone"] != expected["backbone"] or found["shapes_sha256"] != expected["shapes_sha256"]:
+    if (
+        found["backbone"] != expected["backbone"]
+        or found["shapes_sha256"] != expected["shapes_sha256"]
+    ):
         raise UserError(
             f"{path} was tuned on {expected['backbone']} {expected['kwargs']}, but the rebuilt backbone "
             f"is {found['backbone']} {found['kwargs']} with other shapes; {fix}"
@@ -186,16 +199,24 @@ def load_exported(
         )
     missing = tuned - set(state)
     if missing:
-        raise UserError(f"{path} holds tensors the model lacks ({sorted(missing)[:3]}); re-export the run")
+        raise UserError(
+            f"{path} holds tensors the model lacks ({sorted(missing)[:3]}); re-export the run"
+        )
     embedder.load_state_dict(tensors, strict=False)
     return ExportedModel(embedder, json.loads(meta["preprocessing"]), model_cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vpt_dml.export", description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir", type=Path, help="run folder of vpt_dml.run (holds config_resolved.yaml)")
+    parser = argparse.ArgumentParser(
+        prog="python -m vpt_dml.export", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "run_dir", type=Path, help="run folder of vpt_dml.run (holds config_resolved.yaml)"
+    )
     parser.add_argument("out", type=Path, help="output .safetensors file")
-    parser.add_argument("--checkpoint", default="last", help="last (default), best, or a .ckpt path")
+    parser.add_argument(
+        "--checkpoint", default="last", help="last (default), best, or a .ckpt path"
+    )
     args = parser.parse_args(argv)
     try:
         report = export_run(args.run_dir, args.out, args.checkpoint)

@@ -30,7 +30,9 @@ from vpt_dml.models.two_branch import two_branch_outputs
 log = logging.getLogger("vpt_dml")
 
 
-def build_proxies(cfg: Mapping, num_classes: int, feature_dim: int, embed_dim: int, num_layers: int) -> nn.Module:
+def build_proxies(
+    cfg: Mapping, num_classes: int, feature_dim: int, embed_dim: int, num_layers: int
+) -> nn.Module:
     kind = cfg.get("kind", "learned")
     if kind == "learned":
         return LearnedProxies(num_classes, embed_dim)
@@ -60,7 +62,10 @@ def class_prompt_store_kwargs(cfg: Mapping) -> dict:
     store = cfg.get("class_prompt_store", "device")
     if store not in ("device", "host"):
         raise UserError(f"model.proxy.class_prompt_store={store!r}; use device or host")
-    return {"class_prompt_store": store, "class_prompt_dtype": cfg.get("class_prompt_dtype", "float32")}
+    return {
+        "class_prompt_store": store,
+        "class_prompt_dtype": cfg.get("class_prompt_dtype", "float32"),
+    }
 
 
 def build_loss(cfg: Mapping) -> nn.Module:
@@ -97,7 +102,9 @@ class VPTDMLModule(L.LightningModule):
         feature_dim = self.embedder.feature_dim
         embed_dim = model.get("embed_dim") or feature_dim
         num_layers = self.embedder.backbone.num_layers
-        self.proxies = build_proxies(model.get("proxy", {}), num_classes, feature_dim, embed_dim, num_layers)
+        self.proxies = build_proxies(
+            model.get("proxy", {}), num_classes, feature_dim, embed_dim, num_layers
+        )
         self.criterion = build_loss(loss)
         self.optim_cfg = dict(optim)
         self.eval_ks = tuple(eval_ks)
@@ -109,7 +116,9 @@ class VPTDMLModule(L.LightningModule):
     # -- training ----------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images, labels, _ = batch
-        if self.hparams["model"].get("fused_branches", False) and isinstance(self.proxies, SemanticProxies):
+        if self.hparams["model"].get("fused_branches", False) and isinstance(
+            self.proxies, SemanticProxies
+        ):
             # image and semantic branch as one 2B pass: same maths, less work (two_branch.py)
             embeddings, proxies = two_branch_outputs(self.embedder, self.proxies, images, labels)
         else:
@@ -118,7 +127,9 @@ class VPTDMLModule(L.LightningModule):
         # DDP: the loss sees the global batch on every rank (gradient maths: distributed.py)
         embeddings, labels = distributed.gather_batch(embeddings, labels)
         loss = self.criterion(embeddings, labels, proxies)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
+        self.log(
+            "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels)
+        )
         return loss
 
     # -- class-prompt store (model.proxy.class_prompt_store=host) ------------------------
@@ -145,9 +156,15 @@ class VPTDMLModule(L.LightningModule):
             return
         skipped = scaler is not None and float(scaler.get_scale()) < scale
         group = next(g for g in optimizer.param_groups if g.get("name") == "main")
-        kind = "sgd" if isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.SGD) else "adamw"
+        kind = (
+            "sgd"
+            if isinstance(getattr(optimizer, "optimizer", optimizer), torch.optim.SGD)
+            else "adamw"
+        )
         # the global-batch loss gives each rank W x its rows' gradient (distributed.py)
-        store.step(group, kind, grad_scale=scale, grad_divisor=self.trainer.world_size, skip=skipped)
+        store.step(
+            group, kind, grad_scale=scale, grad_divisor=self.trainer.world_size, skip=skipped
+        )
 
     def parameter_groups(self) -> list[dict]:
         """Two groups: "main" (everything trainable but B) at lr, "proxy" (B) at lr_proxy.
@@ -214,7 +231,9 @@ class VPTDMLModule(L.LightningModule):
         for logger in self.loggers:
             logger.log_hyperparams(flat)
         if self.trainer.is_global_zero:
-            log.info("parameters (trainable / total):\n%s", format_breakdown(self.parameter_summary))
+            log.info(
+                "parameters (trainable / total):\n%s", format_breakdown(self.parameter_summary)
+            )
 
     # -- evaluation --------------------------------------------------------------------
     def _collect(self, batch) -> None:

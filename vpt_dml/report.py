@@ -52,7 +52,9 @@ def collect(files: list[Path]) -> tuple[list[dict], list[str], list[str]]:
         try:
             result = json.loads(f.read_text())
         except json.JSONDecodeError as e:
-            raise UserError(f"{f} is not valid JSON ({e.msg}); delete it or rerun that job") from None
+            raise UserError(
+                f"{f} is not valid JSON ({e.msg}); delete it or rerun that job"
+            ) from None
         prov = result.get("provenance", {})
         params = (prov.get("parameters") or {}).get("all") or {}
         rows.append(
@@ -79,9 +81,13 @@ def table(rows: list[dict], override_cols: list[str], metric_cols: list[str]) ->
     header = ["run", *override_cols, *metric_cols, "tuned %"]
     lines = [header]
     for row in rows:
-        metrics = [f"{100 * row['metrics'][m]:.2f}" if m in row["metrics"] else "" for m in metric_cols]
+        metrics = [
+            f"{100 * row['metrics'][m]:.2f}" if m in row["metrics"] else "" for m in metric_cols
+        ]
         tuned = "" if row["tuned_pct"] is None else f"{row['tuned_pct']:.3f}"
-        lines.append([row["run"], *(row["overrides"].get(k, "") for k in override_cols), *metrics, tuned])
+        lines.append(
+            [row["run"], *(row["overrides"].get(k, "") for k in override_cols), *metrics, tuned]
+        )
     return lines
 
 
@@ -105,11 +111,16 @@ def plot(rows: list[dict], override_cols: list[str], out: Path, metric: str = "r
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if metric in r["metrics"]]
-    numeric = [k for k in override_cols if all(as_number(r["overrides"].get(k)) is not None for r in rows)]
+    numeric = [
+        k for k in override_cols if all(as_number(r["overrides"].get(k)) is not None for r in rows)
+    ]
     x_key = PROMPT_NUM if PROMPT_NUM in numeric else (numeric[0] if numeric else None)
     fig, ax = plt.subplots(figsize=(6, 4))
     if x_key is None:
-        labels = [",".join(f"{k}={r['overrides'].get(k, '')}" for k in override_cols) or r["run"] for r in rows]
+        labels = [
+            ",".join(f"{k}={r['overrides'].get(k, '')}" for k in override_cols) or r["run"]
+            for r in rows
+        ]
         ax.bar(range(len(rows)), [100 * r["metrics"][metric] for r in rows])
         ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
     else:
@@ -117,7 +128,9 @@ def plot(rows: list[dict], override_cols: list[str], out: Path, metric: str = "r
         groups: dict[str, list[tuple[float, float]]] = {}
         for r in rows:
             label = f"{group_key}={r['overrides'].get(group_key)}" if group_key else metric
-            groups.setdefault(label, []).append((as_number(r["overrides"][x_key]), 100 * r["metrics"][metric]))
+            groups.setdefault(label, []).append(
+                (as_number(r["overrides"][x_key]), 100 * r["metrics"][metric])
+            )
         for label, points in sorted(groups.items()):
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
@@ -134,7 +147,11 @@ def write_report(dirs: list[Path], out: Path) -> dict[str, Path]:
     rows, override_cols, metric_cols = collect(find_runs(dirs))
     lines = table(rows, override_cols, metric_cols)
     out.parent.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out.with_suffix(".md"), "csv": out.with_suffix(".csv"), "png": out.with_suffix(".png")}
+    paths = {
+        "md": out.with_suffix(".md"),
+        "csv": out.with_suffix(".csv"),
+        "png": out.with_suffix(".png"),
+    }
     paths["md"].write_text(markdown(lines))
     with paths["csv"].open("w", newline="") as f:
         csv.writer(f).writerows(lines)
@@ -143,9 +160,15 @@ def write_report(dirs: list[Path], out: Path) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vpt_dml.report", description=__doc__.split("\n")[0])
-    parser.add_argument("dirs", nargs="+", type=Path, help="run folders, sweep folders or metrics.json files")
-    parser.add_argument("--out", type=Path, help="output path without suffix (default: FIRST_DIR/report)")
+    parser = argparse.ArgumentParser(
+        prog="python -m vpt_dml.report", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "dirs", nargs="+", type=Path, help="run folders, sweep folders or metrics.json files"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="output path without suffix (default: FIRST_DIR/report)"
+    )
     args = parser.parse_args(argv)
     out = args.out or (args.dirs[0] if args.dirs[0].is_dir() else args.dirs[0].parent) / "report"
     try:

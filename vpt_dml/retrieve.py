@@ -28,12 +28,18 @@ def nearest(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarra
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vpt_dml.retrieve", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vpt_dml.retrieve", description=__doc__.split("\n")[0]
+    )
     add_model_arguments(parser)
     parser.add_argument("queries", type=Path, help="a query image or a folder of them")
-    parser.add_argument("gallery", type=Path, help="folder of gallery images, or a vpt_dml.embed output folder")
+    parser.add_argument(
+        "gallery", type=Path, help="folder of gallery images, or a vpt_dml.embed output folder"
+    )
     parser.add_argument("--top-k", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("retrieval.json"), help="where to save the results")
+    parser.add_argument(
+        "--out", type=Path, default=Path("retrieval.json"), help="where to save the results"
+    )
     args = parser.parse_args(argv)
     try:
         if args.top_k < 1:
@@ -60,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = []
     for q, (row_sims, row_idx) in enumerate(zip(sims, idx)):
-        hits = [{"path": gallery_paths[i], "similarity": float(s)} for s, i in zip(row_sims, row_idx)]
+        hits = [
+            {"path": gallery_paths[i], "similarity": float(s)} for s, i in zip(row_sims, row_idx)
+        ]
         results.append({"query": str(query_files[q]), "neighbours": hits})
         print(str(query_files[q]))
         for rank, hit in enumerate(hits, 1):

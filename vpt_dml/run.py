@@ -54,7 +54,9 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks.append(ExactResume())  # not optional: a resumed run must equal a straight one
     # a logger factory may return None (W&B could not start): the others carry on
-    loggers = [lg for c in (cfg.get("logger") or {}).values() if c and (lg := instantiate(c)) is not None]
+    loggers = [
+        lg for c in (cfg.get("logger") or {}).values() if c and (lg := instantiate(c)) is not None
+    ]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger):  # the whole run config, not only the module's part
@@ -72,8 +74,10 @@ def refuse_ddp_sweep(cfg: DictConfig) -> None:
         return
     strategy = str(cfg.trainer.get("strategy", "auto"))
     devices = cfg.trainer.get("devices", 1)
-    many = devices in (-1, "-1", "auto") or (isinstance(devices, int) and devices > 1) or (
-        isinstance(devices, str) and "," in devices
+    many = (
+        devices in (-1, "-1", "auto")
+        or (isinstance(devices, int) and devices > 1)
+        or (isinstance(devices, str) and "," in devices)
     )
     if "ddp" in strategy and many:
         raise UserError(
@@ -109,14 +113,18 @@ def train(cfg: DictConfig) -> dict:
         "metrics": metrics,
         "best_epoch": {
             "note": "best validation-split epoch; equals the best *test* epoch when data.val_classes=0",
-            "val/recall@1": float(ckpt_cb.best_model_score) if ckpt_cb and ckpt_cb.best_model_score is not None else None,
+            "val/recall@1": float(ckpt_cb.best_model_score)
+            if ckpt_cb and ckpt_cb.best_model_score is not None
+            else None,
             "checkpoint": ckpt_cb.best_model_path if ckpt_cb else None,
         },
         "provenance": {
             **environment(),
             "seed": cfg.get("seed"),
             "task_name": cfg.get("task_name"),
-            "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+            "overrides": list(HydraConfig.get().overrides.task)
+            if HydraConfig.initialized()
+            else [],
             "dataset": {"name": dm.name, "root": str(dm.root), **dm.count_report},
             "backbone": {
                 "name": cfg.model.backbone.name,
@@ -133,8 +141,12 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        run_cfg = {k: v for k, v in cfg.items() if k != "hydra"}  # tests compose with the hydra node
-        (out_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(run_cfg), resolve=True))
+        run_cfg = {
+            k: v for k, v in cfg.items() if k != "hydra"
+        }  # tests compose with the hydra node
+        (out_dir / "config_resolved.yaml").write_text(
+            OmegaConf.to_yaml(OmegaConf.create(run_cfg), resolve=True)
+        )
         print_summary(result, out_dir)
     return metrics
 

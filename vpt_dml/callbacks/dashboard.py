@@ -67,7 +67,9 @@ def plot_gallery(
     import matplotlib.pyplot as plt
 
     cols = 1 + max(len(n) for n in neighbours)
-    fig, axes = plt.subplots(len(query_paths), cols, figsize=(1.3 * cols, 1.3 * len(query_paths)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(query_paths), cols, figsize=(1.3 * cols, 1.3 * len(query_paths)), squeeze=False
+    )
     for row, (query, hits) in enumerate(zip(query_paths, neighbours)):
         cells = [(query, None)] + hits
         for col, ax in enumerate(axes[row]):
@@ -92,7 +94,9 @@ def plot_gallery(
 
 
 class Dashboard(L.Callback):
-    def __init__(self, num_queries: int = 8, top_k: int = 5, max_images: int = 2000, batch_size: int = 64) -> None:
+    def __init__(
+        self, num_queries: int = 8, top_k: int = 5, max_images: int = 2000, batch_size: int = 64
+    ) -> None:
         self.num_queries = num_queries
         self.top_k = top_k
         self.max_images = max_images
@@ -132,7 +136,9 @@ class Dashboard(L.Callback):
         loader = trainer.test_dataloaders
         dataset = getattr(loader, "dataset", None)
         if dataset is not None and hasattr(dataset, "records"):
-            images["retrieval_gallery"] = self._gallery(dataset, pl_module, out / "retrieval_gallery.png")
+            images["retrieval_gallery"] = self._gallery(
+                dataset, pl_module, out / "retrieval_gallery.png"
+            )
         for lg in self._wandb(trainer):
             for key, path in images.items():
                 lg.log_image(key=f"test/{key}", images=[str(path)])
@@ -156,7 +162,9 @@ class Dashboard(L.Callback):
         sims[:, ~torch.from_numpy(is_gallery)] = -float("inf")
         sims.fill_diagonal_(-float("inf"))  # never the query itself
         query_rows = np.flatnonzero(is_query)
-        picks = query_rows[np.linspace(0, len(query_rows) - 1, min(self.num_queries, len(query_rows))).astype(int)]
+        picks = query_rows[
+            np.linspace(0, len(query_rows) - 1, min(self.num_queries, len(query_rows))).astype(int)
+        ]
         k = min(self.top_k, int(is_gallery.sum()) - 1)
         paths = dataset.records.paths
         neighbours = []

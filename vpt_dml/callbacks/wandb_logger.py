@@ -28,7 +28,9 @@ class SafeWandbLogger(WandbLogger):
             fn(*args, **kwargs)
         except Exception as e:  # W&B must never end a training run
             self._failed = True
-            log.warning("W&B %s failed (%s: %s); W&B logging is off for this run", what, type(e).__name__, e)
+            log.warning(
+                "W&B %s failed (%s: %s); W&B logging is off for this run", what, type(e).__name__, e
+            )
 
     def log_metrics(self, metrics, step=None) -> None:
         self._guard("log_metrics", super().log_metrics, metrics, step)
@@ -56,7 +58,9 @@ def wandb_logger(**kwargs: Any) -> SafeWandbLogger | None:
             _ = logger.experiment  # wandb.init happens here: fail now, not mid-training
         return logger
     except Exception as e:
-        log.warning("W&B could not start (%s: %s); continuing with the CSV logger", type(e).__name__, e)
+        log.warning(
+            "W&B could not start (%s: %s); continuing with the CSV logger", type(e).__name__, e
+        )
         return None
 
 

@@ -17,7 +17,12 @@ from vpt_dml.data.layout import find_base, split_by_class_id
 from vpt_dml.data.records import RetrievalSplits
 from vpt_dml.errors import DatasetError
 
-OFFICIAL_COUNTS = {"train_images": 8054, "train_classes": 98, "test_images": 8131, "test_classes": 98}
+OFFICIAL_COUNTS = {
+    "train_images": 8054,
+    "train_classes": 98,
+    "test_images": 8131,
+    "test_classes": 98,
+}
 SOURCE = "https://ai.stanford.edu/~jkrause/cars/car_dataset.html (cars_annos.mat + car_ims.tgz)"
 EXPECTED = "<root>/cars_annos.mat and <root>/car_ims/, or one folder per class"
 

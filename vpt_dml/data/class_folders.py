@@ -36,7 +36,11 @@ def looks_like_class_folders(root: str | Path) -> bool:
     root = Path(root).expanduser()
     if not root.is_dir():
         return False
-    tops = [root / "train", root / "test"] if (root / "train").is_dir() and (root / "test").is_dir() else [root]
+    tops = (
+        [root / "train", root / "test"]
+        if (root / "train").is_dir() and (root / "test").is_dir()
+        else [root]
+    )
     for top in tops:
         dirs = _class_dirs(top)
         if not dirs or not any(_images(d) for d in dirs[:5]):
@@ -56,7 +60,9 @@ def _scan(folders: list[Path]) -> dict[str, list[str]]:
         for d in _class_dirs(top):
             images = _images(d)
             if not images:
-                raise DatasetError(f"class folder {d} holds no images; remove it or restore its images")
+                raise DatasetError(
+                    f"class folder {d} holds no images; remove it or restore its images"
+                )
             out.setdefault(d.name, []).extend(str(p) for p in images)
     return out
 
@@ -67,7 +73,9 @@ def _records(classes: dict[str, list[str]], names: list[str]) -> ImageRecords:
     return ImageRecords(paths, relabel(ids), names)
 
 
-def load_class_folders(name: str, root: str | Path, num_train_classes: int | None = None) -> RetrievalSplits:
+def load_class_folders(
+    name: str, root: str | Path, num_train_classes: int | None = None
+) -> RetrievalSplits:
     root = Path(root).expanduser()
     if not looks_like_class_folders(root):
         raise DatasetError(f"{root} is not a one-folder-per-class layout (<root>/<class>/*.jpg)")

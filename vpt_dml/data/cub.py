@@ -18,18 +18,32 @@ from vpt_dml.data.layout import find_base
 from vpt_dml.data.records import ImageRecords, RetrievalSplits, relabel
 from vpt_dml.errors import DatasetError
 
-OFFICIAL_COUNTS = {"train_images": 5864, "train_classes": 100, "test_images": 5924, "test_classes": 100}
+OFFICIAL_COUNTS = {
+    "train_images": 5864,
+    "train_classes": 100,
+    "test_images": 5924,
+    "test_classes": 100,
+}
 SOURCE = "https://www.vision.caltech.edu/datasets/cub_200_2011/"
 
 
 def find_cub_dir(root: str | Path) -> Path:
     expected = "<root>/CUB_200_2011/images.txt, image_class_labels.txt and images/, or one folder per class"
-    return find_base(root, "images.txt", ["CUB_200_2011"], "CUB-200-2011", expected, SOURCE + " (CUB_200_2011.tgz)")
+    return find_base(
+        root,
+        "images.txt",
+        ["CUB_200_2011"],
+        "CUB-200-2011",
+        expected,
+        SOURCE + " (CUB_200_2011.tgz)",
+    )
 
 
 def _read_two_columns(path: Path) -> dict[int, str]:
     if not path.is_file():
-        raise DatasetError(f"missing metadata file {path}: the CUB copy is incomplete; re-extract CUB_200_2011.tgz")
+        raise DatasetError(
+            f"missing metadata file {path}: the CUB copy is incomplete; re-extract CUB_200_2011.tgz"
+        )
     out: dict[int, str] = {}
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
@@ -48,7 +62,9 @@ def load_cub(root: str | Path, num_train_classes: int | None = None) -> Retrieva
     labels = _read_two_columns(base / "image_class_labels.txt")
     missing = sorted(set(images) - set(labels))
     if missing:
-        raise DatasetError(f"{base}/image_class_labels.txt has no label for image id {missing[0]} ({len(missing)} in all)")
+        raise DatasetError(
+            f"{base}/image_class_labels.txt has no label for image id {missing[0]} ({len(missing)} in all)"
+        )
     ids = sorted(images)
     paths = [str(base / "images" / images[i]) for i in ids]
     class_ids = np.array([int(labels[i]) for i in ids], dtype=np.int64)
@@ -56,6 +72,10 @@ def load_cub(root: str | Path, num_train_classes: int | None = None) -> Retrieva
     cut = classes[(num_train_classes or len(classes) // 2) - 1]
     names = sorted({Path(images[i]).parent.name for i in ids})
     train_mask = class_ids <= cut
-    train = ImageRecords([p for p, m in zip(paths, train_mask) if m], relabel(class_ids[train_mask]), names)
-    test = ImageRecords([p for p, m in zip(paths, train_mask) if not m], relabel(class_ids[~train_mask]), names)
+    train = ImageRecords(
+        [p for p, m in zip(paths, train_mask) if m], relabel(class_ids[train_mask]), names
+    )
+    test = ImageRecords(
+        [p for p, m in zip(paths, train_mask) if not m], relabel(class_ids[~train_mask]), names
+    )
     return RetrievalSplits("cub", train, test)

@@ -70,7 +70,9 @@ class RetrievalDataModule(L.LightningDataModule):
             return self.splits
         if self.name == "synthetic":
             if not self.root:
-                raise DatasetError("data.root is empty: set it to a cache folder for the generated dataset")
+                raise DatasetError(
+                    "data.root is empty: set it to a cache folder for the generated dataset"
+                )
             root = write_synthetic_cub(Path(self.root), **self.synthetic)
             splits, official = load_splits("cub", str(root))
             splits.name = "synthetic"
@@ -78,7 +80,9 @@ class RetrievalDataModule(L.LightningDataModule):
             official = {"train_images": n * (c // 2), "test_images": n * (c - c // 2)}
         else:
             if not self.root:
-                raise DatasetError(f"data.root is not set: point it at your {self.name} download (data.root=/path)")
+                raise DatasetError(
+                    f"data.root is not set: point it at your {self.name} download (data.root=/path)"
+                )
             splits, official = load_splits(self.name, self.root)
         summary = splits.summary()
         problems = count_mismatches(summary, official) if official else []
@@ -86,7 +90,9 @@ class RetrievalDataModule(L.LightningDataModule):
         if problems:
             msg = f"{self.name} at {self.root} does not match the official split ({'; '.join(problems)})"
             if self.strict_counts:
-                raise DatasetError(msg + "; fix the copy or set data.strict_counts=false to train on it anyway")
+                raise DatasetError(
+                    msg + "; fix the copy or set data.strict_counts=false to train on it anyway"
+                )
             log.warning(msg)
         if self.check_files:
             splits = self._drop_missing(splits)
@@ -104,7 +110,9 @@ class RetrievalDataModule(L.LightningDataModule):
                 f"re-extract the dataset, or set data.skip_broken=true to train without them "
                 f"(python -m vpt_dml.data.verify {self.name} {self.root} lists them all)"
             )
-        log.warning("%s: skipping %d missing image(s), first: %s", self.name, len(missing), missing[0])
+        log.warning(
+            "%s: skipping %d missing image(s), first: %s", self.name, len(missing), missing[0]
+        )
         self.count_report["skipped_missing"] = len(missing)
         gone = set(missing)
         for part, records in splits.all_records():
@@ -146,7 +154,9 @@ class RetrievalDataModule(L.LightningDataModule):
         self.test_set = EvalDataset(splits.test, splits.gallery, test_tf, skip)
         # Without held-out classes, validation is the test split (what the paper reports).
         self.val_set = (
-            EvalDataset(self.val_records, None, test_tf, skip) if self.val_records is not None else self.test_set
+            EvalDataset(self.val_records, None, test_tf, skip)
+            if self.val_records is not None
+            else self.test_set
         )
 
     def skipped_images(self) -> list[str]:
@@ -157,7 +167,12 @@ class RetrievalDataModule(L.LightningDataModule):
     def teardown(self, stage: str | None = None) -> None:
         skipped = self.skipped_images()
         if skipped:
-            log.warning("%s: skipped %d undecodable image(s), first: %s", self.name, len(skipped), skipped[0])
+            log.warning(
+                "%s: skipped %d undecodable image(s), first: %s",
+                self.name,
+                len(skipped),
+                skipped[0],
+            )
             self.count_report["skipped_broken"] = len(skipped)
             self.count_report["skipped_broken_files"] = skipped[:100]
 
@@ -171,7 +186,12 @@ class RetrievalDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
         sampler = ClassBalancedBatchSampler(
-            self.train_set.records.labels, self.batch_size, self.samples_per_class, self.seed, world, rank
+            self.train_set.records.labels,
+            self.batch_size,
+            self.samples_per_class,
+            self.seed,
+            world,
+            rank,
         )
         return DataLoader(
             self.train_set,
@@ -188,7 +208,11 @@ class RetrievalDataModule(L.LightningDataModule):
         # Sharded without shuffling; padding duplicates are removed after the gather by index.
         sampler = DistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
         return DataLoader(
-            dataset, batch_size=self.eval_batch_size, sampler=sampler, num_workers=self.num_workers, pin_memory=True
+            dataset,
+            batch_size=self.eval_batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=True,
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -125,7 +125,9 @@ class EvalDataset(ImageDataset):
             self.query_mask = torch.ones(len(query), dtype=torch.bool)
             self.gallery_mask = self.query_mask
         else:
-            records = ImageRecords(query.paths + gallery.paths, list(query.labels) + list(gallery.labels))
+            records = ImageRecords(
+                query.paths + gallery.paths, list(query.labels) + list(gallery.labels)
+            )
             self.query_mask = torch.arange(len(records)) < len(query)
             self.gallery_mask = ~self.query_mask
         self.has_gallery = gallery is not None
@@ -149,4 +151,6 @@ class EvalDataset(ImageDataset):
                 if image is not None:
                     self._size = tuple(image.shape)
                     return self._size
-        raise DatasetError("no image of the evaluation split can be decoded; re-extract the dataset")
+        raise DatasetError(
+            "no image of the evaluation split can be decoded; re-extract the dataset"
+        )

@@ -70,7 +70,10 @@ def fake_cars(root: Path, per_class: tuple[int, ...] = (1, 2)) -> Path:
 def fake_sop(root: Path, train_classes: int = 5, test_classes: int = 4, per_class: int = 2) -> Path:
     base = root / "Stanford_Online_Products"
     image_id = 0
-    for file, first, n in (("Ebay_train.txt", 1, train_classes), ("Ebay_test.txt", 1 + train_classes, test_classes)):
+    for file, first, n in (
+        ("Ebay_train.txt", 1, train_classes),
+        ("Ebay_test.txt", 1 + train_classes, test_classes),
+    ):
         lines = ["image_id class_id super_class_id path"]
         for c in range(first, first + n):
             for j in range(per_class):
@@ -86,10 +89,12 @@ def fake_inshop(root: Path) -> Path:
     """3 train items (2 images each); 2 test items, each with 2 query and 1 gallery image,
     plus a third test item present only in the gallery."""
     rows = []
+
     def add(item: int, j: int, status: str) -> None:
         rel = f"img/WOMEN/Dresses/id_{item:08d}/{j:02d}_1_front.jpg"
         put(root / "Img" / rel)
         rows.append(f"{rel} id_{item:08d} {status}")
+
     for item in (1, 2, 3):
         add(item, 1, "train"), add(item, 2, "train")
     for item in (10, 11):
@@ -102,7 +107,10 @@ def fake_inshop(root: Path) -> Path:
 
 
 def fake_inat(root: Path) -> Path:
-    layout = {"Inaturalist_train_set1.txt": [("Plantae", 7477), ("Aves", 3)], "Inaturalist_test_set1.txt": [("Fungi", 12)]}
+    layout = {
+        "Inaturalist_train_set1.txt": [("Plantae", 7477), ("Aves", 3)],
+        "Inaturalist_test_set1.txt": [("Fungi", 12)],
+    }
     for file, classes in layout.items():
         lines = []
         for sup, cid in classes:

@@ -15,7 +15,12 @@ from vpt_dml.data.layout import find_base, read_rows, records_from_rows
 from vpt_dml.data.records import RetrievalSplits
 from vpt_dml.errors import DatasetError
 
-OFFICIAL_COUNTS = {"train_images": 325846, "train_classes": 5690, "test_images": 136093, "test_classes": 2452}
+OFFICIAL_COUNTS = {
+    "train_images": 325846,
+    "train_classes": 5690,
+    "test_images": 136093,
+    "test_classes": 2452,
+}
 SOURCE = (
     "the iNaturalist 2018 images (github.com/visipedia/inat_comp/tree/master/2018) and the "
     "Smooth-AP split files (github.com/Andrew-Brown1/Smooth_AP)"
@@ -38,4 +43,6 @@ def load_inat(root: str | Path) -> RetrievalSplits:
             ) from None
         return records_from_rows([str(base / p) for p in paths], ids)
 
-    return RetrievalSplits("inat", part("Inaturalist_train_set1.txt"), part("Inaturalist_test_set1.txt"))
+    return RetrievalSplits(
+        "inat", part("Inaturalist_train_set1.txt"), part("Inaturalist_test_set1.txt")
+    )

@@ -38,11 +38,17 @@ def load_inshop(root: str | Path) -> RetrievalSplits:
     rows = read_rows(path, columns=3, skip=2)
     declared = path.read_text().split(maxsplit=1)[0]
     if declared.isdigit() and int(declared) != len(rows):
-        raise DatasetError(f"{path} declares {declared} images on line 1 but lists {len(rows)}; the file is truncated")
-    by_status: dict[str, tuple[list[str], list[int]]] = {s: ([], []) for s in ("train", "query", "gallery")}
+        raise DatasetError(
+            f"{path} declares {declared} images on line 1 but lists {len(rows)}; the file is truncated"
+        )
+    by_status: dict[str, tuple[list[str], list[int]]] = {
+        s: ([], []) for s in ("train", "query", "gallery")
+    }
     for name, item, status in (r[:3] for r in rows):
         if status not in by_status:
-            raise DatasetError(f"{path}: unknown evaluation_status {status!r} for {name}; expected train, query or gallery")
+            raise DatasetError(
+                f"{path}: unknown evaluation_status {status!r} for {name}; expected train, query or gallery"
+            )
         by_status[status][0].append(str(image_base / name))
         by_status[status][1].append(int(item.removeprefix("id_")))
     train_paths, train_ids = by_status["train"]

@@ -12,11 +12,15 @@ from vpt_dml.data.records import ImageRecords, RetrievalSplits, relabel
 from vpt_dml.errors import DatasetError
 
 
-def find_base(root: str | Path, marker: str, subdirs: Sequence[str], what: str, expected: str, source: str) -> Path:
+def find_base(
+    root: str | Path, marker: str, subdirs: Sequence[str], what: str, expected: str, source: str
+) -> Path:
     """The first of root/<subdir> (then root itself) that holds `marker`, else a clear error."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DatasetError(f"data.root {root} does not exist: {what} expected there ({expected}); download it from {source}")
+        raise DatasetError(
+            f"data.root {root} does not exist: {what} expected there ({expected}); download it from {source}"
+        )
     for candidate in [*(root / s for s in subdirs), root]:
         if (candidate / marker).is_file():
             return candidate
@@ -29,26 +33,36 @@ def find_base(root: str | Path, marker: str, subdirs: Sequence[str], what: str, 
 def read_rows(path: Path, columns: int, skip: int = 0) -> list[list[str]]:
     """Whitespace-separated rows with at least `columns` fields, after `skip` header lines."""
     if not path.is_file():
-        raise DatasetError(f"missing metadata file {path}: the copy is incomplete; re-extract the archive")
+        raise DatasetError(
+            f"missing metadata file {path}: the copy is incomplete; re-extract the archive"
+        )
     rows = []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if lineno <= skip or not line.strip():
             continue
         parts = line.split()
         if len(parts) < columns:
-            raise DatasetError(f"{path}:{lineno}: expected {columns} columns, got {line.strip()!r}; the file is damaged")
+            raise DatasetError(
+                f"{path}:{lineno}: expected {columns} columns, got {line.strip()!r}; the file is damaged"
+            )
         rows.append(parts)
     return rows
 
 
 def split_by_class_id(
-    name: str, paths: list[str], class_ids: np.ndarray, num_train_classes: int, class_names: list[str] | None = None
+    name: str,
+    paths: list[str],
+    class_ids: np.ndarray,
+    num_train_classes: int,
+    class_names: list[str] | None = None,
 ) -> RetrievalSplits:
     """Zero-shot split: the `num_train_classes` smallest class ids train, the others test."""
     class_ids = np.asarray(class_ids, dtype=np.int64)
     classes = np.unique(class_ids)
     if len(classes) < 2:
-        raise DatasetError(f"{name}: found {len(classes)} class(es); a zero-shot split needs at least 2")
+        raise DatasetError(
+            f"{name}: found {len(classes)} class(es); a zero-shot split needs at least 2"
+        )
     n_train = min(num_train_classes, len(classes) - 1)
     train_mask = class_ids <= classes[n_train - 1]
     names = class_names or []

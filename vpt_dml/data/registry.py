@@ -24,7 +24,9 @@ class DatasetSpec:
 
 DATASETS: dict[str, DatasetSpec] = {
     "cub": DatasetSpec(cub.load_cub, cub.OFFICIAL_COUNTS, cub.find_cub_dir, class_folders_ok=True),
-    "cars": DatasetSpec(cars.load_cars, cars.OFFICIAL_COUNTS, cars.find_cars_dir, class_folders_ok=True),
+    "cars": DatasetSpec(
+        cars.load_cars, cars.OFFICIAL_COUNTS, cars.find_cars_dir, class_folders_ok=True
+    ),
     "sop": DatasetSpec(sop.load_sop, sop.OFFICIAL_COUNTS),
     "inshop": DatasetSpec(inshop.load_inshop, inshop.OFFICIAL_COUNTS),
     "inat": DatasetSpec(inat.load_inat, inat.OFFICIAL_COUNTS),

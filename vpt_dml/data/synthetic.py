@@ -118,7 +118,9 @@ def draw_instance(p: dict, size: int, rng: np.random.Generator) -> Image.Image:
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     angle = rng.uniform(0, math.pi)  # a nuisance: a flip would confuse an angle class cue
     period = p["stripe_period"] * size / 64
-    stripes = (np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period) > 0)[..., None]
+    stripes = (np.sin((xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period) > 0)[
+        ..., None
+    ]
     fg = _hsv_to_rgb(p["hue"], rng.uniform(0.65, 0.95), rng.uniform(0.75, 1.0))
     fg2 = _hsv_to_rgb(p["stripe_hue"], 0.9, 0.45)
     shape_px = np.where(stripes, fg, fg2)

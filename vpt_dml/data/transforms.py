@@ -52,7 +52,9 @@ def build_transforms(
     if train:
         crop = T.RandomResizedCrop(image_size, scale=RRC_SCALE, ratio=RRC_RATIO)
         return T.Compose([_to_rgb, crop, T.RandomHorizontalFlip(), *normalize])
-    return T.Compose([_to_rgb, T.Resize(eval_resize(image_size)), T.CenterCrop(image_size), *normalize])
+    return T.Compose(
+        [_to_rgb, T.Resize(eval_resize(image_size)), T.CenterCrop(image_size), *normalize]
+    )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -68,7 +70,9 @@ class _FastTransform:
         self.shift = -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
 
     @staticmethod
-    def decode(image: Image.Image, need_w: float, need_h: float) -> tuple[torch.Tensor, float, float]:
+    def decode(
+        image: Image.Image, need_w: float, need_h: float
+    ) -> tuple[torch.Tensor, float, float]:
         """Decode at the smallest JPEG scale that keeps >= need_w x need_h pixels of the full
         frame; returns a (1, 3, H, W) uint8 view and the scale factors actually used."""
         full_w, full_h = image.size

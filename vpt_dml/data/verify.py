@@ -56,15 +56,23 @@ def verify(splits: RetrievalSplits, official: dict[str, int], decode: bool = Fal
     problems += [f"missing file: {p}" for p in missing]
     if decode:
         present = set(missing)
-        problems += [f"cannot decode: {p} ({why})" for p, why in undecodable_files(splits, 5000) if p not in present]
+        problems += [
+            f"cannot decode: {p} ({why})"
+            for p, why in undecodable_files(splits, 5000)
+            if p not in present
+        ]
     return problems
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vpt_dml.data.verify", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vpt_dml.data.verify", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("dataset", choices=sorted(DATASETS))
     parser.add_argument("root", help="the folder data.root would point at")
-    parser.add_argument("--decode", action="store_true", help="also open and decode every image (slow)")
+    parser.add_argument(
+        "--decode", action="store_true", help="also open and decode every image (slow)"
+    )
     args = parser.parse_args(argv)
     try:
         splits, official = load_splits(args.dataset, args.root)

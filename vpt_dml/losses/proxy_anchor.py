@@ -49,7 +49,9 @@ class ProxyAnchorLoss(nn.Module):
         self.positive_normalization = positive_normalization
         self.proxy_range = proxy_range
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor
+    ) -> torch.Tensor:
         emb = F.normalize(embeddings.to(_loss_dtype(embeddings)), dim=-1)
         prox = F.normalize(proxies.to(_loss_dtype(embeddings)), dim=-1)
         if self.proxy_range == "in_batch":
@@ -61,5 +63,7 @@ class ProxyAnchorLoss(nn.Module):
         neg_term = _log1p_sum_exp(self.alpha * (cos + self.delta), ~pos_mask)
         has_pos = pos_mask.any(dim=0)
         num_classes = prox.shape[0]
-        z_pos = has_pos.sum().clamp(min=1) if self.positive_normalization == "present" else num_classes
+        z_pos = (
+            has_pos.sum().clamp(min=1) if self.positive_normalization == "present" else num_classes
+        )
         return pos_term[has_pos].sum() / z_pos + neg_term.sum() / num_classes

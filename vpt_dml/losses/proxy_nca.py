@@ -22,7 +22,9 @@ class ProxyNCALoss(nn.Module):
         self.scale = scale
         self.label_smoothing = label_smoothing
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, proxies: torch.Tensor
+    ) -> torch.Tensor:
         x = self.scale * F.normalize(embeddings.to(_loss_dtype(embeddings)), dim=-1)
         p = self.scale * F.normalize(proxies.to(_loss_dtype(embeddings)), dim=-1)
         dist = torch.cdist(x, p).pow(2)

@@ -33,14 +33,18 @@ def create_backbone(
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs, **extra)
     except RuntimeError as e:
         if "Unknown model" in str(e):
-            raise UserError(f"timm has no model {name!r}; see timm.list_models('vit_*') for valid names") from None
+            raise UserError(
+                f"timm has no model {name!r}; see timm.list_models('vit_*') for valid names"
+            ) from None
         raise _weights_error(name, e) from None
     except (OSError, ValueError, ImportError) as e:
         if not pretrained:
             raise
         raise _weights_error(name, e) from None
     if not isinstance(model, VisionTransformer):
-        raise UserError(f"{name} is a {type(model).__name__}, not a timm VisionTransformer; pick a ViT (vit_*, deit_*)")
+        raise UserError(
+            f"{name} is a {type(model).__name__}, not a timm VisionTransformer; pick a ViT (vit_*, deit_*)"
+        )
     return model
 
 
@@ -57,7 +61,11 @@ def data_config(model: nn.Module) -> dict:
     """Input size, mean and std the backbone was pretrained with (timm's pretrained cfg)."""
     cfg = timm.data.resolve_model_data_config(model)
     # the model's actual input size wins over the pretrained cfg (tiny test models use 32/64 px)
-    size = int(model.patch_embed.img_size[-1]) if hasattr(model, "patch_embed") else int(cfg["input_size"][-1])
+    size = (
+        int(model.patch_embed.img_size[-1])
+        if hasattr(model, "patch_embed")
+        else int(cfg["input_size"][-1])
+    )
     return {"image_size": size, "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
 
 

@@ -56,7 +56,10 @@ class ClassPromptStore(nn.Module):
     """
 
     def __init__(
-        self, initial: Sequence[torch.Tensor], counts: Sequence[int], dtype: torch.dtype = torch.float32
+        self,
+        initial: Sequence[torch.Tensor],
+        counts: Sequence[int],
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         """initial: the (C, M_l, D) tables of the prompted layers (counts[l] > 0), in order."""
         super().__init__()
@@ -71,7 +74,9 @@ class ClassPromptStore(nn.Module):
         self.steps = torch.zeros(num_classes, dtype=torch.int64)
         self._fetched: list[tuple[torch.Tensor, list[torch.Tensor]]] = []  # (class ids, leaves)
         self._prefetched: tuple[torch.Tensor, list[torch.Tensor], Any] | None = None
-        self._pending_write: tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], Any] | None = None
+        self._pending_write: (
+            tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]], Any] | None
+        ) = None
         self._copy_stream = None
         self.last_device_bytes = 0  # class-prompt bytes held on the device in the last step
 
@@ -105,7 +110,9 @@ class ClassPromptStore(nn.Module):
             event.record(stream)
         return rows, event
 
-    def _to_host(self, tables: Sequence[torch.Tensor], ids: torch.Tensor, rows: Sequence[torch.Tensor]) -> None:
+    def _to_host(
+        self, tables: Sequence[torch.Tensor], ids: torch.Tensor, rows: Sequence[torch.Tensor]
+    ) -> None:
         """Queue `tables[i][ids] = rows[i]`; completed by `_flush` (lazily on CUDA)."""
         self._flush()
         if rows and rows[0].device.type == "cuda":
@@ -169,13 +176,20 @@ class ClassPromptStore(nn.Module):
         else:
             local_ids = torch.cat([ids for ids, _ in self._fetched])
             local_grads = [
-                torch.cat([leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in layer])
+                torch.cat(
+                    [
+                        leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                        for leaf in layer
+                    ]
+                )
                 for layer in zip(*(leaves for _, leaves in self._fetched))
             ]
         self._fetched.clear()
         if distributed.world_size() > 1:
             if local_ids is None:
-                raise RuntimeError("class-prompt store: a rank reached the optimizer step without a forward")
+                raise RuntimeError(
+                    "class-prompt store: a rank reached the optimizer step without a forward"
+                )
             local_ids = distributed.all_gather_rows(local_ids)
             local_grads = [distributed.all_gather_rows(g) for g in local_grads]
         if local_ids is None:
@@ -219,7 +233,9 @@ class ClassPromptStore(nn.Module):
         ids_host = ids.cpu()
         names = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
         if kind not in names:
-            raise UserError(f"the class-prompt store supports adamw and sgd, not {kind!r}; set optim.name")
+            raise UserError(
+                f"the class-prompt store supports adamw and sgd, not {kind!r}; set optim.name"
+            )
         moment_names = names[kind] if kind == "adamw" or group.get("momentum", 0) else ()
         for name in moment_names:
             if name not in self.moments:
@@ -275,7 +291,9 @@ class ClassPromptStore(nn.Module):
             )
         for mine, theirs in zip(self.values, values):
             mine.copy_(theirs)
-        self.moments = {k: [m.to(self.dtype).clone() for m in v] for k, v in state["moments"].items()}
+        self.moments = {
+            k: [m.to(self.dtype).clone() for m in v] for k, v in state["moments"].items()
+        }
         self.steps.copy_(state["steps"])
 
     def broadcast_from_rank0(self) -> None:
@@ -290,7 +308,13 @@ class ClassPromptStore(nn.Module):
 
 
 def adamw_rows(
-    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: torch.Tensor, lr: float, group: dict
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    t: torch.Tensor,
+    lr: float,
+    group: dict,
 ) -> None:
     """torch.optim.AdamW's update, with a step count `t` per row (broadcast (R, 1, 1))."""
     if group.get("amsgrad") or group.get("maximize"):
@@ -306,7 +330,12 @@ def adamw_rows(
 
 
 def sgd_rows(
-    p: torch.Tensor, g: torch.Tensor, buf: torch.Tensor | None, t: torch.Tensor, lr: float, group: dict
+    p: torch.Tensor,
+    g: torch.Tensor,
+    buf: torch.Tensor | None,
+    t: torch.Tensor,
+    lr: float,
+    group: dict,
 ) -> None:
     """torch.optim.SGD's update; a row's momentum buffer starts at its own first step."""
     momentum, dampening = group.get("momentum", 0.0), group.get("dampening", 0.0)

@@ -37,7 +37,9 @@ def build_embedder(cfg: Mapping) -> Embedder:
     b = cfg["backbone"]
     if b.get("synthetic_pretraining") and b.get("weights"):
         # the demo's stand-in for downloaded weights: made once, then loaded like a download
-        pretrain_backbone(b["name"], b.get("kwargs") or {}, b["weights"], **b["synthetic_pretraining"])
+        pretrain_backbone(
+            b["name"], b.get("kwargs") or {}, b["weights"], **b["synthetic_pretraining"]
+        )
     vit = create_backbone(b["name"], b.get("pretrained", False), b.get("weights"), b.get("kwargs"))
     peft = cfg["peft"]
     apply_peft(vit, peft)

@@ -28,7 +28,9 @@ def component_of(name: str) -> str:
     return "other"
 
 
-def parameter_breakdown(module: nn.Module, extra: dict[str, tuple[int, int]] | None = None) -> dict[str, dict]:
+def parameter_breakdown(
+    module: nn.Module, extra: dict[str, tuple[int, int]] | None = None
+) -> dict[str, dict]:
     """{component: {"trainable": n, "total": n}} plus an "all" row with "tuned_pct".
 
     `extra` adds parameters that live outside the module (e.g. a host-side prompt store).
@@ -44,7 +46,9 @@ def parameter_breakdown(module: nn.Module, extra: dict[str, tuple[int, int]] | N
         row["total"] += total
     trainable = sum(r["trainable"] for r in rows.values())
     total = sum(r["total"] for r in rows.values())
-    backbone_total = rows.get("backbone_weight", {}).get("total", 0) + rows.get("backbone_bias", {}).get("total", 0)
+    backbone_total = rows.get("backbone_weight", {}).get("total", 0) + rows.get(
+        "backbone_bias", {}
+    ).get("total", 0)
     rows["all"] = {
         "trainable": trainable,
         "total": total,
@@ -61,5 +65,7 @@ def format_breakdown(rows: dict[str, dict]) -> str:
         if comp != "all":
             lines.append(f"{comp:<16}{row['trainable']:>14,}{row['total']:>14,}")
     a = rows["all"]
-    lines.append(f"{'all':<16}{a['trainable']:>14,}{a['total']:>14,}  ({a['tuned_pct']:.2f}% tuned)")
+    lines.append(
+        f"{'all':<16}{a['trainable']:>14,}{a['total']:>14,}  ({a['tuned_pct']:.2f}% tuned)"
+    )
     return "\n".join(lines)

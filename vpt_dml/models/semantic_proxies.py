@@ -41,11 +41,15 @@ class ClassPrompts(nn.Module):
         super().__init__()
         self.counts = list(counts)
         full = max(self.counts, default=0)  # M: every layer is initialised at M, then sliced
-        initial = [xavier_normal_tokens(num_classes, full, dim, keep=m) for m in self.counts if m > 0]
+        initial = [
+            xavier_normal_tokens(num_classes, full, dim, keep=m) for m in self.counts if m > 0
+        ]
         self.store = None
         if store == "host":
             self.store = ClassPromptStore(initial, self.counts, class_prompt_dtype(storage_dtype))
-        self.tokens = nn.ParameterList([] if self.store is not None else [nn.Parameter(t) for t in initial])
+        self.tokens = nn.ParameterList(
+            [] if self.store is not None else [nn.Parameter(t) for t in initial]
+        )
 
     def gather(self, labels: torch.Tensor) -> list[torch.Tensor | None]:
         """Per layer, the (B, M_l, D) prompts of each sample's class (None: no prompts)."""
@@ -121,11 +125,15 @@ def fold_gru(
     return F.normalize(memory.index_copy(0, classes, h.to(memory.dtype)), dim=-1)
 
 
-def fold_mix(memory: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, lam: float) -> torch.Tensor:
+def fold_mix(
+    memory: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, lam: float
+) -> torch.Tensor:
     """New memory: H[c] = lam * H[c] + (1 - lam) * mean of the batch's s of class c."""
     classes, counts, _ = class_groups(labels)
     index = torch.searchsorted(classes, labels)
-    sums = torch.zeros(len(classes), s.shape[1], dtype=s.dtype, device=s.device).index_add(0, index, s)
+    sums = torch.zeros(len(classes), s.shape[1], dtype=s.dtype, device=s.device).index_add(
+        0, index, s
+    )
     mean = sums / counts[:, None].to(s.dtype)
     h = lam * memory[classes] + (1 - lam) * mean
     return F.normalize(memory.index_copy(0, classes, h.to(memory.dtype)), dim=-1)
@@ -155,7 +163,11 @@ class SemanticProxies(nn.Module):
             num_classes, class_prompt_counts, feature_dim, class_prompt_store, class_prompt_dtype
         )
         self.head = EmbeddingHead(feature_dim, embed_dim)
-        self.cell = GatedUpdate(embed_dim, "tanh" if update == "gru" else "relu") if update != "mix" else None
+        self.cell = (
+            GatedUpdate(embed_dim, "tanh" if update == "gru" else "relu")
+            if update != "mix"
+            else None
+        )
         self.dropout = nn.Dropout(dropout)
         self.bias = nn.Parameter(torch.empty(num_classes, embed_dim))
         nn.init.xavier_uniform_(self.bias)
@@ -170,7 +182,9 @@ class SemanticProxies(nn.Module):
         store = self.class_prompts.store
         return {"class_prompts": (store.numel(), store.numel())} if store is not None else {}
 
-    def semantic_embeddings(self, images: torch.Tensor, labels: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
+    def semantic_embeddings(
+        self, images: torch.Tensor, labels: torch.Tensor, backbone: nn.Module
+    ) -> torch.Tensor:
         return self.head(backbone(images, self.class_prompts.gather(labels)))
 
     def fold(self, s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -202,6 +216,8 @@ class SemanticProxies(nn.Module):
             self.memory.copy_(new_memory.detach())
         return self.combine(new_memory)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, backbone: nn.Module) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, backbone: nn.Module
+    ) -> torch.Tensor:
         # models/two_branch.py fuses this ViT pass with the image branch's, then proxies_from
         return self.proxies_from(self.semantic_embeddings(images, labels, backbone), labels)

@@ -46,7 +46,11 @@ def pretrain_backbone(
             "remove it and set model.backbone.pretrained=true or model.backbone.weights=PATH"
         )
     size = int(kwargs.get("img_size", 224))
-    log.info("pretraining the demo backbone on %d generated source classes (once, cached at %s)", num_classes, out_path)
+    log.info(
+        "pretraining the demo backbone on %d generated source classes (once, cached at %s)",
+        num_classes,
+        out_path,
+    )
     x, y = source_images(num_classes, images_per_class, size, seed)
     images = torch.from_numpy(x).permute(0, 3, 1, 2).float().div(255).sub(0.5).div(0.5)
     labels = torch.from_numpy(y)
@@ -54,7 +58,9 @@ def pretrain_backbone(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         # coarse classes (shape x period); ids of shapes absent from the sample stay unused
-        model = timm.create_model(name, pretrained=False, num_classes=int(labels.max()) + 1, **kwargs)
+        model = timm.create_model(
+            name, pretrained=False, num_classes=int(labels.max()) + 1, **kwargs
+        )
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     steps = epochs * (len(images) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
@@ -75,11 +81,21 @@ def pretrain_backbone(
             sched.step()
             correct += int((logits.argmax(1) == labels[idx]).sum())
         seen = len(idx) * (i + 1)
-        log.info("source epoch %d/%d: loss %.3f, train acc %.2f", epoch + 1, epochs, loss.item(), correct / seen)
+        log.info(
+            "source epoch %d/%d: loss %.3f, train acc %.2f",
+            epoch + 1,
+            epochs,
+            loss.item(),
+            correct / seen,
+        )
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, suffix=".tmp")
     os.close(fd)
-    save_file(state, tmp, metadata={"source": "vpt_dml synthetic pretraining", "classes": str(num_classes)})
+    save_file(
+        state,
+        tmp,
+        metadata={"source": "vpt_dml synthetic pretraining", "classes": str(num_classes)},
+    )
     os.replace(tmp, out_path)  # atomic: concurrent ranks never read half a file
     return out_path
