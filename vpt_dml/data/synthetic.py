@@ -67,6 +67,7 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
 FAMILY_SHAPES = ("star", "hexagon")
 FAMILY_PERIOD = 5
 PERIODS = (3, 5, 8)
+COARSE_HUE_BANDS = 3  # pretraining labels know colour only roughly
 
 
 def class_parameters(num_classes: int, seed: int, family: bool = True) -> list[dict]:
@@ -186,7 +187,8 @@ def source_images(
 ) -> tuple[np.ndarray, np.ndarray]:
     """In-memory images of pretraining classes from outside the dataset's family.
 
-    The labels are coarse (shape x stripe period; both hues ignored), as
+    The labels are coarse (shape x stripe period x one of 3 body-hue bands; the stripe hue
+    and the exact body hue ignored), as
     ImageNet's labels are coarse next to CUB's species: the fine cues stay in the
     features but are not emphasised, which is what metric-learning fine-tuning adds.
     Returns uint8 NHWC images and int64 coarse labels.
@@ -195,7 +197,8 @@ def source_images(
     images, labels = [], []
     for c, p in enumerate(params):
         rng = np.random.default_rng([seed, 10_000 + c])
-        coarse = SHAPES.index(p["shape"]) * len(PERIODS) + PERIODS.index(p["stripe_period"])
+        band = int(p["hue"] * COARSE_HUE_BANDS) % COARSE_HUE_BANDS
+        coarse = (SHAPES.index(p["shape"]) * len(PERIODS) + PERIODS.index(p["stripe_period"])) * COARSE_HUE_BANDS + band
         for _ in range(images_per_class):
             images.append(np.asarray(draw_instance(p, image_size, rng)))
             labels.append(coarse)
