@@ -63,8 +63,15 @@ def compose_config(
     return cfg
 
 
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def tiny_overrides(*extra: str) -> list[str]:
-    return TINY_BACKBONE + TINY_DATA + TINY_TRAINER + list(extra)
+    """The tiny settings, with any key that `extra` sets again left to `extra`."""
+    replaced = {_key(o) for o in extra}
+    base = [o for o in TINY_BACKBONE + TINY_DATA + TINY_TRAINER if _key(o) not in replaced]
+    return base + list(extra)
 
 
 @pytest.fixture

@@ -131,6 +131,14 @@ def train(cfg: DictConfig) -> dict:
                 "pretrained": bool(cfg.model.backbone.pretrained or cfg.model.backbone.weights),
                 "weights": cfg.model.backbone.weights
                 or ("timm hub" if cfg.model.backbone.pretrained else "random init"),
+                **(
+                    {
+                        "made_by": "vpt_dml synthetic pretraining on generated classes outside the dataset"
+                    }
+                    if cfg.model.backbone.get("synthetic_pretraining")
+                    and cfg.model.backbone.weights
+                    else {}
+                ),
             },
             "parameters": getattr(module, "parameter_summary", None),
             "epochs": trainer.current_epoch,
