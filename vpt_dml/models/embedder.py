@@ -35,11 +35,11 @@ class Embedder(nn.Module):
 def build_embedder(cfg: Mapping) -> Embedder:
     """From the `model` config: backbone (frozen), PEFT switches (peft.py), shared prompts, head."""
     b = cfg["backbone"]
-    if b.get("synthetic_pretraining") and b.get("weights"):
-        # the demo's stand-in for downloaded weights: made once, then loaded like a download
-        pretrain_backbone(
-            b["name"], b.get("kwargs") or {}, b["weights"], **b["synthetic_pretraining"]
-        )
+    spec = dict(b.get("synthetic_pretraining") or {})
+    if spec and b.get("weights") and str(b["weights"]) == str(spec.get("output")):
+        # the demo's stand-in for downloaded weights: made once, then loaded like a download.
+        # Only for its own output file: a mistyped weights path must fail, not be invented.
+        pretrain_backbone(b["name"], b.get("kwargs") or {}, spec.pop("output"), **spec)
     vit = create_backbone(b["name"], b.get("pretrained", False), b.get("weights"), b.get("kwargs"))
     peft = cfg["peft"]
     apply_peft(vit, peft)
