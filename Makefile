@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e ".[dev,wandb]"
+	$(PY) -m pip install -q -e ".[dev,wandb,peft]"
 	touch $(STAMP)
 
 demo: install
