@@ -198,7 +198,9 @@ def source_images(
     for c, p in enumerate(params):
         rng = np.random.default_rng([seed, 10_000 + c])
         band = int(p["hue"] * COARSE_HUE_BANDS) % COARSE_HUE_BANDS
-        coarse = (SHAPES.index(p["shape"]) * len(PERIODS) + PERIODS.index(p["stripe_period"])) * COARSE_HUE_BANDS + band
+        coarse = (
+            SHAPES.index(p["shape"]) * len(PERIODS) + PERIODS.index(p["stripe_period"])
+        ) * COARSE_HUE_BANDS + band
         for _ in range(images_per_class):
             images.append(np.asarray(draw_instance(p, image_size, rng)))
             labels.append(coarse)

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+# (name prefix, component), first match wins
+_PREFIXES = (
+    ("embedder.backbone.prompts.", "prompts"),
+    ("proxies.class_prompts.", "class_prompts"),
+    ("embedder.head.", "head"),
+    ("proxies.head.", "proxy_head"),
+    ("proxies.cell.", "gru"),
+    ("proxies.bias", "proxies"),
+)
+
 
 def component_of(name: str) -> str:
     """Map a parameter name of VPTDMLModule to the component it belongs to."""
-    if name.startswith("embedder.backbone.prompts."):
-        return "prompts"
-    if name.startswith("proxies.class_prompts."):
-        return "class_prompts"
-    if name.startswith("embedder.head."):
-        return "head"
-    if name.startswith("proxies.head."):
-        return "proxy_head"
-    if name.startswith("proxies.cell."):
-        return "gru"
-    if name.startswith("proxies.bias"):
-        return "proxies"
+    for prefix, component in _PREFIXES:
+        if name.startswith(prefix):
+            return component
     if ".adapter" in name:
         return "adapters"
     if ".lora_" in name:
