@@ -22,7 +22,7 @@ TINY_BACKBONE = [
     "model.backbone.name=vit_tiny_patch16_224",
     "model.backbone.pretrained=false",
     "model.backbone.weights=null",
-    "~model.backbone.synthetic_pretraining",
+    "++model.backbone.synthetic_pretraining=null",
     "++model.backbone.kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
     "model.embed_dim=16",
 ]
