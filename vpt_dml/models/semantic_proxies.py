@@ -175,7 +175,9 @@ class SemanticProxies(nn.Module):
             self.bias.div_(8)
         # H: not a parameter, but part of the state a resumed run must continue from.
         self.register_buffer("memory", initial_memory(num_classes, embed_dim), persistent=True)
-        self._folds = 0  # training folds so far: seeds the dropout shared by all DDP ranks
+        # training folds so far: seeds the dropout shared by all DDP ranks; a buffer so that
+        # a resumed run continues the sequence instead of repeating its masks
+        self.register_buffer("fold_count", torch.zeros((), dtype=torch.long), persistent=True)
 
     def external_parameter_counts(self) -> dict[str, tuple[int, int]]:
         """Trainable numbers kept outside the module's parameters (the host class-prompt store)."""
@@ -207,9 +209,9 @@ class SemanticProxies(nn.Module):
         rng = contextlib.nullcontext()
         if self.training:
             s, labels = distributed.gather_batch(s, labels)
-            self._folds += 1
+            self.fold_count += 1
             if self.dropout.p > 0:
-                rng = distributed.shared_rng(self._folds)
+                rng = distributed.shared_rng(int(self.fold_count))
         with rng:
             new_memory = self.fold(s, labels)
         if self.training:
