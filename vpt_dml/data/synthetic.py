@@ -62,7 +62,7 @@ def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
 
 
 # The dataset's classes form one family (like CUB's birds): two shapes with one stripe
-# period, told apart only by body hue and stripe hue. Backbone pretraining for the demo draws
+# period, told apart by shape, body hue and stripe hue. Backbone pretraining for the demo draws
 # its classes from outside the family, so no dataset class is ever seen in pretraining.
 FAMILY_SHAPES = ("star", "hexagon")
 FAMILY_PERIOD = 5
