@@ -1,8 +1,9 @@
 """A generated fine-grained image dataset written in the CUB-200-2011 layout.
 
-Each class is a combination of a few parameters (shape, body hue, stripe hue and stripe
-frequency), so classes differ in details, as in fine-grained benchmarks. Instances vary
-in rotation, scale, position, background and noise. The images are written once to a
+Each class is a combination of a few parameters (shape, body hue, stripe hue; the demo
+backbone's pretraining classes also vary the stripe period), so classes differ in
+details, as in fine-grained benchmarks. Instances vary in rotation, scale, position,
+stripe angle, background, clutter and noise. The images are written once to a
 cache folder (keyed by the generation parameters) and read back by the real CUB loader,
 so the demo and the tests exercise the same code path as a downloaded dataset.
 """
