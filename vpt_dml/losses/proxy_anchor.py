@@ -66,4 +66,5 @@ class ProxyAnchorLoss(nn.Module):
         z_pos = (
             has_pos.sum().clamp(min=1) if self.positive_normalization == "present" else num_classes
         )
-        return pos_term[has_pos].sum() / z_pos + neg_term.sum() / num_classes
+        # masked_fill, not boolean indexing: no host sync in the training step
+        return pos_term.masked_fill(~has_pos, 0).sum() / z_pos + neg_term.sum() / num_classes
