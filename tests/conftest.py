@@ -103,6 +103,6 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
 
 def resolved(cfg: DictConfig) -> dict:
     """The run's config as plain data (the `hydra` node left out: it needs a live job)."""
-    return OmegaConf.to_container(
-        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
-    )
+    from vpt_dml.run import cfg_without_hydra
+
+    return OmegaConf.to_container(cfg_without_hydra(cfg), resolve=True)

@@ -68,6 +68,18 @@ def cfg_without_hydra(cfg: DictConfig) -> DictConfig:
     return OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"})
 
 
+def backbone_provenance(b: DictConfig) -> dict:
+    """Which backbone, and where its weights came from."""
+    out = {
+        "name": b.name,
+        "pretrained": bool(b.pretrained or b.weights),
+        "weights": b.weights or ("timm hub" if b.pretrained else "random init"),
+    }
+    if b.get("synthetic_pretraining") and b.weights:
+        out["made_by"] = "vpt_dml synthetic pretraining on generated classes outside the dataset"
+    return out
+
+
 def refuse_ddp_sweep(cfg: DictConfig) -> None:
     """`-m` with a multi-device DDP strategy makes every child launch its own sweep."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
@@ -126,20 +138,7 @@ def train(cfg: DictConfig) -> dict:
             if HydraConfig.initialized()
             else [],
             "dataset": {"name": dm.name, "root": str(dm.root), **dm.count_report},
-            "backbone": {
-                "name": cfg.model.backbone.name,
-                "pretrained": bool(cfg.model.backbone.pretrained or cfg.model.backbone.weights),
-                "weights": cfg.model.backbone.weights
-                or ("timm hub" if cfg.model.backbone.pretrained else "random init"),
-                **(
-                    {
-                        "made_by": "vpt_dml synthetic pretraining on generated classes outside the dataset"
-                    }
-                    if cfg.model.backbone.get("synthetic_pretraining")
-                    and cfg.model.backbone.weights
-                    else {}
-                ),
-            },
+            "backbone": backbone_provenance(cfg.model.backbone),
             "parameters": getattr(module, "parameter_summary", None),
             "epochs": trainer.current_epoch,
             "global_step": trainer.global_step,
@@ -149,11 +148,8 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        run_cfg = {
-            k: v for k, v in cfg.items() if k != "hydra"
-        }  # tests compose with the hydra node
         (out_dir / "config_resolved.yaml").write_text(
-            OmegaConf.to_yaml(OmegaConf.create(run_cfg), resolve=True)
+            OmegaConf.to_yaml(cfg_without_hydra(cfg), resolve=True)
         )
         print_summary(result, out_dir)
     return metrics
