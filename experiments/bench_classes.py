@@ -11,7 +11,7 @@ of them alike; medians are reported. Ratios are against C = the smallest --class
     python experiments/bench_classes.py                  # cuda if available, else cpu
     python experiments/bench_classes.py --device cuda --dim 384 --depth 12 --img 224 --patch 16
 
-Needs only torch, timm, numpy, lightning. Last line: one JSON object with the figures.
+Needs only torch, timm, numpy (the model parts come from vpt_dml.models.build). Last line: one JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -24,14 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
-
-from vpt_dml.models.class_prompt_store import ClassPromptStore  # noqa: E402
-from vpt_dml.models.prompted_vit import PromptedViT  # noqa: E402
+from vpt_dml.models.build import build_embedder, build_proxies  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,25 +66,30 @@ class Setup:
     def __init__(self, args, num_classes: int, mode: str, device: torch.device) -> None:
         self.device, self.mode, self.num_classes, self.batch = device, mode, num_classes, args.batch
         torch.manual_seed(0)
-        vit = VisionTransformer(
+        kwargs = dict(
             img_size=args.img,
             patch_size=args.patch,
             embed_dim=args.dim,
             depth=args.depth,
             num_heads=args.heads,
-            num_classes=0,
         )
-        self.model = (
-            PromptedViT(vit).to(device).requires_grad_(False)
-        )  # frozen: prompt traffic dominates
-        self.counts = [args.prompts] * args.depth
-        initial = [torch.randn(num_classes, m, args.dim) * 0.02 for m in self.counts]
+        model_cfg = {"backbone": {"name": "vit_tiny_patch16_224", "kwargs": kwargs}, "peft": {}}
+        # frozen ViT without shared prompts: the class-prompt traffic dominates
+        self.model = build_embedder(model_cfg).backbone.to(device)
+        proxy_cfg = {
+            "kind": "semantic_gru",
+            "class_prompts": {"num": args.prompts, "depth": args.depth, "step": 0},
+            "class_prompt_store": "host" if mode == "store" else "device",
+            "class_prompt_dtype": args.storage,
+        }
+        class_prompts = build_proxies(
+            proxy_cfg, num_classes, args.dim, args.dim, args.depth
+        ).class_prompts
         self.group = {"lr": 1e-4, "weight_decay": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8}
         if mode == "store":
-            dtype = torch.bfloat16 if args.storage == "bfloat16" else torch.float32
-            self.store = ClassPromptStore(initial, self.counts, dtype).train()
+            self.store = class_prompts.store.train()
         else:
-            self.tables = nn.ParameterList([nn.Parameter(t.to(device)) for t in initial])
+            self.tables = class_prompts.tokens.to(device)
             self.opt = torch.optim.AdamW(self.tables.parameters(), lr=1e-4, weight_decay=1e-4)
         self.images = torch.randn(args.batch, 3, args.img, args.img, device=device)
         self.gen = torch.Generator().manual_seed(1)

@@ -1,7 +1,8 @@
 """Speed and memory of one training step: full fine-tuning vs the PEFT methods vs VPTSP-G.
 
-Each variant is built from the real components (build_embedder, SemanticProxies /
-LearnedProxies, ProxyAnchorLoss, AdamW over the trainable parameters) and runs forward +
+Each variant is built by the suite's own `vpt_dml.models.build.build_model` (the same
+assembly as training: fused or two-pass step, checkpointing, frozen-weight dtype,
+compile) with ProxyAnchorLoss and AdamW over the trainable parameters, and runs forward +
 backward + optimizer step on random images, class-balanced labels (k per class).
 
     python experiments/bench_train_step.py                 # CPU: ViT-S/16, batch 16, fp32
@@ -36,12 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vpt_dml.losses import ProxyAnchorLoss  # noqa: E402
-from vpt_dml.models.embedder import build_embedder  # noqa: E402
-from vpt_dml.models.precision import cast_frozen_weights_  # noqa: E402
-from vpt_dml.models.prompted_vit import layer_counts  # noqa: E402
-from vpt_dml.models.proxies import LearnedProxies  # noqa: E402
-from vpt_dml.models.semantic_proxies import SemanticProxies  # noqa: E402
-from vpt_dml.models.two_branch import two_branch_outputs  # noqa: E402
+from vpt_dml.models.build import build_model  # noqa: E402
+from vpt_dml.optim import device_step_kwargs  # noqa: E402
 
 NUM_CLASSES = 100  # CUB's training classes
 PROMPTS = {"num": 10, "depth": 12, "step": 0}  # CUB ViT-S preset: P
@@ -54,8 +51,8 @@ class Variant:
     name: str
     peft: dict
     semantic: bool = False  # semantic proxies (VPTSP-G) instead of learned ones
-    fused: bool = False  # both branches as one 2B pass (models/two_branch.py)
-    checkpointing: bool | float = False
+    fused: bool = False  # both branches as one 2B pass (PromptedViT.forward_branches)
+    checkpointing: bool | float = False  # True, False or the fraction of layers
     frozen_bf16: bool = False  # frozen weights stored in bf16 once (models/precision.py)
     compile: bool = False
     trainable: int = 0
@@ -86,37 +83,33 @@ def variants(args) -> list[Variant]:
 def build(v: Variant, args) -> None:
     """Model, optimizer and the step function of one variant (stored in v.built)."""
     torch.manual_seed(0)
+    proxy = {"kind": "semantic_gru", "bias_ratio": 0.5, "class_prompts": CLASS_PROMPTS}
     cfg = {
-        "backbone": {"name": args.model, "pretrained": False, "weights": None, "kwargs": {}},
-        "peft": v.peft,
-        "embed_dim": args.embed_dim,
+        "model": {
+            "backbone": {"name": args.model, "pretrained": False, "weights": None, "kwargs": {}},
+            "peft": v.peft,
+            "embed_dim": args.embed_dim,
+            "proxy": proxy if v.semantic else {"kind": "learned"},
+            "fused_branches": v.fused,
+            "grad_checkpointing": v.checkpointing,
+            "frozen_weights_dtype": "bfloat16" if v.frozen_bf16 else None,
+            "compile": v.compile,  # the inner network only, as in training (DESIGN.md)
+        },
+        "loss": {"positive_normalization": "all"},
     }
-    embedder = build_embedder(cfg)
-    embedder.backbone.grad_checkpointing = v.checkpointing
-    if v.semantic:
-        counts = layer_counts(**CLASS_PROMPTS, num_layers=embedder.backbone.num_layers)
-        proxies = SemanticProxies(
-            NUM_CLASSES, embedder.feature_dim, args.embed_dim, counts, bias_ratio=0.5
-        )
-    else:
-        proxies = LearnedProxies(NUM_CLASSES, args.embed_dim)
-    embedder.to(args.device).train()
-    proxies.to(args.device).train()
-    if v.frozen_bf16:
-        cast_frozen_weights_(embedder, torch.bfloat16)
-    if v.compile:  # the inner network only, as in training (DESIGN.md)
-        for i, blk in enumerate(embedder.backbone.vit.blocks):
-            embedder.backbone.vit.blocks[i] = torch.compile(blk)
+    model = build_model(cfg, NUM_CLASSES)
+    assert model.fused == v.fused, f"{v.name}: build_model chose fused={model.fused}"
+    embedder = model.embedder.to(args.device).train()
+    proxies = model.proxies.to(args.device).train()
     params = [p for m in (embedder, proxies) for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    # as configure_optimizers: fused AdamW on CUDA
+    opt_kwargs = device_step_kwargs(torch.optim.AdamW, torch.device(args.device))
+    opt = torch.optim.AdamW(params, lr=1e-4, **opt_kwargs)
     loss_fn = ProxyAnchorLoss(positive_normalization="all")
 
     def forward(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with autocast(args):
-            if v.fused:
-                emb, prox = two_branch_outputs(embedder, proxies, images, labels)
-            else:  # VPTDMLModule.training_step without fusion
-                emb, prox = embedder(images), proxies(images, labels, embedder.backbone)
+            emb, prox = model.training_outputs(images, labels)  # VPTDMLModule.training_step's
             return loss_fn(emb, labels, prox)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:

@@ -77,7 +77,7 @@ def test_ddp_cpu_ranks_agree_and_match_single_process_eval(tmp_path: Path, k: in
     args = overrides + [
         "trainer=ddp_cpu",
         f"hydra.run.dir={run_dir}",
-        "+callbacks.save_rank_state._target_=vpt_dml.distributed.SaveRankState",
+        "+callbacks.save_rank_state._target_=vpt_dml.callbacks.rank_state.SaveRankState",
         f"+callbacks.save_rank_state.dirpath={state_dir}",
     ]
     proc = run_cli(

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vpt_dml.errors import WeightsError
 from vpt_dml.models.backbone import create_backbone
-from vpt_dml.models.embedder import build_embedder
+from vpt_dml.models.build import build_embedder
 from vpt_dml.models.prompted_vit import PromptedViT, layer_counts, xavier_normal_tokens
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)

@@ -37,14 +37,18 @@ def tiny_module(peft: dict, proxy: dict | None = None, num_classes: int = 4) -> 
         or {"kind": "semantic_gru", "bias_ratio": 0.5, "class_prompts": {"num": 2, "depth": 2}},
         "embed_dim": 16,
     }
-    loss = {"name": "proxy_anchor", "positive_normalization": "all"}
+    loss = {"_target_": "vpt_dml.losses.ProxyAnchorLoss", "positive_normalization": "all"}
     optim = {
-        "name": "adamw",
         "lr": 1e-2,
         "lr_proxy": 1e-2,
         "weight_decay": 0.0,
-        "t_max": 5,
-        "eta_min": 0,
+        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2},
+        "scheduler": {
+            "_target_": "vpt_dml.optim.cosine_per_epoch",
+            "_partial_": True,
+            "t_max": 5,
+            "eta_min": 0,
+        },
     }
     return VPTDMLModule(model, loss, optim, num_classes=num_classes)
 
@@ -56,8 +60,8 @@ def train_steps(module: VPTDMLModule, steps: int = 3) -> None:
     module.train()
     for _ in range(steps):
         opt.zero_grad()
-        proxies = module.proxies(images, labels, module.embedder.backbone)
-        module.criterion(module.embedder(images), labels, proxies).backward()
+        embeddings, proxies = module.training_outputs(images, labels)
+        module.criterion(embeddings, labels, proxies).backward()
         opt.step()
 
 

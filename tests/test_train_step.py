@@ -1,4 +1,5 @@
-"""The fused VPTSP training step (models/two_branch.py) computes exactly the two-pass step.
+"""The fused VPTSP training step (PromptedViT.forward_branches, chosen by models/build.py)
+computes exactly the two-pass step.
 
 float32 throughout (the GRU fold runs in fp32), so "exactly" means to float tolerance.
 """
@@ -11,19 +12,15 @@ import pytest
 import timm
 import torch
 
+from vpt_dml.errors import UserError
 from vpt_dml.losses import ProxyAnchorLoss
+from vpt_dml.models.build import training_outputs
 from vpt_dml.models.embedder import Embedder
 from vpt_dml.models.heads import EmbeddingHead
 from vpt_dml.models.peft import set_backbone_trainable
 from vpt_dml.models.precision import cast_frozen_weights_
-from vpt_dml.models.prompted_vit import PromptedViT
+from vpt_dml.models.prompted_vit import PromptedViT, checkpointed_layers
 from vpt_dml.models.semantic_proxies import SemanticProxies
-from vpt_dml.models.two_branch import (
-    checkpointed_layers,
-    fast_features,
-    supports_fast_path,
-    two_branch_outputs,
-)
 
 NUM_CLASSES = 4
 # Per layer: different lengths, equal lengths, one branch without prompts, none at all.
@@ -55,10 +52,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 def step(embedder, proxies, images, labels, fused: bool):
     """One training step's outputs and the gradients of every trainable parameter."""
-    if fused:
-        emb, prox = two_branch_outputs(embedder, proxies, images, labels)
-    else:  # the plain two-pass step of VPTDMLModule.training_step
-        emb, prox = embedder(images), proxies(images, labels, embedder.backbone)
+    emb, prox = training_outputs(embedder, proxies, fused)(images, labels)
     loss = ProxyAnchorLoss()(emb, labels, prox)
     loss.backward()
     named = list(embedder.named_parameters()) + list(proxies.named_parameters())
@@ -83,10 +77,10 @@ def assert_close_to_scale(x: torch.Tensor, ref: torch.Tensor, name: str = "") ->
 @pytest.mark.parametrize("checkpointing", [False, True, 0.4])
 def test_fused_step_equals_two_passes(checkpointing) -> None:
     embedder, proxies = build()
-    assert supports_fast_path(embedder.backbone.vit)
+    assert training_outputs(embedder, proxies, True).func.__name__ == "fused_outputs"
     images, labels = batch()
     reference = step(copy.deepcopy(embedder), copy.deepcopy(proxies), images, labels, fused=False)
-    embedder.backbone.grad_checkpointing = checkpointing
+    embedder.backbone.set_grad_checkpointing(checkpointing)
     fused = step(embedder, proxies, images, labels, fused=True)
     assert_same(fused, reference)
     # the gradients reach prompts, class prompts, BitFit biases and the GRU; frozen weights get none
@@ -98,9 +92,31 @@ def test_fused_step_equals_two_passes(checkpointing) -> None:
     assert embedder.backbone.vit.blocks[0].attn.qkv.weight.grad is None
 
 
-def test_fallback_for_unsupported_pooling_equals_two_passes() -> None:
+def test_average_pooling_keeps_every_token_and_equals_two_passes() -> None:
     embedder, proxies = build(global_pool="avg")  # every output token counts: no CLS-only layer
-    assert not supports_fast_path(embedder.backbone.vit)
+    images, labels = batch()
+    reference = step(copy.deepcopy(embedder), copy.deepcopy(proxies), images, labels, fused=False)
+    assert_same(step(embedder, proxies, images, labels, fused=True), reference)
+
+
+class OtherBlock(torch.nn.Module):
+    """A block type the fused pass does not re-implement (here: timm's block, wrapped)."""
+
+    def __init__(self, block: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def test_unknown_block_type_falls_back_to_two_passes() -> None:
+    embedder, proxies = build()
+    vit = embedder.backbone.vit
+    vit.blocks[1] = OtherBlock(vit.blocks[1])
+    assert not embedder.backbone.fuses_branches
+    outputs = training_outputs(embedder, proxies, fused=True)
+    assert outputs.func.__name__ == "two_pass_outputs"
     images, labels = batch()
     reference = step(copy.deepcopy(embedder), copy.deepcopy(proxies), images, labels, fused=False)
     assert_same(step(embedder, proxies, images, labels, fused=True), reference)
@@ -112,7 +128,7 @@ def test_single_branch_fast_path_equals_prompted_vit_with_full_finetuning() -> N
     images = batch()[0].double()
     ref = copy.deepcopy(backbone)
     ref(images).pow(2).sum().backward()
-    (out,) = fast_features(backbone, images, [backbone.prompts.per_layer()])
+    (out,) = backbone.forward_branches(images, [backbone.prompts.per_layer()])
     out.pow(2).sum().backward()
     torch.testing.assert_close(out, ref(images), rtol=1e-10, atol=1e-12)
     for (name, p), q in zip(backbone.named_parameters(), ref.parameters(), strict=True):
@@ -121,8 +137,34 @@ def test_single_branch_fast_path_equals_prompted_vit_with_full_finetuning() -> N
 
 def test_checkpointed_layers() -> None:
     assert checkpointed_layers(12, True) == set(range(12))
-    assert checkpointed_layers(12, 0.0) == set()
+    assert checkpointed_layers(12, False) == checkpointed_layers(12, 0.0) == set()
     assert checkpointed_layers(12, 0.5) == {0, 2, 4, 6, 8, 10}
+    with pytest.raises(UserError, match="grad_checkpointing"):
+        checkpointed_layers(12, 1.5)
+
+
+@pytest.mark.parametrize("setting", [True, 0.4])
+def test_checkpointing_recomputes_in_both_forwards(setting) -> None:
+    """The one checkpointing path serves forward and forward_branches: layers marked
+    for recompute run their forward again during backward."""
+    embedder, _ = build()
+    backbone = embedder.backbone.train()
+    backbone.set_grad_checkpointing(setting)
+    calls = []
+    for i, blk in enumerate(backbone.vit.blocks):
+        blk.norm2.register_forward_hook(lambda *_, i=i: calls.append(i))
+    images = batch()[0]
+    for run in (
+        lambda: backbone(images),
+        lambda: backbone.forward_branches(images, [backbone.prompts.per_layer()])[0],
+    ):
+        calls.clear()
+        out = run()
+        forward_calls = list(calls)
+        out.sum().backward()
+        recomputed = sorted(calls[len(forward_calls) :])
+        assert forward_calls == list(range(5))
+        assert recomputed == sorted(backbone.checkpointed) != []
 
 
 def test_frozen_weights_in_compute_dtype_train_under_autocast() -> None:
@@ -139,7 +181,7 @@ def test_frozen_weights_in_compute_dtype_train_under_autocast() -> None:
     before = {n: p.detach().clone() for n, p in embedder.named_parameters()}
     opt = torch.optim.AdamW(trainable, lr=1e-2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        emb, prox = two_branch_outputs(embedder, proxies, images, labels)
+        emb, prox = training_outputs(embedder, proxies, True)(images, labels)
         ref_emb = reference(images)
         loss = ProxyAnchorLoss()(emb, labels, prox)
     loss.backward()

@@ -16,15 +16,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-try:  # the Lightning callback is optional: benchmarks import this module without it
-    from lightning.pytorch.callbacks import Callback
-except ImportError:  # pragma: no cover
-    Callback = object  # type: ignore[misc,assignment]
 
 
 def world_size() -> int:
@@ -118,22 +112,3 @@ def shared_rng(step: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed((_shared_seed + 1_000_003 * step) % (1 << 63))
         yield
-
-
-class SaveRankState(Callback):
-    """Debug aid: at the end of fit each rank saves H and the class-prompt bank to
-    `dirpath/rank{r}.pt`, so a test can check that the ranks agree byte for byte."""
-
-    def __init__(self, dirpath: str) -> None:
-        self.dirpath = Path(dirpath)
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        proxies = pl_module.proxies
-        state: dict = {}
-        if hasattr(proxies, "memory"):
-            state["memory"] = proxies.memory.detach().cpu().clone()
-        store = getattr(getattr(proxies, "class_prompts", None), "store", None)
-        if store is not None:
-            state["store"] = [t.clone() for t in store.state_tensors()]
-        self.dirpath.mkdir(parents=True, exist_ok=True)
-        torch.save(state, self.dirpath / f"rank{trainer.global_rank}.pt")

@@ -23,6 +23,7 @@ from vpt_dml.callbacks import ExactResume
 from vpt_dml.callbacks.wandb_logger import finish_wandb
 from vpt_dml.errors import UserError
 from vpt_dml.models.backbone import data_config
+from vpt_dml.models.build import prepare_backbone
 from vpt_dml.module import VPTDMLModule
 from vpt_dml.provenance import environment
 from vpt_dml.summary import print_summary
@@ -40,6 +41,7 @@ def build_module(cfg: DictConfig, num_classes: int, eval_ks) -> VPTDMLModule:
     def plain(node):
         return OmegaConf.to_container(node, resolve=True)
 
+    prepare_backbone(plain(cfg.model))  # the demo's weights file, made once (building never trains)
     return VPTDMLModule(
         model=plain(cfg.model),
         loss=plain(cfg.loss),

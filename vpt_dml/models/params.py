@@ -29,6 +29,11 @@ def component_of(name: str) -> str:
     return "other"
 
 
+def is_proxy_bias(name: str) -> bool:
+    """The proxy bias B (or the learned proxies): trained at optim.lr_proxy."""
+    return component_of(name) == "proxies"
+
+
 def parameter_breakdown(
     module: nn.Module, extra: dict[str, tuple[int, int]] | None = None
 ) -> dict[str, dict]:

@@ -1,0 +1,186 @@
+"""Every backbone family the README names trains through the suite's own assembly:
+plain ViT, registers + layer scale (DINOv2-style), distilled two-token DeiT and CLIP-style
+(norm_pre, no patch-embedding bias). The fused step equals two passes on each; a non-ViT
+name ends in one line; building never pretrains (that is `prepare_backbone`'s job)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import REPO, run_cli, tiny_overrides
+from torch.utils.data import DataLoader, TensorDataset
+
+from vpt_dml.errors import UserError, WeightsError
+from vpt_dml.losses import ProxyAnchorLoss
+from vpt_dml.models.build import build_embedder, build_model, prepare_backbone, training_outputs
+from vpt_dml.module import VPTDMLModule
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+FAMILIES = {
+    "vit_tiny_patch16_224": 1,  # prefix tokens: CLS
+    "vit_small_patch14_reg4_dinov2": 5,  # CLS + 4 registers, layer scale
+    "deit_tiny_distilled_patch16_224": 2,  # CLS + distillation token, pooled as their mean
+    "vit_base_patch16_clip_224": 1,  # norm_pre, patch embedding without bias
+}
+NUM_CLASSES = 4
+
+
+def model_cfg(name: str, **changes) -> dict:
+    cfg = {
+        "backbone": {"name": name, "pretrained": False, "weights": None, "kwargs": TINY},
+        "peft": {"prompts": {"num": 3, "depth": 2, "step": 1}, "bitfit": True},
+        "proxy": {
+            "kind": "semantic_gru",
+            "bias_ratio": 0.5,
+            "class_prompts": {"num": 2, "depth": 2, "step": 0},
+        },
+        "embed_dim": 16,
+        "fused_branches": True,
+    }
+    return {**cfg, **changes}
+
+
+LOSS = {"_target_": "vpt_dml.losses.ProxyAnchorLoss", "positive_normalization": "all"}
+OPTIM = {
+    "lr": 1e-2,
+    "lr_proxy": 1e-2,
+    "weight_decay": 0.0,
+    "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2},
+    "scheduler": {
+        "_target_": "vpt_dml.optim.cosine_per_epoch",
+        "_partial_": True,
+        "t_max": 5,
+        "eta_min": 0.0,
+    },
+}
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, 32, 32, generator=g), torch.tensor([2, 2, 0, 0, 3, 3, 1, 1])
+
+
+def step_grads(model, images, labels, fused: bool):
+    emb, prox = training_outputs(model.embedder, model.proxies, fused)(images, labels)
+    ProxyAnchorLoss(positive_normalization="all")(emb, labels, prox).backward()
+    named = [*model.embedder.named_parameters(), *model.proxies.named_parameters()]
+    return emb.detach(), prox.detach(), {n: p.grad for n, p in named if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_fused_step_equals_two_passes_on_every_family(name):
+    torch.manual_seed(0)
+    model = build_model({"model": model_cfg(name), "loss": LOSS}, NUM_CLASSES)
+    assert model.fused  # the family is covered by the fused pass, not skipped
+    assert model.embedder.backbone.vit.num_prefix_tokens == FAMILIES[name]
+    images, labels = batch()
+    reference = step_grads(copy.deepcopy(model), images, labels, fused=False)
+    fused = step_grads(model, images, labels, fused=True)
+    for got, want in zip(fused[:2], reference[:2], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert fused[2].keys() == reference[2].keys()
+    for key, want in reference[2].items():
+        got = fused[2][key]
+        err = (got - want).abs().max().item()
+        assert err <= 1e-5 * want.abs().max().item() + 1e-7, f"{key}: {err:g}"
+    assert fused[2]["backbone.prompts.tokens.0"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_one_training_step_through_the_lightning_module(name, tmp_path):
+    torch.manual_seed(0)
+    module = VPTDMLModule(model_cfg(name), LOSS, OPTIM, num_classes=NUM_CLASSES, eval_ks=(1,))
+    images, labels = batch()
+    data = DataLoader(TensorDataset(images, labels, torch.arange(8)), batch_size=8)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train_dataloaders=data)
+    assert trainer.global_step == 1
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    for n, p in module.named_parameters():
+        assert torch.equal(p, before[n]) != p.requires_grad, n  # trainable moved, frozen not
+
+
+@pytest.mark.slow
+def test_distilled_deit_trains_through_the_cli(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    res = run_cli(
+        [
+            *tiny_overrides(
+                "model.backbone.name=deit_tiny_distilled_patch16_224", "eval_before_training=false"
+            ),
+            "+trainer.limit_train_batches=1",
+            f"hydra.run.dir={run_dir}",
+            f"paths.data_dir={tmp_path / 'data'}",
+        ],
+        cwd=REPO,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    result = json.loads((run_dir / "metrics.json").read_text())
+    assert result["provenance"]["global_step"] == 1
+    assert 0.0 <= result["metrics"]["recall@1"] <= 1.0
+
+
+@pytest.mark.slow
+def test_non_vit_backbone_is_a_one_line_error(tmp_path: Path):
+    res = run_cli(
+        [
+            *tiny_overrides("model.backbone.name=resnet18"),
+            f"hydra.run.dir={tmp_path / 'run'}",
+            f"paths.data_dir={tmp_path / 'data'}",
+        ],
+        cwd=REPO,
+    )
+    assert res.returncode == 2
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "not a timm VisionTransformer" in errors[0], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+
+def test_non_vit_name_is_refused_before_pretraining_or_building(tmp_path: Path):
+    out = tmp_path / "w.safetensors"
+    backbone = {"name": "resnet18", "weights": str(out), "kwargs": TINY}
+    with pytest.raises(UserError, match="ResNet, not a timm VisionTransformer"):
+        prepare_backbone({"backbone": {**backbone, "synthetic_pretraining": {"output": str(out)}}})
+    with pytest.raises(UserError, match="ResNet, not a timm VisionTransformer"):
+        build_embedder({"backbone": {**backbone, "weights": None}, "peft": {}})
+    assert not out.exists()
+
+
+def test_building_never_pretrains_prepare_backbone_does(tmp_path: Path):
+    out = tmp_path / "demo_backbone.safetensors"
+    spec = {
+        "output": str(out),
+        "num_classes": 4,
+        "images_per_class": 8,
+        "epochs": 1,
+        "batch_size": 16,
+    }
+    backbone = {"name": "vit_tiny_patch16_224", "weights": str(out), "kwargs": TINY}
+    cfg = model_cfg("vit_tiny_patch16_224", backbone={**backbone, "synthetic_pretraining": spec})
+    with pytest.raises(WeightsError, match="does not exist"):
+        build_model({"model": cfg}, NUM_CLASSES)
+    assert not out.exists()
+    assert prepare_backbone(cfg) == out and out.is_file()
+    from safetensors.torch import load_file
+
+    saved = load_file(str(out))
+    vit = build_model({"model": cfg}, NUM_CLASSES).embedder.backbone.vit
+    for key, value in vit.state_dict().items():
+        if key in saved:
+            assert torch.equal(value, saved[key]), key
+    assert prepare_backbone(cfg) == out  # made once: a second call reuses the file

@@ -1,0 +1,203 @@
+"""The one place the model is assembled from the run config.
+
+`build_model(cfg, num_classes)` reads the `model` group (backbone, PEFT switches, shared
+prompts, head, proxy kind) and the `loss` group's proxy range, and returns the image
+branch (`Embedder`), the proxies and the training step's outputs function, with the
+fused-or-two-pass choice made here, once. A new PEFT method goes into models/peft.py, a
+new proxy kind into `build_proxies`; nothing else has to know.
+
+`prepare_backbone(model_cfg)` is the separate preparation step that makes the demo's
+backbone weights file (synthetic pretraining) before anything is built; building never
+trains.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import VisionTransformer
+
+from vpt_dml.errors import UserError
+from vpt_dml.models.backbone import create_backbone
+from vpt_dml.models.embedder import Embedder
+from vpt_dml.models.heads import EmbeddingHead
+from vpt_dml.models.peft import apply_peft
+from vpt_dml.models.precision import cast_frozen_weights_
+from vpt_dml.models.prompted_vit import PromptedViT, layer_counts
+from vpt_dml.models.proxies import LearnedProxies
+from vpt_dml.models.semantic_proxies import SemanticProxies
+from vpt_dml.models.synthetic_pretraining import pretrain_backbone
+
+log = logging.getLogger("vpt_dml")
+
+# (images, labels) -> (embeddings, proxies) of one training step
+TrainingOutputs = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Model:
+    embedder: Embedder
+    proxies: nn.Module
+    training_outputs: TrainingOutputs
+    fused: bool  # both branches in one pass (PromptedViT.forward_branches)
+
+
+def require_vit(name: str) -> None:
+    """One line instead of a constructor's TypeError when `name` is not a timm ViT.
+
+    Built on the meta device without kwargs: no memory, no weights, ~0.1 s.
+    """
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+    except Exception:  # noqa: BLE001 - unknown names are create_backbone's to report
+        return
+    if not isinstance(model, VisionTransformer):
+        raise UserError(
+            f"{name} is a {type(model).__name__}, not a timm VisionTransformer; "
+            "pick a ViT (vit_*, deit_*)"
+        )
+
+
+def prepare_backbone(model_cfg: Mapping) -> Path | None:
+    """Make the demo's backbone weights file once (synthetic pretraining), if asked for.
+
+    Only for the spec's own output file: a mistyped weights path must fail, not be invented.
+    """
+    b = model_cfg["backbone"]
+    spec = dict(b.get("synthetic_pretraining") or {})
+    if not (spec and b.get("weights") and str(b["weights"]) == str(spec.get("output"))):
+        return None
+    require_vit(b["name"])
+    return pretrain_backbone(b["name"], dict(b.get("kwargs") or {}), spec.pop("output"), **spec)
+
+
+def build_embedder(model_cfg: Mapping) -> Embedder:
+    """Backbone (frozen), PEFT switches (peft.py), shared prompts, checkpointing, head."""
+    b = model_cfg["backbone"]
+    try:
+        vit = create_backbone(
+            b["name"], b.get("pretrained", False), b.get("weights"), b.get("kwargs")
+        )
+    except TypeError as e:  # a non-ViT constructor refusing the ViT kwargs
+        require_vit(b["name"])
+        raise UserError(f"model.backbone.kwargs do not fit {b['name']}: {e}") from None
+    peft = model_cfg["peft"]
+    apply_peft(vit, peft)
+    p = peft.get("prompts") or {}
+    counts = layer_counts(p.get("num", 0), p.get("depth", 0), p.get("step", 0), len(vit.blocks))
+    backbone = PromptedViT(vit, counts)
+    backbone.set_grad_checkpointing(model_cfg.get("grad_checkpointing", False))
+    embed_dim = model_cfg.get("embed_dim")
+    head = EmbeddingHead(vit.embed_dim, embed_dim) if embed_dim else None
+    return Embedder(backbone, head)
+
+
+def build_proxies(
+    proxy_cfg: Mapping,
+    num_classes: int,
+    feature_dim: int,
+    embed_dim: int,
+    num_layers: int,
+    loss_cfg: Mapping | None = None,
+) -> nn.Module:
+    """`model.proxy.kind`: learned (Proxy Anchor's own) or semantic_mix / semantic_gru."""
+    kind = proxy_cfg.get("kind", "learned")
+    if kind == "learned":
+        return LearnedProxies(num_classes, embed_dim)
+    if kind not in ("semantic_mix", "semantic_gru"):
+        raise UserError(
+            f"unknown model.proxy.kind {kind!r}; use learned, semantic_mix or semantic_gru"
+        )
+    q = proxy_cfg.get("class_prompts") or {}
+    counts = layer_counts(q.get("num", 0), q.get("depth", 0), q.get("step", 0), num_layers)
+    ratio = proxy_cfg.get("bias_ratio", 0.5)
+    if not 0.0 <= ratio <= 1.0:
+        raise UserError(f"model.proxy.bias_ratio={ratio} must lie in [0, 1]")
+    store = proxy_cfg.get("class_prompt_store", "device")
+    if store not in ("device", "host"):
+        raise UserError(f"model.proxy.class_prompt_store={store!r}; use device or host")
+    extra = {}
+    if "class_prompt_step" in proxy_cfg:  # global | per_row: the host bank's Adam step count
+        extra["class_prompt_step"] = proxy_cfg["class_prompt_step"]
+    if (loss_cfg or {}).get("proxy_range") == "in_batch":
+        extra["in_batch_proxies"] = True
+    return SemanticProxies(
+        num_classes,
+        feature_dim,
+        embed_dim,
+        counts,
+        update="mix" if kind == "semantic_mix" else proxy_cfg.get("update", "gru_relu"),
+        bias_ratio=ratio,
+        dropout=proxy_cfg.get("dropout", 0.0),
+        mix_lambda=proxy_cfg.get("mix_lambda", 0.8),
+        class_prompt_store=store,
+        class_prompt_dtype=proxy_cfg.get("class_prompt_dtype", "float32"),  # host storage
+        **extra,
+    )
+
+
+def two_pass_outputs(
+    embedder: Embedder, proxies: nn.Module, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image branch, then the proxies (the semantic branch runs its own ViT pass)."""
+    return embedder(images), proxies(images, labels, embedder.backbone)
+
+
+def fused_outputs(
+    embedder: Embedder, proxies: SemanticProxies, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`two_pass_outputs` with both branches as one G*B pass: same maths, less work."""
+    backbone = embedder.backbone
+    branches = [backbone.prompts.per_layer(), proxies.class_prompts.gather(labels)]
+    feats, sem = backbone.forward_branches(images, branches)
+    return embedder.project(feats), proxies.proxies_from(proxies.head(sem), labels)
+
+
+def training_outputs(embedder: Embedder, proxies: nn.Module, fused: bool) -> TrainingOutputs:
+    """The step's (images, labels) -> (embeddings, proxies); fused only where it applies."""
+    if fused and isinstance(proxies, SemanticProxies) and embedder.backbone.fuses_branches:
+        return partial(fused_outputs, embedder, proxies)
+    return partial(two_pass_outputs, embedder, proxies)
+
+
+def build_model(cfg: Mapping, num_classes: int) -> Model:
+    """From the run config (or any mapping with `model` and optionally `loss`)."""
+    model_cfg, loss_cfg = cfg["model"], cfg.get("loss") or {}
+    embedder = build_embedder(model_cfg)
+    frozen_dtype = model_cfg.get("frozen_weights_dtype")
+    if frozen_dtype not in (None, "bfloat16"):
+        raise UserError(f"model.frozen_weights_dtype={frozen_dtype!r}; use null or bfloat16")
+    if frozen_dtype == "bfloat16":
+        # cast once instead of on every autocast step; needs bf16-mixed precision
+        cast_frozen_weights_(embedder, torch.bfloat16)
+    if model_cfg.get("compile", False):
+        embedder.backbone.compile_blocks()
+    feature_dim = embedder.feature_dim
+    proxies = build_proxies(
+        model_cfg.get("proxy") or {},
+        num_classes,
+        feature_dim,
+        model_cfg.get("embed_dim") or feature_dim,
+        embedder.backbone.num_layers,
+        loss_cfg,
+    )
+    outputs = training_outputs(embedder, proxies, bool(model_cfg.get("fused_branches", False)))
+    fused = outputs.func is fused_outputs
+    if (
+        model_cfg.get("fused_branches", False)
+        and isinstance(proxies, SemanticProxies)
+        and not fused
+    ):
+        log.info(
+            "model.fused_branches: %s has blocks the fused pass does not cover; two passes",
+            model_cfg["backbone"]["name"],
+        )
+    return Model(embedder, proxies, outputs, fused)
