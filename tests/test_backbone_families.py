@@ -184,3 +184,34 @@ def test_building_never_pretrains_prepare_backbone_does(tmp_path: Path):
         if key in saved:
             assert torch.equal(value, saved[key]), key
     assert prepare_backbone(cfg) == out  # made once: a second call reuses the file
+
+
+class EvalSet(TensorDataset):
+    has_gallery = False  # what RetrievalDataset tells evaluation/epoch.py
+
+
+@pytest.mark.parametrize(("label", "key"), [(None, "val/recall@1"), ("before", "before/recall@1")])
+def test_validation_logs_under_eval_label(label, key, tmp_path):
+    torch.manual_seed(0)
+    module = VPTDMLModule(
+        model_cfg("vit_tiny_patch16_224"), LOSS, OPTIM, num_classes=NUM_CLASSES, eval_ks=(1, 2)
+    )
+    module.eval_label = label
+    images, labels = batch()
+    # the last batch repeats items, as DDP's padding does: de-duplicated by dataset index
+    index = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 6, 7])
+    data = DataLoader(EvalSet(images[index], labels[index], index), batch_size=4)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path
+    )
+    out = trainer.validate(module, dataloaders=data, verbose=False)[0]
+    with torch.no_grad():
+        emb = module.eval()(images)
+    from vpt_dml.evaluation import retrieval_metrics
+
+    # the 8 distinct items once each: the repeated two were dropped
+    want = retrieval_metrics(emb, labels, (1, 2))
+    prefix = key.split("/")[0]
+    assert key in out
+    assert out == pytest.approx({f"{prefix}/{k}": v for k, v in want.items()})
+    assert module._eval_buffer == []

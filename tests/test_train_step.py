@@ -191,3 +191,90 @@ def test_frozen_weights_in_compute_dtype_train_under_autocast() -> None:
     for name, p in embedder.named_parameters():
         changed = not torch.equal(p.detach(), before[name])
         assert changed == p.requires_grad, name
+
+
+# -- loss, optimizer and scheduler come from the config groups' _target_ nodes ------------
+def tiny_module(loss: dict | None = None, optim: dict | None = None):
+    from vpt_dml.module import VPTDMLModule
+
+    model = {
+        "backbone": {
+            "name": "vit_tiny_patch16_224",
+            "kwargs": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2),
+        },
+        "peft": {"prompts": {"num": 2, "depth": 2}, "bitfit": True},
+        "proxy": {"kind": "semantic_gru", "class_prompts": {"num": 1, "depth": 1}},
+        "embed_dim": 16,
+    }
+    loss = loss or {"_target_": "vpt_dml.losses.ProxyNCALoss", "scale": 4.0}
+    optim = optim or {
+        "lr": 0.1,
+        "lr_proxy": 0.5,
+        "weight_decay": 1e-3,
+        "weight_decay_proxy": 0.0,
+        "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.8},
+        "scheduler": {
+            "_target_": "vpt_dml.optim.cosine_per_epoch",
+            "_partial_": True,
+            "t_max": 4,
+            "eta_min": 0.01,
+        },
+    }
+    return VPTDMLModule(model, loss, optim, num_classes=NUM_CLASSES)
+
+
+def test_loss_optimizer_and_schedule_are_the_nodes_objects() -> None:
+    module = tiny_module()
+    assert type(module.criterion).__name__ == "ProxyNCALoss" and module.criterion.scale == 4.0
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]
+    assert isinstance(opt, torch.optim.SGD) and sched["interval"] == "epoch"
+    main, proxy = opt.param_groups
+    assert (main["name"], main["lr"], main["weight_decay"], main["momentum"]) == (
+        "main",
+        0.1,
+        1e-3,
+        0.8,
+    )
+    assert (proxy["name"], proxy["lr"], proxy["weight_decay"]) == ("proxy", 0.5, 0.0)
+    assert [p.shape for p in proxy["params"]] == [module.proxies.bias.shape]
+    lrs = []
+    for _ in range(5):
+        lrs.append(main["lr"])
+        opt.step()
+        sched["scheduler"].step()
+    assert lrs[4] == pytest.approx(0.01)  # eta_min at t_max = 4
+    assert lrs[2] == pytest.approx(0.01 + 0.09 * 0.5)
+
+
+@pytest.mark.parametrize(
+    ("loss", "optim_change", "message"),
+    [
+        ({"_target_": "vpt_dml.losses.ProxyAnchorLoss", "proxy_range": "x"}, {}, "proxy_range"),
+        ({"name": "proxy_anchor"}, {}, "loss needs a _target_"),
+        (None, {"scheduler": {"t_max": 0}}, "optim.t_max=0"),
+        (None, {"optimizer": {"momentun": 0.9}}, "optim.optimizer: .*momentun"),
+    ],
+)
+def test_bad_loss_or_optim_node_is_one_line_user_error(loss, optim_change, message) -> None:
+    optim = None
+    if optim_change:
+        base = tiny_module().optim_cfg
+        optim = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+        for key, change in optim_change.items():
+            optim[key].update(change)
+    with pytest.raises(UserError, match=message) as err:
+        tiny_module(loss, optim).configure_optimizers()
+    assert "\n" not in str(err.value)
+
+
+def test_fused_adamw_only_on_cuda_and_only_when_unset() -> None:
+    from functools import partial
+
+    from vpt_dml.optim import device_step_kwargs
+
+    adamw = partial(torch.optim.AdamW, lr=1e-3)
+    assert device_step_kwargs(adamw, torch.device("cuda")) == {"fused": True}
+    assert device_step_kwargs(adamw, torch.device("cpu")) == {}
+    assert device_step_kwargs(partial(adamw, foreach=False), torch.device("cuda")) == {}
+    assert device_step_kwargs(partial(adamw, fused=False), torch.device("cuda")) == {}
