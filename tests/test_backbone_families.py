@@ -13,6 +13,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import REPO, run_cli, tiny_overrides
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 from vpt_dml.errors import UserError, WeightsError
@@ -46,18 +47,10 @@ def model_cfg(name: str, **changes) -> dict:
 
 
 LOSS = {"_target_": "vpt_dml.losses.ProxyAnchorLoss", "positive_normalization": "all"}
-OPTIM = {
-    "lr": 1e-2,
-    "lr_proxy": 1e-2,
-    "weight_decay": 0.0,
-    "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2},
-    "scheduler": {
-        "_target_": "vpt_dml.optim.cosine_per_epoch",
-        "_partial_": True,
-        "t_max": 5,
-        "eta_min": 0.0,
-    },
-}
+# the real optim group (its _target_ nodes) at a higher lr
+OPTIM = OmegaConf.load(REPO / "conf" / "optim" / "adamw.yaml")
+OPTIM.merge_with({"lr": 1e-2, "lr_proxy": 1e-2})
+OPTIM = OmegaConf.to_container(OPTIM, resolve=True)
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:

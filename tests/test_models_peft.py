@@ -38,18 +38,10 @@ def tiny_module(peft: dict, proxy: dict | None = None, num_classes: int = 4) -> 
         "embed_dim": 16,
     }
     loss = {"_target_": "vpt_dml.losses.ProxyAnchorLoss", "positive_normalization": "all"}
-    optim = {
-        "lr": 1e-2,
-        "lr_proxy": 1e-2,
-        "weight_decay": 0.0,
-        "optimizer": {"_target_": "torch.optim.AdamW", "_partial_": True, "lr": 1e-2},
-        "scheduler": {
-            "_target_": "vpt_dml.optim.cosine_per_epoch",
-            "_partial_": True,
-            "t_max": 5,
-            "eta_min": 0,
-        },
-    }
+    # the real optim group (its _target_ nodes) with the keys it interpolates changed
+    optim = OmegaConf.load(CONF / "optim" / "adamw.yaml")
+    optim.merge_with({"lr": 1e-2, "lr_proxy": 1e-2, "t_max": 5, "eta_min": 0.0})
+    optim = OmegaConf.to_container(optim, resolve=True)
     return VPTDMLModule(model, loss, optim, num_classes=num_classes)
 
 
