@@ -86,6 +86,7 @@ def test_test_split_selection_matches_the_csv_and_cost_is_consistent(tmp_path):
     assert result["final"]["epoch"] == 2 and result["final"]["split"] == "test"
     assert len(test) == 1
     assert_same(result["final"]["metrics"], test[0])
+    assert [r["epoch"] for r in result["history"] if r["stage"] == "test"] == [2]
     assert_same({k: result["final"]["metrics"][k] for k in val[-1][1]}, val[-1][1])
     assert_same(result["before"]["metrics"], before)
     assert_same(
@@ -138,6 +139,7 @@ def test_held_out_selection_tests_the_selected_checkpoint_once(tmp_path):
     assert sum(r["stage"] == "test" for r in result["history"]) == 1
 
     best_epoch, selection = first_best(val)
+    assert [r["epoch"] for r in result["history"] if r["stage"] == "test"] == [best_epoch]
     best = result["best"]
     assert best["epoch"] == best_epoch and best["selected_on"] == "validation classes"
     assert_same(best["selection_metrics"], selection)

@@ -91,6 +91,12 @@ def build_result(
     def split_of(record: dict) -> str:
         return TEST if record["stage"] == "test" else val_split
 
+    # the test stage ran on the selected checkpoint (held out) or on the final weights
+    tested_epoch = (best or {}).get("epoch") if held_out else last_epoch
+
+    def epoch_of(record: dict) -> int | None:
+        return tested_epoch if record["stage"] == "test" else record["epoch"]
+
     return {
         "status": status,
         "selection": SELECTION_HELD_OUT if held_out else SELECTION_TEST,
@@ -107,7 +113,7 @@ def build_result(
         "history": [
             {
                 "stage": r["stage"],
-                "epoch": r["epoch"],
+                "epoch": epoch_of(r),
                 "split": split_of(r),
                 "metrics": r["metrics"],
             }
