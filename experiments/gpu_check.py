@@ -31,7 +31,7 @@ What it does:
    projected wall time of the full preset on the real dataset sizes of METHOD.md §4:
    epochs x (images // batch x batch) / images/s, plus every evaluation the preset's
    cadence asks for (eval.start_epoch / eval.every_n_epochs from the run's
-   config_resolved.yaml, defaults 0 / 1; without them Lightning's
+   config_resolved.yaml, defaults 0 / 1, and the final epoch; without them Lightning's
    check_val_every_n_epoch), the before/test evaluations scaled by test images (k-means
    of the test by images x classes), checkpoints per epoch and start-up;
    then runs experiments/bench_train_step.py (batch 64, and batch 32 / k 1 as sop_deep)
@@ -256,6 +256,11 @@ def _probe_class():
     import torch
     from lightning.pytorch.callbacks import Callback
 
+    def _nbytes(out) -> int:
+        """Bytes of the tensors in `out` (a list of rows, or (rows, event))."""
+        rows = out[0] if isinstance(out, tuple) else out
+        return sum(r.numel() * r.element_size() for r in rows or () if torch.is_tensor(r))
+
     class UtilSampler:
         """GPU utilisation samples while training (NVML via torch, else nvidia-smi)."""
 
@@ -348,37 +353,58 @@ def _probe_class():
             return timed
 
         def _h2d_timed(self, fn):
+            """Events on the bank's copy stream around `_to_device`; never breaks the call."""
             store = self.store
 
-            def timed(tables, ids, device):
-                if torch.device(device).type != "cuda":
-                    return fn(tables, ids, device)
-                if getattr(store, "_copy_stream", None) is None:
-                    store._copy_stream = torch.cuda.Stream(device)
-                stream = store._copy_stream
-                # the copies wait for the compute stream; start timing after that wait
-                stream.wait_stream(torch.cuda.current_stream(device))
-                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                start.record(stream)
-                rows, event = fn(tables, ids, device)
-                end.record(stream)
-                nbytes = sum(r.numel() * r.element_size() for r in rows)
-                self.copies.append((self.probe.steps, "h2d", start, end, nbytes))
-                return rows, event
+            def timed(*args, **kwargs):
+                start = stream = None
+                device = next(
+                    (a for a in (*args, *kwargs.values()) if isinstance(a, torch.device)), None
+                )
+                if device is not None and device.type == "cuda" and hasattr(store, "_copy_stream"):
+                    try:
+                        if store._copy_stream is None:  # as _to_device would make it
+                            store._copy_stream = torch.cuda.Stream(device)
+                        stream = store._copy_stream
+                        # the copies wait for the compute stream: start timing after that
+                        stream.wait_stream(torch.cuda.current_stream(device))
+                        start = torch.cuda.Event(enable_timing=True)
+                        start.record(stream)
+                    except Exception:  # noqa: BLE001 (measuring must not change the run)
+                        start = None
+                out = fn(*args, **kwargs)
+                if start is not None:
+                    try:
+                        end = torch.cuda.Event(enable_timing=True)
+                        end.record(stream)
+                        self.copies.append((self.probe.steps, "h2d", start, end, _nbytes(out)))
+                    except Exception:  # noqa: BLE001
+                        pass
+                return out
 
             return timed
 
         def _d2h_timed(self, fn):
-            def timed(tables, ids, rows):
-                if not rows or rows[0].device.type != "cuda":
-                    return fn(tables, ids, rows)
-                stream = torch.cuda.current_stream(rows[0].device)
-                start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                start.record(stream)
-                out = fn(tables, ids, rows)
-                end.record(stream)
-                nbytes = sum(r.numel() * r.element_size() for r in rows)
-                self.copies.append((self.probe.steps, "d2h", start, end, nbytes))
+            """Events on the compute stream around `_to_host` (its write-backs queue there)."""
+
+            def timed(*args, **kwargs):
+                rows = args[2] if len(args) > 2 else kwargs.get("rows")
+                start = stream = None
+                try:
+                    if rows and torch.is_tensor(rows[0]) and rows[0].device.type == "cuda":
+                        stream = torch.cuda.current_stream(rows[0].device)
+                        start = torch.cuda.Event(enable_timing=True)
+                        start.record(stream)
+                except Exception:  # noqa: BLE001 (measuring must not change the run)
+                    start = None
+                out = fn(*args, **kwargs)
+                if start is not None:
+                    try:
+                        end = torch.cuda.Event(enable_timing=True)
+                        end.record(stream)
+                        self.copies.append((self.probe.steps, "d2h", start, end, _nbytes(rows)))
+                    except Exception:  # noqa: BLE001
+                        pass
                 return out
 
             return timed
@@ -489,23 +515,35 @@ def _probe_class():
             }
             self.out.write_text(json.dumps(data, indent=1) + "\n")
 
-        # -- checkpoints ---------------------------------------------------------------
-        def setup(self, trainer, pl_module, stage: str) -> None:
-            if getattr(trainer, "_gpu_check_timed", False):
-                return
-            clustering = getattr(pl_module, "_clustering", None)
-            if callable(clustering):  # k-means: timed apart, it scales as items x classes
+        def _time_clustering(self) -> None:
+            """k-means (NMI/F1) timed apart: it grows as items x classes, not as items.
+            Wraps `clustering_metrics` wherever a vpt_dml module imported it."""
 
-                def timed_clustering(*args, **kwargs):
+            def timed(fn):
+                def clustering_metrics(*args, **kwargs):
                     self._sync()
                     t = time.perf_counter()
-                    out = clustering(*args, **kwargs)
+                    out = fn(*args, **kwargs)
                     self._sync()
                     if self._eval is not None:
                         self._eval["clustering_s"] += time.perf_counter() - t
                     return out
 
-                pl_module._clustering = timed_clustering
+                clustering_metrics._gpu_check = True
+                return clustering_metrics
+
+            for name, module in list(sys.modules.items()):
+                if name.split(".")[0] != "vpt_dml" or name == "vpt_dml.evaluation.clustering":
+                    continue
+                fn = getattr(module, "clustering_metrics", None)
+                if callable(fn) and not getattr(fn, "_gpu_check", False):
+                    module.clustering_metrics = timed(fn)
+
+        # -- checkpoints ---------------------------------------------------------------
+        def setup(self, trainer, pl_module, stage: str) -> None:
+            if getattr(trainer, "_gpu_check_timed", False):
+                return
+            self._time_clustering()
             save = trainer.save_checkpoint
 
             def timed_save(filepath, *args, **kwargs):
@@ -594,7 +632,7 @@ def _probe_class():
             e["ckpt_s"] = round(e["ckpt_s"], 3)
             e["clustering_s"] = round(e["clustering_s"], 3)
             alloc, reserved = self._peaks()
-            e["peak_gib"] = round(alloc, 3)
+            e["peak_gib"] = round(alloc, 3) if self.cuda else None
             self.memory["eval_gib"] = max(self.memory["eval_gib"], alloc)
             self.memory["reserved_gib"] = max(self.memory["reserved_gib"], reserved)
             self._reset_peaks()
@@ -715,13 +753,15 @@ def check_losses(losses: list[float]) -> list[str]:
 # 4. projection to the real dataset sizes
 # --------------------------------------------------------------------------------------
 def validated_epochs(epochs: int, eval_cfg: dict, trainer_cfg: dict) -> int:
-    """Epochs the preset validates during fit: eval.start_epoch / eval.every_n_epochs when
-    the config has them (epoch e >= start and (e - start) % every == 0), else Lightning's
-    check_val_every_n_epoch."""
+    """Epochs the preset validates during fit: with eval.start_epoch / eval.every_n_epochs,
+    epoch e (0-based) when e >= start and (e - start) % every == 0, and the final epoch
+    always (callbacks/eval_schedule.py); without them Lightning's check_val_every_n_epoch."""
     if "start_epoch" in eval_cfg or "every_n_epochs" in eval_cfg:
         start = int(eval_cfg.get("start_epoch") or 0)
         every = max(int(eval_cfg.get("every_n_epochs") or 1), 1)
-        return sum(1 for e in range(epochs) if e >= start and (e - start) % every == 0)
+        return sum(
+            1 for e in range(epochs) if e == epochs - 1 or (e >= start and (e - start) % every == 0)
+        )
     every = max(int(trainer_cfg.get("check_val_every_n_epoch") or 1), 1)
     return sum(1 for e in range(epochs) if (e + 1) % every == 0)
 
@@ -813,13 +853,34 @@ def tiny_backbone() -> list[str]:
         sys.path.remove(str(REPO))
 
 
-def preset_batch_size(name: str) -> int:
-    """data.batch_size as the preset's yaml sets it (to size the bounded run)."""
+def preset_batch_size(overrides: list[str]) -> int:
+    """data.batch_size of the run as Hydra composes it (to size the bounded run)."""
+    try:
+        from hydra import compose, initialize_config_dir
+        from hydra.core.global_hydra import GlobalHydra
+
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = compose("train", overrides=[o for o in overrides if not o.startswith("hydra.")])
+        GlobalHydra.instance().clear()
+        return int(cfg.data.batch_size)
+    except Exception as err:  # noqa: BLE001 (the run itself will report a bad config)
+        print(f"could not compose the config ({type(err).__name__}: {err}); batch size from yaml")
+    return _yaml_batch_size(overrides)
+
+
+def _yaml_batch_size(overrides: list[str]) -> int:
+    """Fallback: the experiment's data.batch_size, else its data option's batch_size."""
     import yaml
 
+    name = next(o.split("=", 1)[1] for o in overrides if o.startswith("+experiment="))
     node = yaml.safe_load((REPO / "conf" / "experiment" / f"{name}.yaml").read_text()) or {}
     if (node.get("data") or {}).get("batch_size"):
         return int(node["data"]["batch_size"])
+    for entry in node.get("defaults") or []:
+        if isinstance(entry, dict) and "override /data" in entry:
+            data = REPO / "conf" / "data" / f"{entry['override /data']}.yaml"
+            return int((yaml.safe_load(data.read_text()) or {}).get("batch_size") or 32)
     return 32
 
 
@@ -840,8 +901,6 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 def run_preset(name: str, layout: Layout, work: Path, args, deadline: float) -> dict:
-    batch = preset_batch_size(name)
-    epoch_len = max(layout.train_images // batch, 1)
     overrides = [
         f"+experiment={name}",
         f"data.root={layout.root}",
@@ -851,18 +910,19 @@ def run_preset(name: str, layout: Layout, work: Path, args, deadline: float) -> 
         f"hydra.run.dir={work / 'runs' / name}",
         "trainer.enable_progress_bar=false",
     ]
+    settings = (tiny_backbone() + ["data.num_workers=1"]) if args.tiny else []
+    if args.cpu:
+        settings += ["trainer.accelerator=cpu", "trainer.precision=32-true"]
+    settings += args.override
+    batch = preset_batch_size(overrides + settings)
+    epoch_len = max(layout.train_images // batch, 1)
     if args.steps <= epoch_len:  # stop inside the first epoch, at an epoch end
         steps = args.steps
         overrides += [f"trainer.limit_train_batches={steps}", f"trainer.max_steps={steps}"]
     else:  # whole epochs
         steps = math.ceil(args.steps / epoch_len) * epoch_len
         overrides.append(f"trainer.max_steps={steps}")
-    if args.tiny:
-        overrides += tiny_backbone()
-        overrides += ["data.num_workers=1"]
-    if args.cpu:
-        overrides += ["trainer.accelerator=cpu", "trainer.precision=32-true"]
-    overrides += args.override
+    overrides += settings
     warmup = args.warmup if args.warmup is not None else max(1, min(30, steps // 10))
     run_dir = work / "runs" / name
     probe_path = work / f"{name}_probe.json"

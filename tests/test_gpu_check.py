@@ -73,7 +73,9 @@ def test_loss_check():
 # -- projection -------------------------------------------------------------------------
 def test_validated_epochs_follow_the_cadence():
     assert gc.validated_epochs(120, {"start_epoch": 30, "every_n_epochs": 1}, {}) == 90
-    assert gc.validated_epochs(60, {"start_epoch": 30, "every_n_epochs": 5}, {}) == 6
+    # epochs 30, 35, ..., 55 and the final one (59)
+    assert gc.validated_epochs(60, {"start_epoch": 30, "every_n_epochs": 5}, {}) == 7
+    assert gc.validated_epochs(60, {"start_epoch": 59, "every_n_epochs": 1}, {}) == 1
     assert gc.validated_epochs(60, {"start_epoch": 0}, {}) == 60
     # without eval.start_epoch / every_n_epochs: Lightning's check_val_every_n_epoch
     assert gc.validated_epochs(10, {"clustering_every_epoch": False}, {}) == 10
