@@ -961,8 +961,13 @@ def run_preset(name: str, layout: Layout, work: Path, args, deadline: float) -> 
         )
     else:
         out["failures"] += [f"{name}: {p}" for p in check_losses(probe["losses"])]
+        warnings = []
         if not any(e["label"] == "before" for e in probe["evals"]):
-            out["warnings"] = [f"{name}: no evaluation before training ran"]
+            warnings.append(f"{name}: no evaluation before training ran")
+        if rc == 0 and probe["steps"] != steps:
+            warnings.append(f"{name}: {probe['steps']} training steps ran, {steps} were asked for")
+        if warnings:
+            out["warnings"] = warnings
     metrics_path = run_dir / "metrics.json"
     result = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
     if result is None:
@@ -1121,6 +1126,23 @@ def benches(args, work: Path, deadline: float) -> dict:
     return out
 
 
+def describe_bench(label: str, b: dict) -> str:
+    if "skipped" in b:
+        return f"[{label}] skipped: {b['skipped']}"
+    res = b.get("result") or {}
+    if "variants" in res:
+        v = res["variants"]
+        rows = ", ".join(
+            f"{k} {v[k]['images_per_s']} img/s ({v[k]['time_vs_full_ft']}x full FT time)"
+            for k in ("full_ft", "vptsp_g")
+            if k in v
+        )
+        return f"[{label}] {res.get('model')} batch {res.get('batch')}: {rows}"
+    if "ours_s" in res:
+        return f"[{label}] {res.get('n')} x {res.get('dim')}: {res['ours_s']} s, peak {res.get('ours_peak_gb')} GB"
+    return f"[{label}] rc {b.get('rc')}, no result"
+
+
 def sop_vs_bench(presets: dict, bench: dict) -> dict | None:
     """The issue's target: sop_deep's end-to-end images/s vs the bench's step at batch 32."""
     sop = presets.get("sop_deep") or {}
@@ -1195,6 +1217,8 @@ def main() -> int:
             presets[name] = r
             print(describe(name, r), flush=True)
         summary["bench"] = benches(args, work, deadline)
+        for label, b in summary["bench"].items():
+            print(describe_bench(label, b), flush=True)
         failures += [b["failure"] for b in summary["bench"].values() if "failure" in b]
         summary["sop_e2e_vs_bench_step"] = sop_vs_bench(presets, summary["bench"])
     except Exception as err:  # noqa: BLE001 (a bug here must still end in the JSON line)
@@ -1216,6 +1240,9 @@ def main() -> int:
     for f in failures:
         print(f"GPU CHECK FAILED: {f}", file=sys.stderr, flush=True)
         print(f"GPU CHECK FAILED: {f.splitlines()[0]}", flush=True)
+    for r in (summary.get("presets") or {}).values():
+        for w in r.get("warnings") or []:
+            print(f"GPU CHECK WARNING: {w}", flush=True)
     if not failures:
         print("GPU CHECK PASSED", flush=True)
     line = json.dumps(summary, default=str)
