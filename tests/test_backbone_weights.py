@@ -249,3 +249,24 @@ def test_jax_npz_loads_through_timm_and_a_short_one_is_refused(tmp_path: Path):
     np.savez(tmp_path / "short.npz", **arrays)
     msg = one_line_error(tmp_path / "short.npz")
     assert "does not fit" in msg and "Dense_1/bias" in msg and "seems to hold a JAX ViT" in msg
+
+
+def test_a_run_records_its_weights_file_in_metrics_json(tmp_path: Path):
+    """metrics.json names the exact weights: size, SHA-256 and 0 missing / 0 unexpected."""
+    import hashlib
+    import json
+
+    from conftest import compose_config
+    from hydra.core.hydra_config import HydraConfig
+
+    from vpt_dml.run import train
+
+    path = save(source_state(), tmp_path / "vit.safetensors")
+    cfg = compose_config(tiny_overrides(f"model.backbone.weights={path}"), tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    train(cfg)
+    backbone = json.loads((tmp_path / "run" / "metrics.json").read_text())["provenance"]["backbone"]
+    report = backbone["weights_file"]
+    assert (report["missing"], report["unexpected"]) == (0, 0)
+    assert report["size_bytes"] == path.stat().st_size
+    assert report["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -27,7 +27,7 @@ from vpt_dml.callbacks.eval_schedule import EvalSchedule
 from vpt_dml.callbacks.metric_history import MetricHistory
 from vpt_dml.callbacks.wandb_logger import finish_wandb
 from vpt_dml.errors import UserError
-from vpt_dml.models.backbone import data_config
+from vpt_dml.models.backbone import data_config, weights_report
 from vpt_dml.module import VPTDMLModule
 from vpt_dml.results import build_result, run_provenance
 from vpt_dml.summary import print_summary
@@ -110,8 +110,8 @@ def cfg_without_hydra(cfg: DictConfig) -> DictConfig:
     return OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"})
 
 
-def backbone_provenance(b: DictConfig) -> dict:
-    """Which backbone, and where its weights came from."""
+def backbone_provenance(b: DictConfig, vit=None) -> dict:
+    """Which backbone, and where its weights came from (file size, SHA-256, key counts)."""
     out = {
         "name": b.name,
         "pretrained": bool(b.pretrained or b.weights),
@@ -119,6 +119,8 @@ def backbone_provenance(b: DictConfig) -> dict:
     }
     if b.get("synthetic_pretraining") and b.weights:
         out["made_by"] = "vpt_dml synthetic pretraining on generated classes outside the dataset"
+    if vit is not None and weights_report(vit) is not None:
+        out["weights_file"] = weights_report(vit)
     return out
 
 
@@ -150,7 +152,7 @@ def train(cfg: DictConfig) -> dict:
     module = build_module(cfg, splits.train.num_classes, dm.recall_ks)
     # Preprocessing follows the backbone's own pretrained config (size, mean, std).
     pre = data_config(module.embedder.backbone.vit)
-    dm.image_size, dm.mean, dm.std = pre["image_size"], pre["mean"], pre["std"]
+    dm.set_preprocessing(pre["image_size"], pre["mean"], pre["std"])
     trainer = build_trainer(cfg)
 
     if cfg.get("eval_before_training", True):
@@ -183,7 +185,11 @@ def finish(cfg: DictConfig, trainer: L.Trainer, module: VPTDMLModule, dm, out_di
         schedule={"start_epoch": schedule.start_epoch, "every_n_epochs": schedule.every_n_epochs},
         cost=cost.summary(module),
         provenance=run_provenance(
-            cfg, trainer, module, dm, backbone_provenance(cfg.model.backbone)
+            cfg,
+            trainer,
+            module,
+            dm,
+            backbone_provenance(cfg.model.backbone, module.embedder.backbone.vit),
         ),
     )
     if trainer.is_global_zero:

@@ -7,6 +7,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from vpt_dml.callbacks.text_progress import table_to_run_log, to_run_log
+from vpt_dml.models.params import tuned_line
+
 
 def _column(part: dict | None, title: str) -> tuple[str, dict]:
     if not part:
@@ -50,21 +53,25 @@ def cost_lines(result: dict) -> list[str]:
         lines.append(f"evaluation: {cost['eval_s']:.1f} s each")
     if cost.get("peak_memory_mib"):
         lines.append(f"peak memory: {cost['peak_memory_mib']:.0f} MiB ({cost['peak_memory_kind']})")
-    params = (result["provenance"].get("parameters") or {}).get("all")
-    if params:
-        lines.append(
-            f"trainable params: {params['trainable']:,} ({params['tuned_pct']:.2f}% of backbone)"
-        )
+    params = result["provenance"].get("parameters") or {}
+    if params.get("all"):
+        # inference-time and training-only parts, each against the backbone's size
+        lines.append(tuned_line(params))
     elif cost.get("trainable_params"):
         lines.append(f"trainable params: {cost['trainable_params']:,}")
     return lines
 
 
 def print_summary(result: dict, out_dir: Path) -> None:
+    """The table and its lines on the console and in the run folder's run.log."""
     console = Console(stderr=False)
-    console.print(metric_table(result))
-    for line in cost_lines(result):
-        console.print(line)
+    table = metric_table(result)
+    console.print(table)
+    table_to_run_log(table)
+    lines = cost_lines(result)
     if result.get("test_evaluations") is not None:
-        console.print(f"test split evaluated {result['test_evaluations']} time(s)")
-    console.print(f"run folder: {out_dir}  (metrics.json, checkpoints/last.ckpt)")
+        lines.append(f"test split evaluated {result['test_evaluations']} time(s)")
+    lines.append(f"run folder: {out_dir}  (metrics.json, checkpoints/last.ckpt)")
+    for line in lines:
+        console.print(line)
+        to_run_log(line)
