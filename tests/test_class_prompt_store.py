@@ -18,10 +18,10 @@ C, D = 5, 4
 BATCHES = [[0, 1, 1], [1, 2, 2], [0, 0, 1]]  # classes 3 and 4 never appear
 
 
-def make_store(dtype=torch.float32) -> ClassPromptStore:
+def make_store(dtype=torch.float32, step_count: str = "per_row") -> ClassPromptStore:
     g = torch.Generator().manual_seed(0)
     initial = [torch.randn(C, m, D, generator=g) for m in COUNTS if m > 0]
-    return ClassPromptStore(initial, COUNTS, dtype)
+    return ClassPromptStore(initial, COUNTS, dtype, step_count)
 
 
 def weights_for(step: int, labels: list[int]) -> list[torch.Tensor]:
@@ -29,8 +29,10 @@ def weights_for(step: int, labels: list[int]) -> list[torch.Tensor]:
     return [torch.randn(len(labels), m, D, generator=g) for m in COUNTS if m > 0]
 
 
-def run_store(store: ClassPromptStore, group: dict, kind: str, scale: float = 1.0) -> None:
-    for step, labels in enumerate(BATCHES):
+def run_store(
+    store: ClassPromptStore, group: dict, kind: str, scale: float = 1.0, batches=BATCHES
+) -> None:
+    for step, labels in enumerate(batches):
         prompts = [p for p in store.gather(torch.tensor(labels)) if p is not None]
         loss = sum((p * w).sum() for p, w in zip(prompts, weights_for(step, labels)))
         (loss * scale).backward()
@@ -132,8 +134,9 @@ def test_host_store_starts_like_dense_table_and_round_trips_through_state_dict()
     other = semantic(1, "host")
     other.load_state_dict(host.state_dict())
     a, b = host.class_prompts.store.state_tensors(), other.class_prompts.store.state_tensors()
-    assert len(a) == len(b) == 2 + 4 + 1  # values, two moments per layer, step counts
+    assert len(a) == len(b) == 2 + 4 + 2  # values, two moments per layer, global + row counts
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert int(other.class_prompts.store.global_steps) == 1
 
     wrong = SemanticProxies(C, D, 3, [3, 0, 1], class_prompt_store="host")
     with pytest.raises(UserError, match="class_prompts"):
@@ -161,3 +164,107 @@ def test_lightning_run_steps_only_batch_rows_and_checkpoints_the_store(tmp_path:
     assert store.steps.tolist() == [3, 3, 3, 3]
     assert set(store.moments) == {"exp_avg", "exp_avg_sq"}
     assert all(torch.count_nonzero(m) > 0 for m in store.moments["exp_avg"])
+
+
+# overlapping and disjoint classes; class 3 first appears at the third step, 4 never
+GLOBAL_BATCHES = [[0, 1, 1], [1, 2, 2], [3, 3], [0, 0, 1], [2, 3], [1, 3, 3]]
+ADAMW = {"lr": 0.1, "weight_decay": 0.05, "betas": (0.9, 0.99), "eps": 1e-8}
+
+
+def reference_global_bank(initial: list[torch.Tensor]):
+    """The reference's bank: per layer one torch AdamW whose single parameter is replaced by
+    the batch's rows every step, its moments taken from (and returned to) the host table
+    and its state's step carried over from the previous batch."""
+    tables = [t.clone() for t in initial]
+    exp_avg = [torch.zeros_like(t) for t in tables]
+    exp_avg_sq = [torch.zeros_like(t) for t in tables]
+    step = [torch.tensor(0.0) for _ in tables]
+    for k, labels in enumerate(GLOBAL_BATCHES):
+        ids = torch.tensor(sorted(set(labels)))
+        where = torch.searchsorted(ids, torch.tensor(labels))
+        for i, w in enumerate(weights_for(k, labels)):
+            param = torch.nn.Parameter(tables[i][ids].clone())
+            opt = torch.optim.AdamW([param], lr=0.1, weight_decay=0.05, betas=(0.9, 0.99))
+            opt.state[param] = {
+                "step": step[i].clone(),
+                "exp_avg": exp_avg[i][ids].clone(),
+                "exp_avg_sq": exp_avg_sq[i][ids].clone(),
+            }
+            param.grad = torch.zeros_like(param).index_add_(0, where, w)
+            opt.step()
+            state = opt.state[param]
+            step[i] = state["step"]
+            tables[i][ids] = param.detach()
+            exp_avg[i][ids] = state["exp_avg"]
+            exp_avg_sq[i][ids] = state["exp_avg_sq"]
+    return tables, exp_avg, exp_avg_sq, step
+
+
+def test_global_step_equals_adamw_on_the_batch_rows_with_carried_step():
+    store = make_store(step_count="global")
+    initial = [v.clone() for v in store.values]
+    run_store(store, ADAMW, "adamw", batches=GLOBAL_BATCHES)
+    tables, exp_avg, exp_avg_sq, step = reference_global_bank(initial)
+    assert [int(s) for s in step] == [len(GLOBAL_BATCHES)] * 2
+    assert int(store.global_steps) == len(GLOBAL_BATCHES)
+    for i in range(len(tables)):
+        torch.testing.assert_close(store.values[i], tables[i], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(store.moments["exp_avg"][i], exp_avg[i], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            store.moments["exp_avg_sq"][i], exp_avg_sq[i], rtol=1e-5, atol=1e-9
+        )
+        assert torch.equal(store.values[i][4], initial[i][4])  # never in a batch: untouched
+    assert store.steps.tolist() == [2, 4, 2, 3, 0]  # per-row counts are still kept
+
+    # the modes differ where a class first appears late (class 3: global t=3, per-row t=1)
+    per_row = make_store(step_count="per_row")
+    run_store(per_row, ADAMW, "adamw", batches=GLOBAL_BATCHES)
+    assert not torch.allclose(per_row.values[0][3], store.values[0][3], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(per_row.values[0][4], store.values[0][4])
+
+
+def test_global_step_skips_with_the_main_optimizer_and_round_trips():
+    store = make_store(step_count="global")
+    run_store(store, ADAMW, "adamw", batches=GLOBAL_BATCHES[:2])
+    prompts = [p for p in store.gather(torch.tensor([0, 3])) if p is not None]
+    (prompts[0].sum() * float("inf")).backward()
+    assert not store.step(ADAMW, "adamw")  # overflow: no step, no count
+    prompts = [p for p in store.gather(torch.tensor([4])) if p is not None]
+    prompts[0].sum().backward()
+    assert not store.step(ADAMW, "adamw", skip=True)  # the GradScaler skipped the step
+    assert int(store.global_steps) == 2
+
+    fresh = make_store(step_count="global")
+    fresh.set_extra_state(store.get_extra_state())
+    assert int(fresh.global_steps) == 2
+    # a checkpoint from before the global count: continue from the most-stepped row
+    old = dict(store.get_extra_state())
+    del old["global_steps"]
+    older = make_store(step_count="global")
+    older.set_extra_state(old)
+    assert int(older.global_steps) == int(store.steps.max()) == 2
+
+    # the continued run equals one that never stopped
+    rest = GLOBAL_BATCHES[2:]
+    for s in (store, fresh):
+        for k, labels in enumerate(rest, start=2):
+            prompts = [p for p in s.gather(torch.tensor(labels)) if p is not None]
+            sum((p * w).sum() for p, w in zip(prompts, weights_for(k, labels))).backward()
+            assert s.step(ADAMW, "adamw")
+    for a, b in zip(store.state_tensors(), fresh.state_tensors()):
+        assert torch.equal(a, b)
+
+
+def test_step_count_option_reaches_the_host_store_and_is_checked():
+    sp = SemanticProxies(C, D, 3, COUNTS, class_prompt_store="host", class_prompt_step="global")
+    store = sp.class_prompts.store
+    initial = [v.clone() for v in store.values]
+    run_store(store, ADAMW, "adamw", batches=GLOBAL_BATCHES)
+    tables = reference_global_bank(initial)[0]
+    for got, want in zip(store.values, tables):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # the dense table is trained by the main optimizer: accepted and ignored
+    SemanticProxies(C, D, 3, COUNTS, class_prompt_store="device", class_prompt_step="global")
+    for where in ("host", "device"):
+        with pytest.raises(UserError, match="class_prompt_step"):
+            SemanticProxies(C, D, 3, COUNTS, class_prompt_store=where, class_prompt_step="row")

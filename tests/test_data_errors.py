@@ -9,9 +9,9 @@ import torch
 from conftest import REPO, run_cli, tiny_overrides
 from torch.utils.data import DataLoader
 
+from tests.fake_layouts import fake_cub, fake_sop, jpeg_bytes, put
 from vpt_dml.data.datamodule import RetrievalDataModule
 from vpt_dml.data.dataset import SKIPPED_LABEL, EvalDataset, ImageDataset
-from vpt_dml.data.fake_layouts import fake_cub, fake_sop, jpeg_bytes, put
 from vpt_dml.data.records import ImageRecords
 from vpt_dml.data.registry import load_splits
 from vpt_dml.data.synthetic import write_synthetic_cub
@@ -71,7 +71,7 @@ def test_skipping_the_last_image_of_a_class_is_an_error(tmp_path: Path):
     dm = RetrievalDataModule(
         name="sop", root=str(root), strict_counts=False, skip_broken=True, num_workers=0
     )
-    with pytest.raises(DatasetError, match="train class 2 has no images left"):
+    with pytest.raises(DatasetError, match="train class 3 has no images left"):
         dm.load()
 
 

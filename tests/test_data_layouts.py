@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.fake_layouts import fake_cars, fake_cub, fake_inat, fake_inshop, fake_sop, put
 from vpt_dml.data import registry
 from vpt_dml.data.datamodule import RetrievalDataModule
-from vpt_dml.data.fake_layouts import fake_cars, fake_cub, fake_inat, fake_inshop, fake_sop, put
 from vpt_dml.data.registry import load_splits
 from vpt_dml.errors import DatasetError
 

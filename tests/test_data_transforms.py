@@ -9,7 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.fake_layouts import fake_sop
+from vpt_dml.data.datamodule import RetrievalDataModule
 from vpt_dml.data.transforms import build_transforms
+from vpt_dml.errors import UserError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -76,3 +79,21 @@ def test_fast_handles_grayscale_and_png():
         out = build_transforms(32, (0.5,) * 3, (0.5,) * 3, train=True)(Image.open(buf))
         assert out.shape == (3, 32, 32) and out.dtype == torch.float32
         assert out.abs().max() < 0.02  # 128/255 normalised by 0.5/0.5 is ~0
+
+
+def test_set_preprocessing_reaches_every_split(tmp_path):
+    root = fake_sop(tmp_path, train_classes=2, test_classes=2, per_class=2)
+    dm = RetrievalDataModule(name="sop", root=str(root), strict_counts=False, num_workers=0)
+    dm.set_preprocessing(16, (0.5,) * 3, (0.25,) * 3)
+    dm.setup("fit")
+    image = dm.train_set[0][0]
+    assert image.shape == (3, 16, 16) and dm.test_set[0][0].shape == (3, 16, 16)
+    # std 0.25 around 0.5: pixel values in [0, 1] map to [-2, 2]
+    assert image.min() >= -2.0 and image.max() <= 2.0 and image.abs().max() > 1.0
+    dm.set_preprocessing(24, MEAN, STD)  # after setup: the next setup rebuilds the datasets
+    dm.setup("test")
+    assert dm.test_set[0][0].shape == (3, 24, 24)
+    with pytest.raises(UserError, match="not a valid image size"):
+        dm.set_preprocessing(0, MEAN, STD)
+    with pytest.raises(UserError, match="one mean and std per channel"):
+        dm.set_preprocessing(16, MEAN, STD[:2])

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from tests.test_export import backbone_weights_file, train_run, trained_embedder
 from vpt_dml import embed, retrieve
@@ -31,6 +33,7 @@ def setup(tmp_path_factory) -> dict:
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, dest)
     return {
+        "root": root,
         "run_dir": run_dir,
         "weights": weights,
         "backbone": backbone_weights_file(run_dir, root / "backbone.safetensors"),
@@ -38,16 +41,51 @@ def setup(tmp_path_factory) -> dict:
     }
 
 
-def model_args(setup) -> list[str]:
-    return [str(setup["weights"]), "--backbone-weights", str(setup["backbone"])]
+def model_args(setup, weights: Path | None = None) -> list[str]:
+    return [str(weights or setup["weights"]), "--backbone-weights", str(setup["backbone"])]
 
 
-def test_embed_writes_trained_models_embeddings(setup, tmp_path: Path) -> None:
-    out = tmp_path / "emb"
-    assert embed.main([*model_args(setup), str(setup["gallery"]), str(out)]) == 0
-    emb = np.load(out / "embeddings.npy")
-    names = (out / "files.txt").read_text().splitlines()
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def other_model(setup, out: Path) -> Path:
+    """The same export with one tuned tensor changed: same backbone, another model."""
+    with safe_open(str(setup["weights"]), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["head.fc.weight"] = tensors["head.fc.weight"] + 0.5
+    save_file(tensors, str(out), metadata=meta)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory) -> Path:
+    """A straight embed of the gallery, the yardstick for skipped and resumed runs."""
+    out = tmp_path_factory.mktemp("reference") / "emb"
+    assert embed.main([*model_args(setup), str(setup["gallery"]), str(out), "--no-progress"]) == 0
+    return out
+
+
+def rows_by_name(folder: Path) -> dict[str, np.ndarray]:
+    emb = np.load(folder / "embeddings.npy")
+    return dict(zip((folder / "files.txt").read_text().splitlines(), emb))
+
+
+def test_embed_writes_trained_models_embeddings(setup, reference) -> None:
+    emb = np.load(reference / "embeddings.npy")
+    names = (reference / "files.txt").read_text().splitlines()
     assert len(names) == len(emb) == 12 and all("/" in n for n in names)
+    meta = json.loads((reference / "embed.json").read_text())
+    assert Path(meta["image_root"]) == setup["gallery"].resolve() and meta["skipped"] == 0
+    assert not (reference / "skipped.txt").exists() and not (reference / "chunks").exists()
     # the reference: the trained checkpoint's image branch on the test-time transform
     transform = build_transforms(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), train=False)
     batch = torch.stack([load_transformed(str(setup["gallery"] / n), transform) for n in names])
@@ -80,26 +118,132 @@ def test_retrieve_finds_the_query_itself_first(setup, tmp_path: Path, capsys) ->
     assert "queries" in printed.err  # the progress bar
 
 
-def test_retrieve_reuses_embed_output(setup, tmp_path: Path) -> None:
-    cached = tmp_path / "gallery_emb"
-    assert (
-        embed.main([*model_args(setup), str(setup["gallery"]), str(cached), "--no-progress"]) == 0
-    )
+def test_retrieve_from_embed_output_names_real_image_paths(
+    setup, reference, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)  # paths must not depend on where retrieve runs
     query = sorted(setup["gallery"].rglob("*.jpg"))[2]
     out = tmp_path / "res.json"
-    args = [
-        *model_args(setup),
-        str(query),
-        str(cached),
-        "--top-k",
-        "5",
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
-    assert retrieve.main(args) == 0
+    args = [*model_args(setup), str(query), str(reference), "--top-k", "5", "--out", str(out)]
+    assert retrieve.main([*args, "--no-progress"]) == 0
     top = json.loads(out.read_text())[0]["neighbours"]
-    assert len(top) == 5 and Path(top[0]["path"]).name == query.name
+    assert len(top) == 5 and Path(top[0]["path"]).resolve() == query.resolve()
+    assert all(Path(h["path"]).is_file() for h in top)
+    printed = [line.split()[-1] for line in capsys.readouterr().out.splitlines() if ". " in line]
+    assert len(printed) == 5 and all(Path(p).is_file() for p in printed)
+    assert not any(str(reference) in p for p in printed)
+
+
+def test_gallery_of_another_model_is_refused(setup, reference, tmp_path: Path, capsys) -> None:
+    weights_b = other_model(setup, tmp_path / "b.safetensors")
+    query = sorted(setup["gallery"].rglob("*.jpg"))[0]
+    args = [*model_args(setup, weights_b), str(query), str(reference), "--no-progress"]
+    assert retrieve.main([*args, "--out", str(tmp_path / "r.json")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "embedded with another model" in line and str(weights_b) in line
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_gallery_without_fingerprint_is_refused(setup, reference, tmp_path: Path, capsys) -> None:
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("embeddings.npy", "files.txt"):  # what an older embed wrote
+        shutil.copy(reference / name, old / name)
+    query = sorted(setup["gallery"].rglob("*.jpg"))[0]
+    assert retrieve.main([*model_args(setup), str(query), str(old), "--no-progress"]) == 2
+    assert "no embed.json" in one_error_line(capsys.readouterr().err)
+
+
+@pytest.fixture
+def broken_gallery(setup, tmp_path: Path) -> tuple[Path, Path]:
+    gallery = tmp_path / "gallery"
+    shutil.copytree(setup["gallery"], gallery)
+    bad = sorted(gallery.rglob("*.jpg"))[9]
+    truncate(bad)
+    return gallery, bad
+
+
+def test_embed_broken_image_names_file_and_flag(setup, broken_gallery, tmp_path, capsys) -> None:
+    gallery, bad = broken_gallery
+    out = tmp_path / "emb"
+    args = [*model_args(setup), str(gallery), str(out), "--no-progress", "--chunk-size", "4"]
+    assert embed.main(args) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(bad) in line and "--skip-broken" in line and "data.skip_broken" not in line
+    assert "2 of 3 chunks are saved" in line  # the images before it are not lost
+
+
+def test_embed_skip_broken_keeps_every_other_image(
+    setup, broken_gallery, reference, tmp_path: Path, capsys
+) -> None:
+    gallery, bad = broken_gallery
+    out = tmp_path / "emb"
+    args = [*model_args(setup), str(gallery), str(out), "--no-progress", "--skip-broken"]
+    assert embed.main(args) == 0
+    assert "skipped 1 undecodable image(s)" in capsys.readouterr().err
+    rows = rows_by_name(out)
+    bad_name = str(bad.relative_to(gallery))
+    expected = {k: v for k, v in rows_by_name(reference).items() if k != bad_name}
+    assert sorted(rows) == sorted(expected) and len(rows) == 11
+    for name, row in rows.items():
+        np.testing.assert_allclose(row, expected[name], atol=1e-6)
+    listed = (out / "skipped.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in listed] == [bad_name]
+    assert json.loads((out / "embed.json").read_text())["skipped"] == 1
+
+
+def test_interrupted_embed_resumes_without_recomputing(
+    setup, reference, tmp_path: Path, monkeypatch
+) -> None:
+    real = embed.embed_files
+    calls: list[int] = []
+    interrupt_at = [3]
+
+    def counting(model, files, *args, **kwargs):
+        calls.append(len(files))
+        if len(calls) == interrupt_at[0]:
+            raise KeyboardInterrupt  # the user's Ctrl-C during the third chunk
+        return real(model, files, *args, **kwargs)
+
+    monkeypatch.setattr(embed, "embed_files", counting)
+    out = tmp_path / "emb"
+    args = [*model_args(setup), str(setup["gallery"]), str(out), "--no-progress"]
+    with pytest.raises(KeyboardInterrupt):
+        embed.main([*args, "--chunk-size", "2"])
+    assert len(list((out / "chunks").glob("chunk_*.npz"))) == 2
+    calls.clear()
+    interrupt_at[0] = 0
+    assert embed.main([*args, "--chunk-size", "2"]) == 0
+    assert calls == [2, 2, 2, 2]  # 6 chunks of 2 images, 2 of them done before
+    resumed, straight = rows_by_name(out), rows_by_name(reference)
+    assert list(resumed) == list(straight)
+    np.testing.assert_allclose(
+        np.stack(list(resumed.values())), np.stack(list(straight.values())), atol=1e-6
+    )
+    calls.clear()
+    assert embed.main([*args, "--chunk-size", "2"]) == 0 and calls == []  # already done
+
+
+def test_retrieve_gallery_folder_skip_broken(setup, broken_gallery, tmp_path: Path, capsys):
+    gallery, bad = broken_gallery
+    query = sorted(gallery.rglob("*.jpg"))[0]
+    out = tmp_path / "res.json"
+    args = [*model_args(setup), str(query), str(gallery), "--top-k", "20", "--no-progress"]
+    assert retrieve.main([*args, "--out", str(out)]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(bad) in line and "--skip-broken" in line
+    assert retrieve.main([*args, "--out", str(out), "--skip-broken"]) == 0
+    hits = [h["path"] for h in json.loads(out.read_text())[0]["neighbours"]]
+    assert len(hits) == 11 and str(bad) not in hits
+    assert (tmp_path / "res.skipped.txt").read_text().startswith(str(bad))
+
+
+def test_non_image_query_names_the_file(setup, tmp_path: Path, capsys) -> None:
+    query = tmp_path / "notes.jpg"
+    query.write_text("not an image")
+    assert retrieve.main([*model_args(setup), str(query), str(setup["gallery"])]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert str(query) in line and "give an image file" in line and "skip_broken" not in line
 
 
 def test_bad_input_is_one_line(setup, tmp_path: Path, capsys) -> None:

@@ -23,7 +23,14 @@ def test_run_writes_metrics_and_provenance(tmp_path: Path):
     metrics = _train(cfg)
     run_dir = tmp_path / "run"
     written = json.loads((run_dir / "metrics.json").read_text())
+    assert written["status"] == "finished"
     assert written["metrics"] == pytest.approx(metrics)
+    # the flat metrics are the final epoch's (documented in vpt_dml/results.py)
+    final = dict(written["final"]["metrics"], **{"recall@1_before": metrics["recall@1_before"]})
+    assert written["metrics"] == pytest.approx(final)
+    assert written["final"]["epoch"] == 1
+    assert written["before"]["metrics"]["recall@1"] == metrics["recall@1_before"]
+    assert written["best"]["epoch"] in (0, 1)
     for key in ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "recall@1_before"):
         assert 0.0 <= written["metrics"][key] <= 1.0, key
     prov = written["provenance"]

@@ -3,11 +3,17 @@ evaluation shards that neither lose nor double an image."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from torch.utils.data.distributed import DistributedSampler
 
+from tests.fake_layouts import fake_sop
+from vpt_dml.data.datamodule import RetrievalDataModule
 from vpt_dml.data.sampler import ClassBalancedBatchSampler
 from vpt_dml.errors import UserError
 from vpt_dml.module import unique_first
@@ -88,3 +94,50 @@ def test_eval_shards_cover_every_image_once(n: int):
     index, first = unique_first(gathered)
     assert index.tolist() == data
     assert sorted(gathered[first].tolist()) == data
+
+
+class _Recorder(L.LightningModule):
+    """Records each training batch's dataset indices; trains one throwaway weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.seen: dict[int, list[list[int]]] = {}
+
+    def training_step(self, batch, batch_idx):
+        self.seen.setdefault(self.current_epoch, []).append(batch[2].tolist())
+        return (self.w * batch[0].mean()).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_plain_trainer_gets_new_batches_every_epoch(tmp_path: Path):
+    # no ExactResume, no run.py: the sampler advances its epoch by itself
+    dm = RetrievalDataModule(
+        name="sop",
+        root=str(fake_sop(tmp_path, train_classes=6, per_class=3)),
+        strict_counts=False,
+        num_workers=0,
+        batch_size=4,
+        samples_per_class=2,
+        seed=5,
+    )
+    dm.set_preprocessing(16, (0.5,) * 3, (0.5,) * 3)
+    module = _Recorder()
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, datamodule=dm)
+    reference = ClassBalancedBatchSampler(dm.train_set.records.labels, 4, 2, seed=5)
+    assert [module.seen[e] for e in range(3)] == [epoch_batches(reference, e) for e in range(3)]
+    assert module.seen[0] != module.seen[1] != module.seen[2]

@@ -196,3 +196,89 @@ def test_memory_survives_state_dict_round_trip(tmp_path):
     fresh.memory.zero_()
     fresh.load_state_dict(torch.load(tmp_path / "sp.pt"))
     assert torch.equal(fresh.memory, sp.memory)
+
+
+def _hand_in_batch_loss(emb, labels, proxies, alpha=32.0, delta=0.1):
+    """Proxy Anchor over the given per-class proxies (rows in sorted class order), Z+ = K."""
+    classes = sorted(set(labels.tolist()))
+    emb = F.normalize(emb, dim=-1)
+    total = 0.0
+    for j, c in enumerate(classes):
+        cos = emb @ proxies[j]
+        pos, neg = labels == c, labels != c
+        total = total + torch.log1p(torch.exp(-alpha * (cos[pos] - delta)).sum())
+        total = total + torch.log1p(torch.exp(alpha * (cos[neg] + delta)).sum())
+    return total / len(classes)
+
+
+@pytest.mark.parametrize("update", ["gru_relu", "mix"])
+def test_in_batch_proxies_use_the_fold_output_before_normalisation(update):
+    """The reference's in_batch: normalize(r * B[c] + (1 - r) * h_c), h_c not normalised;
+    `all` keeps using the row-normalised H; H is updated the same way in both."""
+    from vpt_dml.losses import ProxyAnchorLoss
+
+    r, lam = 0.3, 0.8
+    models = {}
+    for in_batch in (False, True):
+        torch.manual_seed(0)
+        models[in_batch] = SemanticProxies(
+            6, 8, E, [2, 1, 0], update=update, bias_ratio=r, in_batch_proxies=in_batch
+        ).double()
+    with torch.no_grad():  # non-zero gate biases, and a bias B that matters
+        for sp in models.values():
+            torch.manual_seed(1)
+            if sp.cell is not None:
+                sp.cell.input.bias.uniform_(-0.5, 0.5)
+            sp.bias.normal_()
+            sp.memory.copy_(F.normalize(sp.memory, dim=-1))  # unit rows in float64 too
+    sp_all, sp_in = models[False], models[True]
+    memory0 = sp_all.memory.clone()
+    labels = torch.tensor([1, 1, 4, 0, 4, 1])
+    torch.manual_seed(2)
+    s = torch.randn(len(labels), E, dtype=torch.float64)
+
+    # hand computation of each batch class's h_c (batch order within the class)
+    h = {}
+    for c in sorted(set(labels.tolist())):
+        if update == "mix":
+            h[c] = lam * memory0[c] + (1 - lam) * s[labels == c].mean(0)
+        else:
+            hc = memory0[c][None]
+            for i in range(len(labels)):
+                if labels[i] == c:
+                    hc = reference_gru(s[i : i + 1], hc, sp_all.cell, torch.relu)
+            h[c] = hc[0]
+    classes = sorted(h)
+    assert all(abs(float(h[c].norm()) - 1) > 1e-3 for c in classes)  # the case that matters
+    new_memory = memory0.clone()
+    for c in classes:
+        new_memory[c] = F.normalize(h[c], dim=0)
+
+    out_all = sp_all.proxies_from(s, labels)
+    out_in = sp_in.proxies_from(s, labels)
+    B = sp_all.bias.detach()
+    want_all = F.normalize(r * B + (1 - r) * new_memory, dim=-1)
+    want_in = want_all.clone()
+    for c in classes:
+        want_in[c] = F.normalize(r * B[c] + (1 - r) * h[c], dim=0)
+    torch.testing.assert_close(out_all, want_all, rtol=1e-12, atol=1e-12)  # `all` unchanged
+    torch.testing.assert_close(out_in, want_in, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(out_in[classes], out_all[classes], atol=1e-6)
+    for sp in (sp_all, sp_in):  # H itself: the normalised rows in both
+        torch.testing.assert_close(sp.memory, new_memory, rtol=1e-12, atol=1e-12)
+
+    # through the loss's in_batch range: the reference's value and B's gradient
+    emb = torch.randn(len(labels), E, dtype=torch.float64)
+    for sp in (sp_all, sp_in):
+        sp.memory.copy_(memory0)
+    loss = ProxyAnchorLoss(positive_normalization="all", proxy_range="in_batch")(
+        emb, labels, sp_in.proxies_from(s, labels)
+    )
+    (grad_b,) = torch.autograd.grad(loss, sp_in.bias)
+    bias = sp_in.bias
+    hand_proxies = torch.stack([F.normalize(r * bias[c] + (1 - r) * h[c], dim=0) for c in classes])
+    hand = _hand_in_batch_loss(emb, labels, hand_proxies)
+    (hand_grad_b,) = torch.autograd.grad(hand, bias)
+    assert loss.item() == pytest.approx(hand.item(), rel=1e-12)
+    torch.testing.assert_close(grad_b, hand_grad_b, rtol=1e-10, atol=1e-12)
+    assert torch.count_nonzero(grad_b[[2, 3, 5]]) == 0  # only the batch classes' B rows

@@ -1,10 +1,18 @@
 """`python -m vpt_dml.report DIR...`: one table (Markdown + CSV) and a plot of many runs.
 
-Every `metrics.json` under the given folders (single runs or whole sweeps) becomes a row:
-the overrides that differ between runs as columns, then the metrics, then the tuned
-parameters as % of the backbone. The plot shows Recall@1 against the prompt count for a
-prompt-length sweep (one line per depth), else against the first numeric override that
-varies, else one bar per run.
+Every `metrics.json` under the given folders (single runs or whole sweeps) is read. Runs
+whose overrides differ only in `seed` form one group: each metric is shown as the mean,
+standard deviation and 95% confidence interval (Student t, n-1 degrees of freedom) over
+the group's n runs; a group of one run is shown as it is, with n=1. Columns: the
+overrides that differ between groups, the row kind (`final`: the run's `metrics`;
+`before`: the evaluation before training, when the runs recorded it), n, the metrics (in
+%), the cost of a run where recorded (training images/s, seconds per epoch and per
+evaluation, peak memory, trainable parameters) and the tuned parameters as % of the
+backbone. Rows follow the run folders in natural order (2 before 10).
+
+The plot shows Recall@1 against the prompt count for a prompt-length sweep (one line per
+depth), else against the first numeric override that varies, else one bar per group;
+groups of several seeds carry their 95% interval as error bars.
 """
 
 from __future__ import annotations
@@ -12,13 +20,33 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
+import re
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vpt_dml.errors import UserError
 
 PROMPT_NUM = "model.peft.prompts.num"
 PROMPT_DEPTH = "model.peft.prompts.depth"
+SEED = "seed"
+# metrics.json "cost" keys: (column, decimals)
+COST = {
+    "train_images_per_s": ("train img/s", 1),
+    "train_epoch_s": ("s/epoch", 1),
+    "eval_s": ("s/eval", 1),
+    "peak_memory_mib": ("peak MiB", 0),
+    "trainable_params": ("trainable params", 0),
+}
+CONFIDENCE = 0.95
+
+
+def natural_key(text: str) -> list:
+    """Sort key that orders the numbers inside a string as numbers: run2 < run10."""
+    return [
+        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)
+    ]
 
 
 def find_runs(dirs: list[Path]) -> list[Path]:
@@ -28,12 +56,12 @@ def find_runs(dirs: list[Path]) -> list[Path]:
         if d.is_file() and d.name == "metrics.json":
             files.append(d)
         elif d.is_dir():
-            files.extend(sorted(d.rglob("metrics.json")))
+            files.extend(d.rglob("metrics.json"))
         else:
             raise UserError(f"{d} does not exist; give run or sweep folders written by vpt_dml.run")
     if not files:
         raise UserError(f"no metrics.json under {', '.join(map(str, dirs))}; did the runs finish?")
-    return files
+    return sorted(set(files), key=lambda f: natural_key(str(f)))
 
 
 def parse_overrides(items: list[str]) -> dict[str, str]:
@@ -45,49 +73,209 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
-def collect(files: list[Path]) -> tuple[list[dict], list[str], list[str]]:
-    """Rows plus the override columns (those that vary) and the metric columns."""
-    rows = []
-    for f in files:
-        try:
-            result = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{f} is not valid JSON ({e.msg}); delete it or rerun that job"
-            ) from None
-        prov = result.get("provenance", {})
-        params = (prov.get("parameters") or {}).get("all") or {}
-        rows.append(
-            {
-                "run": str(f.parent),
-                "overrides": parse_overrides(prov.get("overrides") or []),
-                "metrics": result.get("metrics", {}),
-                "tuned_pct": params.get("tuned_pct"),
-            }
-        )
-    keys = []
-    for row in rows:
-        keys += [k for k in row["overrides"] if k not in keys]
-    varying = [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1]
-    override_cols = varying if len(rows) > 1 else keys
+@dataclass
+class Run:
+    path: Path
+    overrides: dict[str, str]
+    metrics: dict[str, float]
+    before: dict[str, float]
+    cost: dict[str, float]
+    tuned_pct: float | None
+    training_only_pct: float | None
+
+
+def _numbers(d: dict | None, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for key, value in (d or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key.removeprefix(prefix)] = float(value)
+    return out
+
+
+def read_run(f: Path) -> Run:
+    try:
+        result = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{f} is not valid JSON ({e.msg}); delete it or rerun that job") from None
+    prov = result.get("provenance", {})
+    params = prov.get("parameters") or {}
+    # the inference-time share is the paper's "tuned %"; older runs only have "all"
+    tuned = (params.get("inference") or params.get("all") or {}).get("tuned_pct")
+    before = _numbers(result.get("before"), "before/")
+    metrics = _numbers(result.get("metrics"))
+    if before:  # the zero-shot row replaces the flat "<metric>_before" entries
+        metrics = {k: v for k, v in metrics.items() if not k.endswith("_before")}
+    return Run(
+        path=f.parent,
+        overrides=parse_overrides(prov.get("overrides") or []),
+        metrics=metrics,
+        before=before,
+        cost=_numbers(result.get("cost")),
+        tuned_pct=tuned,
+        training_only_pct=(params.get("training_only") or {}).get("tuned_pct"),
+    )
+
+
+@dataclass
+class Stat:
+    """Mean, sample standard deviation and the Student-t interval of n values."""
+
+    values: list[float]
+    mean: float = field(init=False)
+    std: float | None = field(init=False)
+    low: float | None = field(init=False)
+    high: float | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.values)
+        self.mean = sum(self.values) / n
+        if n < 2:
+            self.std = self.low = self.high = None
+            return
+        from scipy.stats import t
+
+        self.std = math.sqrt(sum((v - self.mean) ** 2 for v in self.values) / (n - 1))
+        half = float(t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * self.std / math.sqrt(n)
+        self.low, self.high = self.mean - half, self.mean + half
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+
+@dataclass
+class Group:
+    """Runs that differ only in their seed."""
+
+    runs: list[Run]
+
+    @property
+    def overrides(self) -> dict[str, str]:
+        return {k: v for k, v in self.runs[0].overrides.items() if k != SEED}
+
+    @property
+    def label(self) -> str:
+        if len(self.runs) == 1:
+            return str(self.runs[0].path)
+        parents = {r.path.parent for r in self.runs}
+        if len(parents) == 1:
+            return f"{parents.pop()}/{{{','.join(r.path.name for r in self.runs)}}}"
+        return f"{self.runs[0].path} (+{len(self.runs) - 1} more)"
+
+    def stats(self, kind: str) -> dict[str, Stat]:
+        """Per metric, over the runs that have it; kind: "final" or "before"."""
+        values: dict[str, list[float]] = {}
+        for run in self.runs:
+            for key, value in (run.metrics if kind == "final" else run.before).items():
+                values.setdefault(key, []).append(value)
+        return {k: Stat(v) for k, v in values.items()}
+
+    def mean_of(self, attr: str, key: str | None = None) -> float | None:
+        values = [getattr(r, attr) if key is None else getattr(r, attr).get(key) for r in self.runs]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    groups: dict[tuple, Group] = {}
+    for run in runs:
+        key = tuple(sorted((k, v) for k, v in run.overrides.items() if k != SEED))
+        groups.setdefault(key, Group([])).runs.append(run)
+    return list(groups.values())  # first-run order: the runs come naturally sorted
+
+
+def collect(files: list[Path]) -> tuple[list[Group], list[str], list[str], list[str]]:
+    """Groups, the override columns (those that vary), the metric and cost columns."""
+    runs = [read_run(f) for f in files]
+    groups = group_runs(runs)
+    keys: list[str] = []
+    for g in groups:
+        keys += [k for k in g.overrides if k not in keys]
+    varying = [k for k in keys if len({g.overrides.get(k) for g in groups}) > 1]
+    override_cols = varying if len(groups) > 1 else keys
     metric_cols: list[str] = []
-    for row in rows:
-        metric_cols += [k for k in row["metrics"] if k not in metric_cols]
-    return rows, override_cols, metric_cols
+    for run in runs:
+        for key in [*run.metrics, *run.before]:
+            if key not in metric_cols:
+                metric_cols.append(key)
+    cost_cols = [k for k in COST if any(k in r.cost for r in runs)]
+    return groups, override_cols, metric_cols, cost_cols
 
 
-def table(rows: list[dict], override_cols: list[str], metric_cols: list[str]) -> list[list[str]]:
-    """Header plus one line per run; metrics in %, as in the paper's tables."""
-    header = ["run", *override_cols, *metric_cols, "tuned %"]
+@dataclass
+class Row:
+    group: Group
+    kind: str  # "final" | "before"
+    stats: dict[str, Stat]
+
+
+def rows_of(groups: list[Group]) -> list[Row]:
+    rows = []
+    for g in groups:
+        rows.append(Row(g, "final", g.stats("final")))
+        before = g.stats("before")
+        if before:
+            rows.append(Row(g, "before", before))
+    return rows
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def _cost(row: Row, key: str) -> str:
+    if row.kind != "final":
+        return ""
+    value = row.group.mean_of("cost", key)
+    return "" if value is None else f"{value:.{COST[key][1]}f}"
+
+
+def _tuned(row: Row, attr: str) -> str:
+    value = row.group.mean_of(attr)
+    return "" if value is None else f"{value:.3f}"
+
+
+def _n(row: Row) -> str:
+    return str(max((s.n for s in row.stats.values()), default=len(row.group.runs)))
+
+
+def table(
+    rows: list[Row],
+    override_cols: list[str],
+    metric_cols: list[str],
+    cost_cols: list[str],
+    markdown_cells: bool,
+) -> list[list[str]]:
+    """Header plus one line per row. Markdown: `mean ± std [low, high]` in one cell; CSV:
+    the mean in the metric's column, then `<metric> std`, `... ci95 low`, `... ci95 high`
+    columns when any group has several seeds. Metrics in %, as in the paper's tables."""
+    spread = any(s.n > 1 for r in rows for s in r.stats.values())
+    split = spread and not markdown_cells
+    training_only = any(run.training_only_pct for row in rows for run in row.group.runs)
+    header = ["run", *override_cols, "eval", "n"]
+    for m in metric_cols:
+        header += [m] + ([f"{m} std", f"{m} ci95 low", f"{m} ci95 high"] if split else [])
+    header += [COST[k][0] for k in cost_cols]
+    header += (["training-only %"] if training_only else []) + ["tuned %"]
     lines = [header]
     for row in rows:
-        metrics = [
-            f"{100 * row['metrics'][m]:.2f}" if m in row["metrics"] else "" for m in metric_cols
-        ]
-        tuned = "" if row["tuned_pct"] is None else f"{row['tuned_pct']:.3f}"
-        lines.append(
-            [row["run"], *(row["overrides"].get(k, "") for k in override_cols), *metrics, tuned]
-        )
+        cells = [row.group.label, *(row.group.overrides.get(k, "") for k in override_cols)]
+        cells += [row.kind, _n(row)]
+        for m in metric_cols:
+            s = row.stats.get(m)
+            if s is None:
+                cells += [""] * (4 if split else 1)
+            elif split:
+                cells += [_pct(s.mean), _pct(s.std), _pct(s.low), _pct(s.high)]
+            elif s.n > 1:
+                cells.append(f"{_pct(s.mean)} ± {_pct(s.std)} [{_pct(s.low)}, {_pct(s.high)}]")
+            else:
+                cells.append(_pct(s.mean))
+        cells += [_cost(row, k) for k in cost_cols]
+        if training_only:
+            cells.append(_tuned(row, "training_only_pct"))
+        cells.append(_tuned(row, "tuned_pct"))
+        lines.append(cells)
     return lines
 
 
@@ -104,39 +292,60 @@ def as_number(value: str | None) -> float | None:
         return None
 
 
-def plot(rows: list[dict], override_cols: list[str], out: Path, metric: str = "recall@1") -> None:
+def plot(
+    groups: list[Group], override_cols: list[str], out: Path, metric: str = "recall@1"
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if metric in r["metrics"]]
+    points = [(g, s) for g in groups if (s := g.stats("final").get(metric)) is not None]
     numeric = [
-        k for k in override_cols if all(as_number(r["overrides"].get(k)) is not None for r in rows)
+        k
+        for k in override_cols
+        if all(as_number(g.overrides.get(k)) is not None for g, _ in points)
     ]
     x_key = PROMPT_NUM if PROMPT_NUM in numeric else (numeric[0] if numeric else None)
+
+    def err(s: Stat) -> tuple[float, float]:
+        return (0.0, 0.0) if s.low is None else (100 * (s.mean - s.low), 100 * (s.high - s.mean))
+
     fig, ax = plt.subplots(figsize=(6, 4))
     if x_key is None:
         labels = [
-            ",".join(f"{k}={r['overrides'].get(k, '')}" for k in override_cols) or r["run"]
-            for r in rows
+            ",".join(f"{k}={g.overrides.get(k, '')}" for k in override_cols) or g.label
+            for g, _ in points
         ]
-        ax.bar(range(len(rows)), [100 * r["metrics"][metric] for r in rows])
-        ax.set_xticks(range(len(rows)), labels, rotation=30, ha="right", fontsize=7)
+        errors = [err(s) for _, s in points]
+        ax.bar(
+            range(len(points)),
+            [100 * s.mean for _, s in points],
+            yerr=[[e[0] for e in errors], [e[1] for e in errors]],
+            capsize=3,
+        )
+        ax.set_xticks(range(len(points)), labels, rotation=30, ha="right", fontsize=7)
     else:
         group_key = next((k for k in override_cols if k != x_key), None)
-        groups: dict[str, list[tuple[float, float]]] = {}
-        for r in rows:
-            label = f"{group_key}={r['overrides'].get(group_key)}" if group_key else metric
-            groups.setdefault(label, []).append(
-                (as_number(r["overrides"][x_key]), 100 * r["metrics"][metric])
+        lines: dict[str, list[tuple[float, Stat]]] = {}
+        for g, s in points:
+            label = f"{group_key}={g.overrides.get(group_key)}" if group_key else metric
+            lines.setdefault(label, []).append((as_number(g.overrides[x_key]), s))
+        for label in sorted(lines, key=natural_key):
+            line = sorted(lines[label], key=lambda p: p[0])
+            errors = [err(s) for _, s in line]
+            ax.errorbar(
+                [x for x, _ in line],
+                [100 * s.mean for _, s in line],
+                yerr=[[e[0] for e in errors], [e[1] for e in errors]],
+                marker="o",
+                capsize=3,
+                label=label,
             )
-        for label, points in sorted(groups.items()):
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         ax.set_xlabel("prompt count N" if x_key == PROMPT_NUM else x_key)
         ax.legend(fontsize=7)
-    ax.set_ylabel(f"{metric} (%)")
+    seeds = max((s.n for _, s in points), default=1)
+    ax.set_ylabel(f"{metric} (%)" + (", mean and 95% CI over seeds" if seeds > 1 else ""))
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -144,18 +353,18 @@ def plot(rows: list[dict], override_cols: list[str], out: Path, metric: str = "r
 
 
 def write_report(dirs: list[Path], out: Path) -> dict[str, Path]:
-    rows, override_cols, metric_cols = collect(find_runs(dirs))
-    lines = table(rows, override_cols, metric_cols)
+    groups, override_cols, metric_cols, cost_cols = collect(find_runs(dirs))
+    rows = rows_of(groups)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = {
         "md": out.with_suffix(".md"),
         "csv": out.with_suffix(".csv"),
         "png": out.with_suffix(".png"),
     }
-    paths["md"].write_text(markdown(lines))
+    paths["md"].write_text(markdown(table(rows, override_cols, metric_cols, cost_cols, True)))
     with paths["csv"].open("w", newline="") as f:
-        csv.writer(f).writerows(lines)
-    plot(rows, override_cols, paths["png"])
+        csv.writer(f).writerows(table(rows, override_cols, metric_cols, cost_cols, False))
+    plot(groups, override_cols, paths["png"])
     return paths
 
 

@@ -1,7 +1,8 @@
 """`python -m vpt_dml.run [+experiment=NAME] [overrides]`: train, evaluate, record.
 
 Writes into the run folder (hydra.run.dir): checkpoints/, csv/metrics.csv,
-metrics.json (final test metrics + how they were produced), config_resolved.yaml.
+metrics.json (before / final / best metrics, cost and provenance: vpt_dml/results.py),
+config_resolved.yaml.
 """
 
 from __future__ import annotations
@@ -16,16 +17,20 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vpt_dml.callbacks import ExactResume
+from vpt_dml.callbacks.cost import CostMonitor
+from vpt_dml.callbacks.eval_schedule import EvalSchedule
+from vpt_dml.callbacks.metric_history import MetricHistory
 from vpt_dml.callbacks.wandb_logger import finish_wandb
 from vpt_dml.errors import UserError
-from vpt_dml.models.backbone import data_config
+from vpt_dml.models.backbone import data_config, weights_report
 from vpt_dml.models.build import prepare_backbone
 from vpt_dml.module import VPTDMLModule
-from vpt_dml.provenance import environment
+from vpt_dml.results import build_result, run_provenance
 from vpt_dml.summary import print_summary
 
 log = logging.getLogger("vpt_dml")
@@ -55,6 +60,13 @@ def build_module(cfg: DictConfig, num_classes: int, eval_ks) -> VPTDMLModule:
 def build_trainer(cfg: DictConfig) -> L.Trainer:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     callbacks.append(ExactResume())  # not optional: a resumed run must equal a straight one
+    # not optional either: metrics.json is built from these
+    ev = cfg.get("eval") or {}
+    callbacks.append(EvalSchedule(ev.get("start_epoch", 0), ev.get("every_n_epochs", 1)))
+    callbacks.append(MetricHistory())
+    if not any(isinstance(c, CostMonitor) for c in callbacks):
+        callbacks.append(CostMonitor())
+    check_selection(cfg, callbacks)
     # a logger factory may return None (W&B could not start): the others carry on
     loggers = [
         lg for c in (cfg.get("logger") or {}).values() if c and (lg := instantiate(c)) is not None
@@ -66,12 +78,42 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     return trainer
 
 
+def check_selection(cfg: DictConfig, callbacks: list) -> None:
+    every = cfg.trainer.get("check_val_every_n_epoch", 1)
+    if every not in (1, None):
+        # Lightning's own cadence would skip the final epoch and stop last.ckpt every epoch
+        raise UserError(
+            f"trainer.check_val_every_n_epoch={every} is not supported: set "
+            f"eval.every_n_epochs={every} instead (eval.start_epoch sets the first evaluated epoch)"
+        )
+    if cfg.data.get("val_classes") and selection_checkpoint(callbacks) is None:
+        raise UserError(
+            "data.val_classes>0 tests the checkpoint chosen on the validation classes, but no "
+            f"ModelCheckpoint monitors {SELECTION_KEY}: keep callbacks.model_checkpoint"
+        )
+
+
+SELECTION_KEY = "val/recall@1"
+
+
+def selection_checkpoint(callbacks: list) -> ModelCheckpoint | None:
+    """The checkpoint callback that keeps the best epoch (highest val/recall@1)."""
+    return next(
+        (
+            c
+            for c in callbacks
+            if isinstance(c, ModelCheckpoint) and c.monitor == SELECTION_KEY and c.mode == "max"
+        ),
+        None,
+    )
+
+
 def cfg_without_hydra(cfg: DictConfig) -> DictConfig:
     return OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"})
 
 
-def backbone_provenance(b: DictConfig) -> dict:
-    """Which backbone, and where its weights came from."""
+def backbone_provenance(b: DictConfig, vit=None) -> dict:
+    """Which backbone, and where its weights came from (file size, SHA-256, key counts)."""
     out = {
         "name": b.name,
         "pretrained": bool(b.pretrained or b.weights),
@@ -79,6 +121,8 @@ def backbone_provenance(b: DictConfig) -> dict:
     }
     if b.get("synthetic_pretraining") and b.weights:
         out["made_by"] = "vpt_dml synthetic pretraining on generated classes outside the dataset"
+    if vit is not None and weights_report(vit) is not None:
+        out["weights_file"] = weights_report(vit)
     return out
 
 
@@ -110,43 +154,46 @@ def train(cfg: DictConfig) -> dict:
     module = build_module(cfg, splits.train.num_classes, dm.recall_ks)
     # Preprocessing follows the backbone's own pretrained config (size, mean, std).
     pre = data_config(module.embedder.backbone.vit)
-    dm.image_size, dm.mean, dm.std = pre["image_size"], pre["mean"], pre["std"]
+    dm.set_preprocessing(pre["image_size"], pre["mean"], pre["std"])
     trainer = build_trainer(cfg)
 
-    before = {}
     if cfg.get("eval_before_training", True):
-        before = trainer.validate(module, datamodule=dm, verbose=False)[0]
+        module.eval_label = "before"  # logged as before/<metric>, not as an epoch's val/
+        try:
+            trainer.validate(module, datamodule=dm, verbose=False)
+        finally:
+            module.eval_label = None
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
-    test = trainer.test(module, datamodule=dm, verbose=False)[0]
+    return finish(cfg, trainer, module, dm, out_dir)
 
-    metrics = {k.removeprefix("test/"): float(v) for k, v in test.items()}
-    if before:
-        metrics["recall@1_before"] = float(before["val/recall@1"])
-    ckpt_cb = trainer.checkpoint_callback
-    result = {
-        "metrics": metrics,
-        "best_epoch": {
-            "note": "best validation-split epoch; equals the best *test* epoch when data.val_classes=0",
-            "val/recall@1": float(ckpt_cb.best_model_score)
-            if ckpt_cb and ckpt_cb.best_model_score is not None
-            else None,
-            "checkpoint": ckpt_cb.best_model_path if ckpt_cb else None,
-        },
-        "provenance": {
-            **environment(),
-            "seed": cfg.get("seed"),
-            "task_name": cfg.get("task_name"),
-            "overrides": list(HydraConfig.get().overrides.task)
-            if HydraConfig.initialized()
-            else [],
-            "dataset": {"name": dm.name, "root": str(dm.root), **dm.count_report},
-            "backbone": backbone_provenance(cfg.model.backbone),
-            "parameters": getattr(module, "parameter_summary", None),
-            "epochs": trainer.current_epoch,
-            "global_step": trainer.global_step,
-            "world_size": trainer.world_size,
-        },
-    }
+
+def finish(cfg: DictConfig, trainer: L.Trainer, module: VPTDMLModule, dm, out_dir: Path) -> dict:
+    """Test, then write metrics.json and config_resolved.yaml; returns the flat metrics."""
+    held_out = bool(dm.val_classes)
+    selector = selection_checkpoint(trainer.callbacks)
+    best_path = (selector.best_model_path or None) if selector else None
+    last_epoch = trainer.current_epoch - 1
+    # held-out protocol: the test split is evaluated once, on the selected checkpoint
+    trainer.test(module, datamodule=dm, verbose=False, ckpt_path=best_path if held_out else None)
+
+    history = next(c for c in trainer.callbacks if isinstance(c, MetricHistory))
+    cost = next(c for c in trainer.callbacks if isinstance(c, CostMonitor))
+    schedule = next(c for c in trainer.callbacks if isinstance(c, EvalSchedule))
+    result = build_result(
+        history,
+        held_out=held_out,
+        last_epoch=last_epoch,
+        best_checkpoint=best_path,
+        schedule={"start_epoch": schedule.start_epoch, "every_n_epochs": schedule.every_n_epochs},
+        cost=cost.summary(module),
+        provenance=run_provenance(
+            cfg,
+            trainer,
+            module,
+            dm,
+            backbone_provenance(cfg.model.backbone, module.embedder.backbone.vit),
+        ),
+    )
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -154,7 +201,7 @@ def train(cfg: DictConfig) -> dict:
             OmegaConf.to_yaml(cfg_without_hydra(cfg), resolve=True)
         )
         print_summary(result, out_dir)
-    return metrics
+    return result["metrics"]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

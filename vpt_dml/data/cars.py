@@ -24,7 +24,7 @@ OFFICIAL_COUNTS = {
     "test_classes": 98,
 }
 SOURCE = "https://ai.stanford.edu/~jkrause/cars/car_dataset.html (cars_annos.mat + car_ims.tgz)"
-EXPECTED = "<root>/cars_annos.mat and <root>/car_ims/, or one folder per class"
+EXPECTED = "<root>/cars_annos.mat and <root>/car_ims/"
 
 
 def find_cars_dir(root: str | Path) -> Path:
@@ -46,4 +46,9 @@ def load_cars(root: str | Path, num_train_classes: int = 98) -> RetrievalSplits:
         ) from None
     names = [str(n) for n in np.atleast_1d(mat.get("class_names", []))]
     paths = [str(base / p) for p in rel_paths]
-    return split_by_class_id("cars", paths, class_ids, num_train_classes, names)
+    # class c (1-based in the .mat) is named "c (make model year)"
+    names_by_id = {
+        c: f"{c} ({names[c - 1]})" if 0 < c <= len(names) else str(c)
+        for c in set(class_ids.tolist())
+    }
+    return split_by_class_id("cars", paths, class_ids, num_train_classes, names_by_id)

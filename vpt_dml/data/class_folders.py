@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vpt_dml.data.layout import split_by_class_id
-from vpt_dml.data.records import ImageRecords, RetrievalSplits, relabel
+from vpt_dml.data.records import ImageRecords, RetrievalSplits, named_records
 from vpt_dml.errors import DatasetError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
@@ -32,20 +32,47 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+LAYOUT = (
+    "one folder per class (<root>/<class>/*.jpg with at least 2 classes, "
+    "or <root>/train/<class>/*.jpg and <root>/test/<class>/*.jpg)"
+)
+
+
+def _with_images(folder: Path, enough: int) -> int:
+    """How many class folders under `folder` hold images, counting up to `enough`."""
+    found = 0
+    for d in _class_dirs(folder):
+        found += bool(_images(d))
+        if found >= enough:
+            break
+    return found
+
+
 def looks_like_class_folders(root: str | Path) -> bool:
+    """Class folders with images: 2 or more at the top, or at least one in train/ and test/."""
     root = Path(root).expanduser()
     if not root.is_dir():
         return False
-    tops = (
-        [root / "train", root / "test"]
-        if (root / "train").is_dir() and (root / "test").is_dir()
-        else [root]
-    )
-    for top in tops:
-        dirs = _class_dirs(top)
-        if not dirs or not any(_images(d) for d in dirs[:5]):
-            return False
-    return True
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return all(_with_images(root / part, 1) for part in ("train", "test"))
+    return _with_images(root, 2) >= 2
+
+
+def describe_folder(root: str | Path, limit: int = 6) -> str:
+    """What a folder holds, in a few words: 'README.txt, stuff/ (1 image)'."""
+    root = Path(root).expanduser()
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    if not entries:
+        return "an empty folder"
+    parts = []
+    for p in entries[:limit]:
+        if p.is_dir():
+            n = len(_images(p))
+            parts.append(f"{p.name}/ ({n} image{'s' if n != 1 else ''})")
+        else:
+            parts.append(p.name)
+    more = len(entries) - limit
+    return ", ".join(parts) + (f" and {more} more" if more > 0 else "")
 
 
 def _sort_key(names: list[str]):
@@ -70,7 +97,7 @@ def _scan(folders: list[Path]) -> dict[str, list[str]]:
 def _records(classes: dict[str, list[str]], names: list[str]) -> ImageRecords:
     paths = [p for n in names for p in classes[n]]
     ids = np.concatenate([np.full(len(classes[n]), i) for i, n in enumerate(names)])
-    return ImageRecords(paths, relabel(ids), names)
+    return named_records(paths, ids, dict(enumerate(names)))
 
 
 def load_class_folders(
@@ -78,7 +105,7 @@ def load_class_folders(
 ) -> RetrievalSplits:
     root = Path(root).expanduser()
     if not looks_like_class_folders(root):
-        raise DatasetError(f"{root} is not a one-folder-per-class layout (<root>/<class>/*.jpg)")
+        raise DatasetError(f"{root} is not {LAYOUT}; found {describe_folder(root)}")
     if (root / "train").is_dir() and (root / "test").is_dir():
         train, test = _scan([root / "train"]), _scan([root / "test"])
         if not set(train) & set(test):  # already a zero-shot split
@@ -93,4 +120,6 @@ def load_class_folders(
     names = sorted(classes, key=_sort_key(list(classes)))
     paths = [p for n in names for p in classes[n]]
     ids = np.concatenate([np.full(len(classes[n]), i) for i, n in enumerate(names)])
-    return split_by_class_id(name, paths, ids, num_train_classes or len(names) // 2, names)
+    return split_by_class_id(
+        name, paths, ids, num_train_classes or len(names) // 2, dict(enumerate(names))
+    )

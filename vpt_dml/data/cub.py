@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from vpt_dml.data.layout import find_base
-from vpt_dml.data.records import ImageRecords, RetrievalSplits, relabel
+from vpt_dml.data.records import ImageRecords, RetrievalSplits, named_records
 from vpt_dml.errors import DatasetError
 
 OFFICIAL_COUNTS = {
@@ -28,7 +28,7 @@ SOURCE = "https://www.vision.caltech.edu/datasets/cub_200_2011/"
 
 
 def find_cub_dir(root: str | Path) -> Path:
-    expected = "<root>/CUB_200_2011/images.txt, image_class_labels.txt and images/, or one folder per class"
+    expected = "<root>/CUB_200_2011/images.txt, image_class_labels.txt and images/"
     return find_base(
         root,
         "images.txt",
@@ -70,12 +70,11 @@ def load_cub(root: str | Path, num_train_classes: int | None = None) -> Retrieva
     class_ids = np.array([int(labels[i]) for i in ids], dtype=np.int64)
     classes = np.unique(class_ids)
     cut = classes[(num_train_classes or len(classes) // 2) - 1]
-    names = sorted({Path(images[i]).parent.name for i in ids})
+    # a class is named by its folder ("002.Laysan_Albatross"), as the user sees it on disk
+    folder_of = {int(labels[i]): Path(images[i]).parent.name for i in ids}
     train_mask = class_ids <= cut
-    train = ImageRecords(
-        [p for p, m in zip(paths, train_mask) if m], relabel(class_ids[train_mask]), names
-    )
-    test = ImageRecords(
-        [p for p, m in zip(paths, train_mask) if not m], relabel(class_ids[~train_mask]), names
-    )
-    return RetrievalSplits("cub", train, test)
+
+    def part(mask: np.ndarray) -> ImageRecords:
+        return named_records([p for p, m in zip(paths, mask) if m], class_ids[mask], folder_of)
+
+    return RetrievalSplits("cub", part(train_mask), part(~train_mask))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
@@ -17,7 +19,7 @@ from vpt_dml.data.sampler import ClassBalancedBatchSampler
 from vpt_dml.data.synthetic import write_synthetic_cub
 from vpt_dml.data.transforms import build_transforms
 from vpt_dml.data.verify import missing_files
-from vpt_dml.errors import DatasetError
+from vpt_dml.errors import DatasetError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +122,8 @@ class RetrievalDataModule(L.LightningDataModule):
             lost = np.setdiff1d(np.unique(records.labels), np.unique(kept.labels))
             if lost.size:
                 raise DatasetError(
-                    f"{self.name} {part} class {int(lost[0])} has no images left after skipping missing "
-                    "files; the class is empty, re-extract the dataset"
+                    f"{self.name} {part} class {records.class_name(lost[0])} has no images left "
+                    "after skipping missing files; the class is empty, re-extract the dataset"
                 )
             setattr(splits, part, kept)
         return splits
@@ -142,10 +144,23 @@ class RetrievalDataModule(L.LightningDataModule):
     def num_classes(self) -> int:
         return self.load().train.num_classes
 
+    def set_preprocessing(
+        self, image_size: int, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        """The backbone's own input size and normalisation; takes effect at the next setup."""
+        if int(image_size) < 1 or len(mean) != len(std):
+            raise UserError(
+                f"preprocessing image_size={image_size}, mean={tuple(mean)}, std={tuple(std)} "
+                "is not a valid image size with one mean and std per channel"
+            )
+        self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
+        self.train_set = None  # datasets built earlier used the old transforms
+
     def setup(self, stage: str | None = None) -> None:
         splits = self.load()
         if getattr(self, "train_set", None) is not None:
             return  # fit then test: keep the datasets (and their skipped-image records)
+        self._warn_repeats(splits.train)
         size, mean, std, fast = self.image_size, self.mean, self.std, self.fast_decode
         train_tf = build_transforms(size, mean, std, train=True, fast=fast)
         test_tf = build_transforms(size, mean, std, train=False, fast=fast)
@@ -158,6 +173,23 @@ class RetrievalDataModule(L.LightningDataModule):
             if self.val_records is not None
             else self.test_set
         )
+
+    def _warn_repeats(self, train) -> None:
+        """Classes smaller than samples_per_class repeat images within a batch (once per run)."""
+        if getattr(self, "_warned_repeats", False) or rank_zero_only.rank != 0:
+            return
+        self._warned_repeats = True
+        sizes = np.bincount(np.unique(train.labels, return_inverse=True)[1])
+        short = int((sizes < self.samples_per_class).sum())
+        if short:
+            log.warning(
+                "data.samples_per_class=%d but %d of %d training classes have fewer images "
+                "(smallest: %d): those classes will repeat images within a batch",
+                self.samples_per_class,
+                short,
+                len(sizes),
+                int(sizes.min()),
+            )
 
     def skipped_images(self) -> list[str]:
         """Images skipped as undecodable so far (data.skip_broken=true)."""

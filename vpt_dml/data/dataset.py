@@ -26,25 +26,28 @@ def missing_message(path: str) -> str:
     return f"image listed in the dataset metadata is missing: {path}; re-extract the dataset"
 
 
-def broken_message(path: str, err: Exception) -> str:
+# How to get past an undecodable file, as a training run spells it; the CLIs pass their own.
+SKIP_HINT = "replace the file or set data.skip_broken=true"
+
+
+class UndecodableImage(DatasetError):
+    """An image file that exists but cannot be decoded (the only kind that may be skipped).
+
+    Constructible from the message alone: DataLoader workers re-raise it that way."""
+
+    def __init__(self, message: str, path: str = "", reason: str = "") -> None:
+        super().__init__(message)
+        self.path, self.reason = path, reason
+
+
+def decode_error(path: str, err: Exception, hint: str = SKIP_HINT) -> UndecodableImage:
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-    return f"cannot decode image {path} ({reason}); replace the file or set data.skip_broken=true"
+    return UndecodableImage(f"cannot decode image {path} ({reason}); {hint}", path, reason)
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Fully decode one image as RGB (DatasetError naming the file when that fails)."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise DatasetError(missing_message(path)) from None
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's decoder errors
-        raise DatasetError(broken_message(path, e)) from None
-
-
-def load_transformed(path: str, transform: Callable | None):
+def load_transformed(path: str, transform: Callable | None, hint: str = SKIP_HINT):
     """Open lazily and hand the undecoded image to `transform` (so it may decode at a
-    reduced JPEG scale); decoding errors become DatasetError naming the file."""
+    reduced JPEG scale); decoding errors become DatasetError naming the file and `hint`."""
     try:
         with Image.open(path) as im:
             if transform is None:
@@ -52,8 +55,8 @@ def load_transformed(path: str, transform: Callable | None):
             return transform(im)
     except FileNotFoundError:
         raise DatasetError(missing_message(path)) from None
-    except (OSError, ValueError, SyntaxError) as e:
-        raise DatasetError(broken_message(path, e)) from None
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's decoder errors
+        raise decode_error(path, e, hint) from None
 
 
 class ImageDataset(Dataset):
@@ -101,8 +104,8 @@ class ImageDataset(Dataset):
             if image is not None:
                 return image, label, other
         raise DatasetError(
-            f"every image of class {label} is unreadable (first: {self.records.paths[index]}); "
-            "the class is empty, re-extract the dataset"
+            f"every image of class {self.records.class_name(label)} is unreadable "
+            f"(first: {self.records.paths[index]}); the class is empty, re-extract the dataset"
         )
 
 
@@ -126,7 +129,9 @@ class EvalDataset(ImageDataset):
             self.gallery_mask = self.query_mask
         else:
             records = ImageRecords(
-                query.paths + gallery.paths, list(query.labels) + list(gallery.labels)
+                query.paths + gallery.paths,
+                list(query.labels) + list(gallery.labels),
+                query.class_names,  # one label space (In-Shop)
             )
             self.query_mask = torch.arange(len(records)) < len(query)
             self.gallery_mask = ~self.query_mask

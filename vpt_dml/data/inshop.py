@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from vpt_dml.data.layout import find_base, read_rows
-from vpt_dml.data.records import ImageRecords, RetrievalSplits, relabel
+from vpt_dml.data.records import ImageRecords, RetrievalSplits, named_records
 from vpt_dml.errors import DatasetError
 
 OFFICIAL_COUNTS = {
@@ -53,9 +51,10 @@ def load_inshop(root: str | Path) -> RetrievalSplits:
         by_status[status][1].append(int(item.removeprefix("id_")))
     train_paths, train_ids = by_status["train"]
     (q_paths, q_ids), (g_paths, g_ids) = by_status["query"], by_status["gallery"]
+    item_names = {i: f"id_{i:08d}" for i in set(train_ids + q_ids + g_ids)}
     # one label space for queries and gallery, so a query's positives are found in the gallery
-    test_labels = relabel(np.asarray(q_ids + g_ids, dtype=np.int64))
-    query = ImageRecords(q_paths, test_labels[: len(q_ids)])
-    gallery = ImageRecords(g_paths, test_labels[len(q_ids) :])
-    train = ImageRecords(train_paths, relabel(np.asarray(train_ids, dtype=np.int64)))
+    test = named_records(q_paths + g_paths, q_ids + g_ids, item_names)
+    query = ImageRecords(q_paths, test.labels[: len(q_ids)], test.class_names)
+    gallery = ImageRecords(g_paths, test.labels[len(q_ids) :], test.class_names)
+    train = named_records(train_paths, train_ids, item_names)
     return RetrievalSplits("inshop", train, query, gallery)

@@ -3,13 +3,21 @@ and the zero-shot split by class id."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from vpt_dml.data.records import ImageRecords, RetrievalSplits, relabel
+from vpt_dml.data.records import ImageRecords, RetrievalSplits, named_records
 from vpt_dml.errors import DatasetError
+
+
+class LayoutNotFound(DatasetError):
+    """data.root does not hold a dataset's official layout; says which one was expected."""
+
+    def __init__(self, message: str, what: str, expected: str, source: str) -> None:
+        super().__init__(message)
+        self.what, self.expected, self.source = what, expected, source
 
 
 def find_base(
@@ -18,15 +26,21 @@ def find_base(
     """The first of root/<subdir> (then root itself) that holds `marker`, else a clear error."""
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DatasetError(
-            f"data.root {root} does not exist: {what} expected there ({expected}); download it from {source}"
+        raise LayoutNotFound(
+            f"data.root {root} does not exist: {what} expected there ({expected}); download it from {source}",
+            what,
+            expected,
+            source,
         )
     for candidate in [*(root / s for s in subdirs), root]:
         if (candidate / marker).is_file():
             return candidate
-    raise DatasetError(
+    raise LayoutNotFound(
         f"{what} not found under {root}: expected {expected}; download it from {source} "
-        "and set data.root to the folder that holds it"
+        "and set data.root to the folder that holds it",
+        what,
+        expected,
+        source,
     )
 
 
@@ -54,7 +68,7 @@ def split_by_class_id(
     paths: list[str],
     class_ids: np.ndarray,
     num_train_classes: int,
-    class_names: list[str] | None = None,
+    names_by_id: Mapping[int, str] | None = None,
 ) -> RetrievalSplits:
     """Zero-shot split: the `num_train_classes` smallest class ids train, the others test."""
     class_ids = np.asarray(class_ids, dtype=np.int64)
@@ -65,13 +79,12 @@ def split_by_class_id(
         )
     n_train = min(num_train_classes, len(classes) - 1)
     train_mask = class_ids <= classes[n_train - 1]
-    names = class_names or []
 
     def part(mask: np.ndarray) -> ImageRecords:
-        return ImageRecords([p for p, m in zip(paths, mask) if m], relabel(class_ids[mask]), names)
+        return named_records([p for p, m in zip(paths, mask) if m], class_ids[mask], names_by_id)
 
     return RetrievalSplits(name, part(train_mask), part(~train_mask))
 
 
 def records_from_rows(paths: list[str], class_ids: list[int]) -> ImageRecords:
-    return ImageRecords(paths, relabel(np.asarray(class_ids, dtype=np.int64)))
+    return named_records(paths, class_ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -9,7 +10,11 @@ import numpy as np
 
 @dataclass
 class ImageRecords:
-    """Image files with integer class labels (contiguous from 0 within the split)."""
+    """Image files with integer class labels (contiguous from 0 within the split).
+
+    `class_names[label]` is the dataset's own name of that class (its folder, or its id in
+    the metadata): messages name classes the way the user's files do.
+    """
 
     paths: list[str]
     labels: np.ndarray
@@ -27,6 +32,12 @@ class ImageRecords:
     def num_classes(self) -> int:
         return int(np.unique(self.labels).size)
 
+    def class_name(self, label: int) -> str:
+        label = int(label)
+        if 0 <= label < len(self.class_names):
+            return str(self.class_names[label])
+        return str(label)
+
     def subset(self, mask: np.ndarray) -> ImageRecords:
         idx = np.flatnonzero(mask)
         return ImageRecords([self.paths[i] for i in idx], self.labels[idx], self.class_names)
@@ -36,6 +47,17 @@ def relabel(labels: np.ndarray) -> np.ndarray:
     """Map arbitrary class ids to 0..C-1 in sorted order of the original ids."""
     _, inverse = np.unique(labels, return_inverse=True)
     return inverse.astype(np.int64)
+
+
+def named_records(
+    paths: list[str], class_ids, names_by_id: Mapping[int, str] | None = None
+) -> ImageRecords:
+    """Records labelled 0..C-1 in sorted id order, each class named as the dataset names it
+    (`names_by_id[id]`, else the id itself)."""
+    ids = np.asarray(class_ids, dtype=np.int64)
+    names = names_by_id or {}
+    ordered = np.unique(ids).tolist()
+    return ImageRecords(paths, relabel(ids), [str(names.get(i, i)) for i in ordered])
 
 
 @dataclass

@@ -7,7 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vpt_dml.data import cars, cub, inat, inshop, sop
-from vpt_dml.data.class_folders import load_class_folders, looks_like_class_folders
+from vpt_dml.data.class_folders import LAYOUT as CLASS_FOLDERS
+from vpt_dml.data.class_folders import (
+    describe_folder,
+    load_class_folders,
+    looks_like_class_folders,
+)
+from vpt_dml.data.layout import LayoutNotFound
 from vpt_dml.data.records import RetrievalSplits
 from vpt_dml.errors import DatasetError, UserError
 
@@ -44,11 +50,17 @@ def load_splits(name: str, root: str) -> tuple[RetrievalSplits, dict[str, int]]:
     if spec.class_folders_ok and spec.locate is not None:
         try:
             spec.locate(root)
-        except DatasetError:
-            if not looks_like_class_folders(root):
-                raise  # names the official layout and where to get it
-            splits = load_class_folders(name, root)
-            return splits, spec.official
+        except LayoutNotFound as official:
+            if looks_like_class_folders(root):
+                return load_class_folders(name, root), spec.official
+            if not Path(root).expanduser().is_dir():
+                raise
+            raise DatasetError(
+                f"{root} matches no {official.what} layout: expected the official one "
+                f"({official.expected}) or {CLASS_FOLDERS}; found {describe_folder(root)}. "
+                f"Fix the folder, or download it from {official.source} and set data.root "
+                "to the folder that holds it"
+            ) from None
     return spec.load(root), spec.official
 
 

@@ -1,6 +1,8 @@
 """Class-balanced batch sampling: bs/k distinct classes per batch, k images each.
 
-Deterministic in (seed, epoch). Under DDP every rank builds the same global plan for a
+Deterministic in (seed, epoch). The sampler advances its own epoch each time it is
+iterated, so any Trainer (or a plain loop) gets new batches every epoch; `set_epoch`
+pins it (exact resume sets it to the resumed epoch). Under DDP every rank builds the same global plan for a
 step (world_size * bs/k classes) and takes its own contiguous slice, so the classes of
 one step are disjoint across ranks and each rank still sees k images per class.
 """
@@ -48,6 +50,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             )
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch whose plan the next iteration draws."""
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -82,6 +85,10 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         return plan
 
     def __iter__(self) -> Iterator[list[int]]:
+        # a generator: the plan is drawn at the first batch, not when the loader builds
+        # its iterator, so a set_epoch in between still counts
+        plan = self.global_plan()
+        self.epoch += 1
         start = self.rank * self.batch_size
-        for step in self.global_plan():
+        for step in plan:
             yield step[start : start + self.batch_size]

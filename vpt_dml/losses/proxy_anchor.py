@@ -5,7 +5,10 @@ L = 1/Z+ * sum_{p in P+} log(1 + sum_{x in X_p+} exp(-alpha (s(x,p) - delta)))
 
 positive_normalization: "present" -> Z+ = |P+| (the original paper, and
 pytorch-metric-learning); "all" -> Z+ = C (the VPTSP reference code).
-proxy_range: "all" -> every class's proxy; "in_batch" -> only the batch's classes.
+proxy_range: "all" -> every class's proxy; "in_batch" -> only the batch's classes (rows
+torch.unique(labels) of the proxies given). With semantic proxies the reference builds
+those rows from the GRU's output before H's normalisation: SemanticProxies(...,
+in_batch_proxies=True) supplies them so (models/semantic_proxies.py).
 """
 
 from __future__ import annotations

@@ -124,11 +124,6 @@ def build_proxies(
     store = proxy_cfg.get("class_prompt_store", "device")
     if store not in ("device", "host"):
         raise UserError(f"model.proxy.class_prompt_store={store!r}; use device or host")
-    extra = {}
-    if "class_prompt_step" in proxy_cfg:  # global | per_row: the host bank's Adam step count
-        extra["class_prompt_step"] = proxy_cfg["class_prompt_step"]
-    if (loss_cfg or {}).get("proxy_range") == "in_batch":
-        extra["in_batch_proxies"] = True
     return SemanticProxies(
         num_classes,
         feature_dim,
@@ -140,7 +135,10 @@ def build_proxies(
         mix_lambda=proxy_cfg.get("mix_lambda", 0.8),
         class_prompt_store=store,
         class_prompt_dtype=proxy_cfg.get("class_prompt_dtype", "float32"),  # host storage
-        **extra,
+        # global | per_row: the host bank's Adam step count
+        class_prompt_step=proxy_cfg.get("class_prompt_step", "per_row"),
+        # loss.proxy_range=in_batch: the batch classes' rows, built as the reference does
+        in_batch_proxies=(loss_cfg or {}).get("proxy_range") == "in_batch",
     )
 
 

@@ -7,10 +7,20 @@ puts only the rows of the batch's classes on the device:
    (requires_grad), one per prompted layer, and returns them indexed per sample.
 2. backward fills the leaves' .grad.
 3. `step(group, kind)` (after the main optimizer step) applies a row-wise AdamW / SGD
-   with the main param group's hyper-parameters and current lr, using a step count per
-   row: bias correction is right for every row and a class not in the batch does not
-   move at all (no weight decay, no momentum drift), unlike a dense optimizer.
+   with the main param group's hyper-parameters and current lr; a class not in the batch
+   does not move at all (no weight decay, no momentum drift), unlike a dense optimizer.
    The updated rows and moments go back to host memory.
+
+Adam's step count t (bias correction), `step_count`:
+- "per_row": each row counts its own steps, as one torch AdamW per class would: a row
+  seen for the first time gets the full first-step correction.
+- "global" (the reference's): one count for the whole bank, advanced once per applied
+  training step (not on a skipped AMP-overflow step); the rows a step updates are
+  corrected with that count, their moments stay per row. This is what an AdamW whose
+  single parameter is replaced by the batch's rows every step does when its state's
+  step is carried over, as the reference's optimizer does. A row first seen late is
+  therefore barely bias-corrected (its first moves are smaller than per_row's).
+SGD has no step count; its momentum buffer starts at a row's own first step in both modes.
 
 Device memory and per-step cost depend on the number of rows in the batch, not on C.
 
@@ -28,6 +38,7 @@ staging buffers keeps gigabytes of page-locked memory out of the host.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,7 +48,10 @@ import torch.nn as nn
 from vpt_dml import distributed
 from vpt_dml.errors import UserError
 
+log = logging.getLogger("vpt_dml")
+
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+STEP_COUNTS = ("per_row", "global")
 
 
 def class_prompt_dtype(name: str) -> torch.dtype:
@@ -60,9 +74,19 @@ class ClassPromptStore(nn.Module):
         initial: Sequence[torch.Tensor],
         counts: Sequence[int],
         dtype: torch.dtype = torch.float32,
+        step_count: str = "per_row",
     ) -> None:
-        """initial: the (C, M_l, D) tables of the prompted layers (counts[l] > 0), in order."""
+        """initial: the (C, M_l, D) tables of the prompted layers (counts[l] > 0), in order.
+
+        step_count: "per_row" or "global", Adam's bias-correction count (module docstring).
+        """
         super().__init__()
+        if step_count not in STEP_COUNTS:
+            raise UserError(
+                f"model.proxy.class_prompt_step={step_count!r}; use global (the reference's one "
+                "Adam step count for the bank) or per_row (one count per class)"
+            )
+        self.step_count = step_count
         self.counts = list(counts)
         if len(initial) != sum(m > 0 for m in self.counts):
             raise ValueError("one initial table per prompted layer expected")
@@ -71,7 +95,10 @@ class ClassPromptStore(nn.Module):
         num_classes = initial[0].shape[0] if initial else 0
         # Moments are allocated on the first step, for the optimizer actually used.
         self.moments: dict[str, list[torch.Tensor]] = {}
-        self.steps = torch.zeros(num_classes, dtype=torch.int64)
+        self.steps = torch.zeros(num_classes, dtype=torch.int64)  # per row, in both modes
+        # applied steps of the whole bank (shape (1,), not 0-d: byte views and chunked
+        # broadcasts treat it like the other state tensors)
+        self.global_steps = torch.zeros(1, dtype=torch.int64)
         self._fetched: list[tuple[torch.Tensor, list[torch.Tensor]]] = []  # (class ids, leaves)
         self._prefetched: tuple[torch.Tensor, list[torch.Tensor], Any] | None = None
         self._pending_write: (
@@ -248,8 +275,14 @@ class ClassPromptStore(nn.Module):
         n = len(self.values)
         params = rows[:n]
         moments = [rows[n * (i + 1) : n * (i + 2)] for i in range(len(moment_names))]
+        # Every rank reaches here with the same gathered gradients and the same skip
+        # decision, so both counts advance identically on every rank.
         self.steps[ids_host] += 1
-        t = self.steps[ids_host].to(device=device, dtype=torch.float64)[:, None, None]
+        self.global_steps += 1
+        # SGD reads t only to start a row's momentum at its own first step, in both modes
+        use_global = kind == "adamw" and self.step_count == "global"
+        t = self.global_steps.expand(len(ids_host)) if use_global else self.steps[ids_host]
+        t = t.to(device=device, dtype=torch.float64)[:, None, None]
         lr = float(group["lr"])
         for i, (p, g) in enumerate(zip(params, grads)):
             if kind == "adamw":
@@ -267,12 +300,13 @@ class ClassPromptStore(nn.Module):
         return sum(v.numel() for v in self.values)
 
     def state(self) -> dict[str, Any]:
-        """Host tables, moments and per-row step counts (shared, not copied)."""
+        """Host tables, moments, per-row and global step counts (shared, not copied)."""
         self._flush()
         return {
             "values": list(self.values),
             "moments": {k: list(v) for k, v in self.moments.items()},
             "steps": self.steps,
+            "global_steps": self.global_steps,
         }
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -295,6 +329,21 @@ class ClassPromptStore(nn.Module):
             k: [m.to(self.dtype).clone() for m in v] for k, v in state["moments"].items()
         }
         self.steps.copy_(state["steps"])
+        if "global_steps" in state:
+            self.global_steps.copy_(state["global_steps"])
+        else:
+            # A checkpoint from before the global count: the most-stepped row is a lower
+            # bound of the steps applied (exact when a class was in every step). Only the
+            # "global" mode reads it, where t is already large enough after a resume that
+            # Adam's bias correction is close to 1 either way.
+            self.global_steps.fill_(int(self.steps.max()) if len(self.steps) else 0)
+            if self.step_count == "global":
+                log.warning(
+                    "the class-prompt bank's checkpoint has no global Adam step count (made "
+                    "before model.proxy.class_prompt_step existed); continuing from %d, the "
+                    "most-stepped class's count",
+                    int(self.global_steps),
+                )
 
     def broadcast_from_rank0(self) -> None:
         """Make every rank's bank equal rank 0's (fit start under DDP; seeds may differ)."""
@@ -303,8 +352,10 @@ class ClassPromptStore(nn.Module):
             distributed.broadcast_host_(t)
 
     def state_tensors(self) -> list[torch.Tensor]:
+        """Every state tensor; the per-row step counts come last."""
         self._flush()
-        return list(self.values) + [m for ms in self.moments.values() for m in ms] + [self.steps]
+        moments = [m for ms in self.moments.values() for m in ms]
+        return list(self.values) + moments + [self.global_steps, self.steps]
 
 
 def adamw_rows(

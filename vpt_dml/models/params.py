@@ -1,4 +1,10 @@
-"""Trainable / total parameter counts per component (prompts, BitFit, heads, ...)."""
+"""Trainable / total parameter counts per component (prompts, BitFit, heads, ...).
+
+Two kinds of trainable parameters: inference-time ones (prompts, BitFit biases, head,
+adapters, LoRA: they are the exported model) and training-only ones (the semantic
+branch's GRU, proxy head and class prompts, and the proxy bias B: dropped at export).
+Each is reported against the backbone's size, the paper's "tuned %".
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,13 @@ _PREFIXES = (
     ("proxies.cell.", "gru"),
     ("proxies.bias", "proxies"),
 )
+
+
+# components that exist only to train (vpt_dml.export leaves them out)
+TRAINING_ONLY = ("gru", "proxy_head", "class_prompts", "proxies")
+BACKBONE = ("backbone_weight", "backbone_bias")
+# rows of parameter_breakdown() that sum components rather than name one
+SUMMARY_ROWS = ("inference", "training_only", "all")
 
 
 def component_of(name: str) -> str:
@@ -50,28 +63,44 @@ def parameter_breakdown(
         row = rows.setdefault(comp, {"trainable": 0, "total": 0})
         row["trainable"] += trainable
         row["total"] += total
-    trainable = sum(r["trainable"] for r in rows.values())
-    total = sum(r["total"] for r in rows.values())
-    backbone_total = rows.get("backbone_weight", {}).get("total", 0) + rows.get(
-        "backbone_bias", {}
-    ).get("total", 0)
-    rows["all"] = {
-        "trainable": trainable,
-        "total": total,
-        # the paper's "tuned %" is relative to the backbone's size
-        "tuned_pct": 100.0 * trainable / max(backbone_total, 1),
-    }
+    backbone_total = sum(rows.get(c, {}).get("total", 0) for c in BACKBONE)
+
+    def summed(components) -> dict:
+        trainable = sum(rows[c]["trainable"] for c in components)
+        return {
+            "trainable": trainable,
+            "total": sum(rows[c]["total"] for c in components),
+            # the paper's "tuned %" is relative to the backbone's size
+            "tuned_pct": 100.0 * trainable / max(backbone_total, 1),
+        }
+
+    components = list(rows)
+    rows["inference"] = summed([c for c in components if c not in TRAINING_ONLY])
+    rows["training_only"] = summed([c for c in components if c in TRAINING_ONLY])
+    rows["all"] = summed(components)
     return rows
 
 
+def tuned_line(rows: dict[str, dict]) -> str:
+    """One line: inference-time and training-only trainable parameters, each as % of the backbone."""
+    inf, train = rows["inference"], rows["training_only"]
+    line = f"tuned: {inf['trainable']:,} inference-time ({inf['tuned_pct']:.2f}% of the backbone)"
+    if train["trainable"]:
+        names = ", ".join(c for c in TRAINING_ONLY if rows.get(c, {}).get("trainable"))
+        line += (
+            f" + {train['trainable']:,} training-only ({train['tuned_pct']:.2f}%: {names}; "
+            "not in the exported model)"
+        )
+    return line
+
+
 def format_breakdown(rows: dict[str, dict]) -> str:
-    """A plain-text table of parameter_breakdown(), one component a line."""
+    """A plain-text table of parameter_breakdown(), one component a line, then tuned_line()."""
     lines = [f"{'component':<16}{'trainable':>14}{'total':>14}"]
     for comp, row in rows.items():
-        if comp != "all":
+        if comp not in SUMMARY_ROWS:
             lines.append(f"{comp:<16}{row['trainable']:>14,}{row['total']:>14,}")
     a = rows["all"]
-    lines.append(
-        f"{'all':<16}{a['trainable']:>14,}{a['total']:>14,}  ({a['tuned_pct']:.2f}% tuned)"
-    )
+    lines.append(f"{'all':<16}{a['trainable']:>14,}{a['total']:>14,}")
+    lines.append(tuned_line(rows))
     return "\n".join(lines)

@@ -5,6 +5,10 @@ Q[c] (instead of the shared prompts P) and a separate proxy head, giving s_i. Th
 s_i are folded into a per-class memory H, either by a GRU-style cell in batch order
 ("gru", "gru_relu": VPTSP-G) or by a moving average ("mix": VPTSP). The loss uses
 P_all = normalize(r * B + (1 - r) * H) with a learnable bias B.
+
+in_batch_proxies (for loss.proxy_range=in_batch, as the reference builds it): the rows of
+the batch's classes are normalize(r * B[c] + (1 - r) * h_c) with h_c the fold's output
+*before* H's row normalisation; every other row, and H itself, as above.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vpt_dml import distributed
-from vpt_dml.models.class_prompt_store import ClassPromptStore, class_prompt_dtype
+from vpt_dml.errors import UserError
+from vpt_dml.models.class_prompt_store import STEP_COUNTS, ClassPromptStore, class_prompt_dtype
 from vpt_dml.models.heads import EmbeddingHead
 from vpt_dml.models.prompted_vit import xavier_normal_tokens
 
@@ -37,8 +42,14 @@ class ClassPrompts(nn.Module):
         dim: int,
         store: str = "device",
         storage_dtype: str = "float32",
+        step_count: str = "per_row",
     ) -> None:
+        """step_count: the host store's Adam step count, "per_row" or "global"
+        (class_prompt_store.py). The device store's tables are ordinary parameters of the
+        main optimizer, which keeps one step count per parameter tensor; it ignores this."""
         super().__init__()
+        if step_count not in STEP_COUNTS:
+            raise UserError(f"model.proxy.class_prompt_step={step_count!r}; use global or per_row")
         self.counts = list(counts)
         full = max(self.counts, default=0)  # M: every layer is initialised at M, then sliced
         initial = [
@@ -46,7 +57,9 @@ class ClassPrompts(nn.Module):
         ]
         self.store = None
         if store == "host":
-            self.store = ClassPromptStore(initial, self.counts, class_prompt_dtype(storage_dtype))
+            self.store = ClassPromptStore(
+                initial, self.counts, class_prompt_dtype(storage_dtype), step_count
+            )
         self.tokens = nn.ParameterList(
             [] if self.store is not None else [nn.Parameter(t) for t in initial]
         )
@@ -110,10 +123,11 @@ def class_groups(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return classes, counts, order
 
 
-def fold_gru(
+def fold_gru_rows(
     memory: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, cell: nn.Module, dropout: nn.Module
-) -> torch.Tensor:
-    """New memory: for each batch class, h_j = dropout(cell(s_{c,j}, h_{j-1})) in batch order."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch classes, their h_k): h_j = dropout(cell(s_{c,j}, h_{j-1})) in batch order,
+    h_0 = H[c]; not normalised."""
     classes, counts, order = class_groups(labels)
     starts = torch.cumsum(counts, 0) - counts
     h = memory[classes]
@@ -122,21 +136,39 @@ def fold_gru(
         idx = order[(starts + j).clamp(max=len(order) - 1)]
         step = dropout(cell(s[idx], h))
         h = torch.where(active[:, None], step, h)
-    return F.normalize(memory.index_copy(0, classes, h.to(memory.dtype)), dim=-1)
+    return classes, h
 
 
-def fold_mix(
+def fold_mix_rows(
     memory: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, lam: float
-) -> torch.Tensor:
-    """New memory: H[c] = lam * H[c] + (1 - lam) * mean of the batch's s of class c."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch classes, lam * H[c] + (1 - lam) * mean of the batch's s of class c)."""
     classes, counts, _ = class_groups(labels)
     index = torch.searchsorted(classes, labels)
     sums = torch.zeros(len(classes), s.shape[1], dtype=s.dtype, device=s.device).index_add(
         0, index, s
     )
     mean = sums / counts[:, None].to(s.dtype)
-    h = lam * memory[classes] + (1 - lam) * mean
+    return classes, lam * memory[classes] + (1 - lam) * mean
+
+
+def write_rows(memory: torch.Tensor, classes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The new H: the batch classes' rows replaced, then every row re-normalised."""
     return F.normalize(memory.index_copy(0, classes, h.to(memory.dtype)), dim=-1)
+
+
+def fold_gru(
+    memory: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, cell: nn.Module, dropout: nn.Module
+) -> torch.Tensor:
+    """New memory after folding the batch with the GRU cell."""
+    return write_rows(memory, *fold_gru_rows(memory, s, labels, cell, dropout))
+
+
+def fold_mix(
+    memory: torch.Tensor, s: torch.Tensor, labels: torch.Tensor, lam: float
+) -> torch.Tensor:
+    """New memory after the moving-average fold."""
+    return write_rows(memory, *fold_mix_rows(memory, s, labels, lam))
 
 
 class SemanticProxies(nn.Module):
@@ -152,15 +184,27 @@ class SemanticProxies(nn.Module):
         mix_lambda: float = 0.8,
         class_prompt_store: str = "device",
         class_prompt_dtype: str = "float32",
+        class_prompt_step: str = "per_row",
+        in_batch_proxies: bool = False,
     ) -> None:
+        """class_prompt_step: the host class-prompt bank's Adam step count, per_row or
+        global (class_prompt_store.py); the device store ignores it.
+        in_batch_proxies: batch classes' proxy rows from the un-normalised fold output, the
+        reference's in_batch construction; set it exactly when loss.proxy_range=in_batch."""
         super().__init__()
         if update not in ("gru", "gru_relu", "mix"):
             raise ValueError(f"model.proxy.update must be gru, gru_relu or mix, got {update!r}")
         self.update = update
         self.bias_ratio = bias_ratio
         self.mix_lambda = mix_lambda
+        self.in_batch_proxies = bool(in_batch_proxies)
         self.class_prompts = ClassPrompts(
-            num_classes, class_prompt_counts, feature_dim, class_prompt_store, class_prompt_dtype
+            num_classes,
+            class_prompt_counts,
+            feature_dim,
+            class_prompt_store,
+            class_prompt_dtype,
+            class_prompt_step,
         )
         self.head = EmbeddingHead(feature_dim, embed_dim)
         self.cell = (
@@ -189,18 +233,22 @@ class SemanticProxies(nn.Module):
     ) -> torch.Tensor:
         return self.head(backbone(images, self.class_prompts.gather(labels)))
 
-    def fold(self, s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def fold(self, s: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch classes, their new rows before H's normalisation)."""
         memory = self.memory.detach()
+        s = s.to(torch.promote_types(s.dtype, torch.float32))  # half under AMP; float64 kept
         if self.update == "mix":
-            return fold_mix(memory, s.float(), labels, self.mix_lambda)
-        return fold_gru(memory, s.float(), labels, self.cell, self.dropout)
+            return fold_mix_rows(memory, s, labels, self.mix_lambda)
+        return fold_gru_rows(memory, s, labels, self.cell, self.dropout)
 
     def combine(self, memory: torch.Tensor) -> torch.Tensor:
         r = self.bias_ratio
         return F.normalize(r * self.bias + (1 - r) * memory, dim=-1)
 
     def proxies_from(self, s: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Fold the semantic embeddings s into H (kept when training) and return P_all.
+        """Fold the semantic embeddings s into H (kept when training) and return the C
+        proxies: P_all, or with in_batch_proxies the batch classes' rows built from the
+        un-normalised fold output (the loss's in_batch range then picks exactly those).
 
         Under DDP every rank folds the same global batch (all ranks' s in rank order, with
         the same dropout draws), so H and P_all are identical on every rank; see
@@ -213,9 +261,12 @@ class SemanticProxies(nn.Module):
             if self.dropout.p > 0:
                 rng = distributed.shared_rng(int(self.fold_count))
         with rng:
-            new_memory = self.fold(s, labels)
+            classes, rows = self.fold(s, labels)
+        new_memory = write_rows(self.memory.detach(), classes, rows)
         if self.training:
             self.memory.copy_(new_memory.detach())
+        if self.in_batch_proxies:
+            new_memory = new_memory.index_copy(0, classes, rows.to(new_memory.dtype))
         return self.combine(new_memory)
 
     def forward(

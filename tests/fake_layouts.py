@@ -1,6 +1,6 @@
 """Tiny fake copies of the official dataset layouts, metadata in the official file formats.
 
-Used by the tests (and handy to try a loader without a download): the real loaders parse
+Used by the tests only (and handy to try a loader without a download): the real loaders parse
 them. Images are tiny JPEGs; the counts are small, not the official ones.
 """
 

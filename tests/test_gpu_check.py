@@ -1,0 +1,167 @@
+"""experiments/gpu_check.py: its checks, its projection, its layouts, and the --cpu --tiny run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vpt_dml.data.registry import load_splits
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        "gpu_check", REPO / "experiments" / "gpu_check.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+gc = _load()
+
+
+# -- checks ---------------------------------------------------------------------------
+def _csv(tmp_path: Path, rows: list[str]) -> Path:
+    path = tmp_path / "metrics.csv"
+    path.write_text("\n".join(["epoch,step,train/loss_step,val/recall@1,lr-AdamW/main", *rows]))
+    return path
+
+
+def test_csv_check_flags_a_non_finite_loss_and_a_metric_out_of_range(tmp_path):
+    assert gc.check_csv(_csv(tmp_path, ["0,4,3.2,,0.1", "0,9,,0.5,"])) == []
+    nan_loss = gc.check_csv(_csv(tmp_path, ["0,4,nan,,0.1"]))
+    assert len(nan_loss) == 1 and "train/loss_step" in nan_loss[0]
+    high = gc.check_csv(_csv(tmp_path, ["0,9,,1.5,"]))
+    assert len(high) == 1 and "val/recall@1" in high[0]
+    assert gc.check_csv(tmp_path / "absent.csv")  # a run without its csv is a failure
+
+
+def test_metrics_json_check_reads_the_flat_and_the_nested_layouts():
+    flat = {"metrics": {"recall@1": 0.5, "map@r": 0.2, "nmi": 0.7, "recall@1_before": 0.1}}
+    assert gc.check_metrics_json(flat) == []
+    nested = {
+        "metrics": {"recall@1": 0.5},
+        "final": {"test/recall@1": 0.5},
+        "best": {"epoch": 7, "test/map@r": 1.2},
+        "before": {"val/recall@1": float("nan")},
+        "cost": {"train_s": 5400.0},
+    }
+    problems = gc.check_metrics_json(nested)
+    assert len(problems) == 2
+    assert any("best.test/map@r" in p for p in problems)
+    assert any("before.val/recall@1" in p for p in problems)
+    assert gc.check_metrics_json({"metrics": {"map@r": 0.3}}) == ["metrics.json holds no recall@1"]
+
+
+def test_loss_check():
+    assert gc.check_losses([3.0, 2.5]) == []
+    assert "step 1" in gc.check_losses([3.0, float("inf"), float("nan")])[0]
+    assert gc.check_losses([])
+
+
+# -- projection -------------------------------------------------------------------------
+def test_validated_epochs_follow_the_cadence():
+    assert gc.validated_epochs(120, {"start_epoch": 30, "every_n_epochs": 1}, {}) == 90
+    # epochs 30, 35, ..., 55 and the final one (59)
+    assert gc.validated_epochs(60, {"start_epoch": 30, "every_n_epochs": 5}, {}) == 7
+    assert gc.validated_epochs(60, {"start_epoch": 59, "every_n_epochs": 1}, {}) == 1
+    assert gc.validated_epochs(60, {"start_epoch": 0}, {}) == 60
+    # without eval.start_epoch / every_n_epochs: Lightning's check_val_every_n_epoch
+    assert gc.validated_epochs(10, {"clustering_every_epoch": False}, {}) == 10
+    assert gc.validated_epochs(10, {}, {"check_val_every_n_epoch": 3}) == 3
+
+
+def test_projection_arithmetic():
+    layout = gc.Layout("sop", Path("."), 100, 200, 200, 1000, (400, 400))
+    cfg = {
+        "trainer": {"max_epochs": 2},
+        "data": {"batch_size": 32},
+        "eval": {"start_epoch": 1, "every_n_epochs": 1},
+    }
+    probe = {
+        "images_per_s": 100.0,
+        "train_loop_s": 30.0,
+        "evals": [
+            {"label": "before", "s": 10.0, "images": 1000, "clustering_s": 0.0},
+            {"label": "test", "s": 20.0, "images": 1000, "clustering_s": 4.0},
+        ],
+        "checkpoints": [{"file": "last.ckpt", "s": 1.0}, {"file": "best-epoch000.ckpt", "s": 2.0}],
+    }
+    p = gc.project(cfg, probe, layout, run_wall_s=100.0)
+    train_s = 2 * (59551 // 32 * 32) / 100.0
+    one_eval = 0.01 * 60502
+    kmeans = 4.0 * (60502 * 11316) / (1000 * 200)
+    eval_s = 3 * one_eval + kmeans + (20.0 - 10.0 - 4.0)  # before + 1 validated epoch + test
+    ckpt_s = 2 * 1.0 + 1 * 2.0
+    startup = 100.0 - (30.0 + 30.0 + 3.0)
+    assert p["validated_epochs"] == 1 and p["evaluations"] == 3
+    assert p["hours"] == pytest.approx((train_s + eval_s + ckpt_s + startup) / 3600, abs=1e-4)
+    assert p["train_h"] == pytest.approx(train_s / 3600, abs=1e-4)
+
+
+# -- layouts --------------------------------------------------------------------------
+def test_tiny_layouts_parse_with_the_real_loaders(tmp_path):
+    layouts = gc.write_layouts(tmp_path, tiny=True, procs=2)
+    for name, layout in layouts.items():
+        splits, _ = load_splits(name, str(layout.root))
+        assert splits.summary() == {
+            "train_images": layout.train_images,
+            "train_classes": layout.train_classes,
+            "test_images": layout.test_images,
+            "test_classes": layout.test_classes,
+        }
+        with Image.open(splits.test.paths[-1]) as im:
+            assert (im.format, im.size) == ("JPEG", layout.image_size)
+
+
+# -- the whole tiny run -------------------------------------------------------------------
+@pytest.mark.slow
+def test_cpu_tiny_run_trains_both_presets_and_projects(tmp_path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "disabled",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "gpu_check.py"), "--cpu", "--tiny"]
+        + ["--workdir", str(tmp_path), "--out", str(tmp_path / "out")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["ok"] and summary["failures"] == []
+    assert json.loads((tmp_path / "out" / "gpu_check.json").read_text()) == summary
+    batches = {"sop_deep": 32, "cub_deep": 64}  # METHOD.md §3: the presets' own batches
+    for name, batch in batches.items():
+        r = summary["presets"][name]
+        assert r["rc"] == 0
+        assert math.isfinite(r["loss_first"]) and math.isfinite(r["loss_last"])
+        assert r["metrics"]["recall@1"] is not None
+        for key, value in r["metrics"].items():
+            assert 0.0 <= value <= 1.0, (name, key, value)
+        assert [e["label"] for e in r["evals"]][0] == "before"
+        assert r["evals"][-1]["label"] == "test"
+        assert r["as_run"]["batch_size"] == batch
+        assert r["train_images_per_s"] > 0
+        assert r["projection"]["hours"] > 0
+    # the host class-prompt bank (SOP) was found and timed; CUB keeps its prompts on device
+    assert summary["presets"]["sop_deep"]["bank"]["host"]["step_ms_per_step"] > 0
+    assert summary["presets"]["cub_deep"]["bank"] is None
+    assert summary["bench"]["bench_eval"]["rc"] == 0
+    assert not any(p.exists() for p in tmp_path.glob("gpu_check_*"))  # temp folder removed
