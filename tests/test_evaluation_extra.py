@@ -12,9 +12,9 @@ from test_evaluation import brute_force, clustered, tied
 from vpt_dml.errors import UserError
 from vpt_dml.evaluation import clustering_metrics, retrieval_metrics
 from vpt_dml.evaluation.clustering import _torch_kmeans, nmi, pair_f1
+from vpt_dml.evaluation.epoch import unique_first
 from vpt_dml.evaluation.knn import rank_positives
 from vpt_dml.evaluation.retrieval import metrics_from_ranks
-from vpt_dml.module import unique_first
 
 
 def ours(x, y, ks, g=None, gl=None, block=64):

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from tests.conftest import compose_config, tiny_overrides
 from vpt_dml.errors import UserError
 from vpt_dml.export import export_run, load_exported, main
-from vpt_dml.models.embedder import build_embedder
+from vpt_dml.models.build import build_embedder
 from vpt_dml.run import train
 
 # Frozen weights dominate, as in a real ViT (the TINY_* backbone is too small to show it).

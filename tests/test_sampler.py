@@ -16,7 +16,7 @@ from tests.fake_layouts import fake_sop
 from vpt_dml.data.datamodule import RetrievalDataModule
 from vpt_dml.data.sampler import ClassBalancedBatchSampler
 from vpt_dml.errors import UserError
-from vpt_dml.module import unique_first
+from vpt_dml.evaluation.epoch import unique_first
 
 # uneven classes: 12 classes with 1..6 images
 LABELS = np.repeat(np.arange(12), [1, 2, 3, 4, 5, 6] * 2)

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 
 from vpt_dml.errors import UserError
 from vpt_dml.models.backbone import data_config
-from vpt_dml.models.embedder import Embedder, build_embedder
+from vpt_dml.models.build import build_embedder
+from vpt_dml.models.embedder import Embedder
 
 FORMAT = "vpt_dml.export/1"
 PREFIX = "embedder."

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 
 from vpt_dml import distributed
 from vpt_dml.errors import UserError
-from vpt_dml.evaluation.epoch import epoch_metrics, unique_first  # noqa: F401 - old import path
+from vpt_dml.evaluation.epoch import epoch_metrics
 from vpt_dml.models.build import build_model
 from vpt_dml.models.class_prompt_store import ClassPromptStore
 from vpt_dml.models.params import format_breakdown, is_proxy_bias, parameter_breakdown

@@ -261,7 +261,7 @@ class ClassPromptStore(nn.Module):
         names = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
         if kind not in names:
             raise UserError(
-                f"the class-prompt store supports adamw and sgd, not {kind!r}; set optim.name"
+                f"the class-prompt store supports adamw and sgd, not {kind!r}; use optim=adamw or optim=sgd"
             )
         moment_names = names[kind] if kind == "adamw" or group.get("momentum", 0) else ()
         for name in moment_names:

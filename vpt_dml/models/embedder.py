@@ -6,8 +6,6 @@ Built by `vpt_dml.models.build.build_embedder` (the one place the model is assem
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,10 +29,3 @@ class Embedder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.project(self.backbone(images))
-
-
-def build_embedder(cfg: Mapping) -> Embedder:
-    """Kept for callers outside models/ (export.py): see models/build.py."""
-    from vpt_dml.models.build import build_embedder as build
-
-    return build(cfg)

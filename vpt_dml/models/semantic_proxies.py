@@ -258,7 +258,7 @@ class SemanticProxies(nn.Module):
         if self.training:
             s, labels = distributed.gather_batch(s, labels)
             self.fold_count += 1
-            if self.dropout.p > 0:
+            if self.dropout.p > 0 and distributed.world_size() > 1:  # int() syncs: DDP only
                 rng = distributed.shared_rng(int(self.fold_count))
         with rng:
             classes, rows = self.fold(s, labels)
@@ -272,5 +272,5 @@ class SemanticProxies(nn.Module):
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor, backbone: nn.Module
     ) -> torch.Tensor:
-        # models/two_branch.py fuses this ViT pass with the image branch's, then proxies_from
+        # PromptedViT.forward_branches (chosen in models/build.py) fuses this pass with the image branch
         return self.proxies_from(self.semantic_embeddings(images, labels, backbone), labels)
