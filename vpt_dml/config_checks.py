@@ -115,33 +115,22 @@ def check_peft(peft: Mapping) -> None:
         "adapter": "adapter.enabled",
         "lora": "lora.enabled",
     }
+    node = peft if isinstance(peft, DictConfig) else OmegaConf.create(dict(peft))
     offending += [
-        f"model.peft.{keys[k]}={str(feats[k]).lower()}" for k in SWITCHES if feats[k] != sig[k]
+        f"model.peft.{keys[k]}={str(OmegaConf.select(node, keys[k])).lower()}"
+        for k in SWITCHES
+        if feats[k] != sig[k]
     ]
     actual = peft_method_of(feats)
-    fix = f"model/peft={actual} trains {describe(feats)}" if actual != CUSTOM else "drop them"
+    fix = (
+        f"model/peft={actual} trains {describe(feats)}"
+        if actual != CUSTOM
+        else "drop those settings"
+    )
     raise UserError(
         f"model.peft.name={name} contradicts {', '.join(offending)}: {name} trains "
-        f"{describe_signature(sig)}; {fix}, or name a deliberate mix model.peft.name={CUSTOM}"
+        f"{describe(sig)}; {fix}, or name a deliberate mix model.peft.name={CUSTOM}"
     )
-
-
-def describe_signature(sig: Mapping) -> str:
-    prompts = sig["prompts"]
-    words = {"none": "no", "shallow": "layer-0", "deep": "deep"}
-    parts = (
-        []
-        if prompts == {"none"}
-        else ["prompts" if len(prompts) > 1 else f"{words[next(iter(prompts))]} prompts"]
-    )
-    names = {
-        "bitfit": "BitFit",
-        "full": "all backbone weights",
-        "adapter": "adapters",
-        "lora": "LoRA",
-    }
-    parts += [names[k] for k in SWITCHES if sig[k]]
-    return " + ".join(parts) or "the head only"
 
 
 def check_proxy(proxy: Mapping) -> None:

@@ -14,53 +14,30 @@ from collections.abc import Mapping, Sequence
 
 import torch.nn as nn
 
-from vpt_dml.models.params import parameter_breakdown
+from vpt_dml.models.params import component_of, parameter_breakdown
 from vpt_dml.models.prompted_vit import layer_counts
 
-# prompts: which layers hold shared prompt tokens: none, shallow (layer 0 only), deep (more)
-PEFT_METHODS: dict[str, dict] = {
-    "linear": {
-        "prompts": {"none"},
-        "bitfit": False,
-        "full": False,
-        "adapter": False,
-        "lora": False,
-    },
-    "bitfit": {"prompts": {"none"}, "bitfit": True, "full": False, "adapter": False, "lora": False},
-    "vpt_shallow": {
-        "prompts": {"shallow"},
-        "bitfit": False,
-        "full": False,
-        "adapter": False,
-        "lora": False,
-    },
-    "vpt_deep": {
-        "prompts": {"deep"},
-        "bitfit": False,
-        "full": False,
-        "adapter": False,
-        "lora": False,
-    },
-    "vptsp": {
-        "prompts": {"shallow", "deep"},
-        "bitfit": True,
-        "full": False,
-        "adapter": False,
-        "lora": False,
-    },
-    "adapter": {
-        "prompts": {"none"},
-        "bitfit": False,
-        "full": False,
-        "adapter": True,
-        "lora": False,
-    },
-    "lora": {"prompts": {"none"}, "bitfit": False, "full": False, "adapter": False, "lora": True},
-    "full": {"prompts": {"none"}, "bitfit": False, "full": True, "adapter": False, "lora": False},
-}
-# a deliberate mix of switches (e.g. adapter + BitFit): no signature to match
-CUSTOM = "custom"
 SWITCHES = ("bitfit", "full", "adapter", "lora")
+
+
+def _method(prompts: tuple[str, ...] = ("none",), **on: bool) -> dict:
+    """prompts: which layers may hold shared prompt tokens: none, shallow (layer 0 only),
+    deep (more layers); the switches not named are off."""
+    return {"prompts": set(prompts), **{k: bool(on.get(k)) for k in SWITCHES}}
+
+
+PEFT_METHODS: dict[str, dict] = {
+    "linear": _method(),
+    "bitfit": _method(bitfit=True),
+    "vpt_shallow": _method(("shallow",)),
+    "vpt_deep": _method(("deep",)),
+    "vptsp": _method(("shallow", "deep"), bitfit=True),
+    "adapter": _method(adapter=True),
+    "lora": _method(lora=True),
+    "full": _method(full=True),
+}
+# a deliberate mix of switches (e.g. adapter + BitFit): no definition to match
+CUSTOM = "custom"
 
 
 def prompt_depth_kind(counts: Sequence[int]) -> str:
@@ -94,39 +71,48 @@ def peft_method_of(features: Mapping) -> str:
     return next((m for m in PEFT_METHODS if matches(features, m)), CUSTOM)
 
 
+SWITCH_WORDS = {
+    "bitfit": "BitFit",
+    "full": "all backbone weights",
+    "adapter": "adapters",
+    "lora": "LoRA",
+}
+PROMPT_WORDS = {"shallow": "layer-0 prompts", "deep": "deep prompts"}
+
+
 def describe(features: Mapping) -> str:
-    """Human words for a feature set, e.g. 'deep prompts + BitFit'."""
-    parts = [f"{features['prompts']} prompts"] if features["prompts"] != "none" else []
-    names = {
-        "bitfit": "BitFit",
-        "full": "all backbone weights",
-        "adapter": "adapters",
-        "lora": "LoRA",
-    }
-    parts += [names[k] for k in SWITCHES if features[k]]
+    """Words for a feature set or a PEFT_METHODS definition, e.g. 'deep prompts + BitFit'."""
+    prompts = features["prompts"]
+    kinds = ({prompts} if isinstance(prompts, str) else set(prompts)) - {"none"}
+    parts = ["prompts"] if len(kinds) > 1 else [PROMPT_WORDS[k] for k in kinds]
+    parts += [SWITCH_WORDS[k] for k in SWITCHES if features[k]]
     return " + ".join(parts) or "the head only"
 
 
-def _backbone_features(vit: nn.Module) -> dict:
-    """Which backbone parameters train: biases only (BitFit), every weight (full),
-    and whether adapter / LoRA parameters exist (they always train)."""
-    adapter = lora = False
-    n_bias = n_weight = train_bias = train_weight = 0
-    for name, p in vit.named_parameters():
-        if ".adapter" in name or name.startswith("adapter"):
-            adapter = True
-        elif ".lora_" in name or name.startswith("lora_"):
-            lora = True
-        elif name.endswith(".bias") or name == "bias":
-            n_bias += 1
-            train_bias += p.requires_grad
-        else:
-            n_weight += 1
-            train_weight += p.requires_grad
-    full = n_weight > 0 and train_weight == n_weight
-    bitfit = not full and n_bias > 0 and train_bias == n_bias and train_weight == 0
-    partial = not full and not bitfit and (train_weight > 0 or train_bias > 0)
-    return {"bitfit": bitfit, "full": full, "adapter": adapter, "lora": lora, "partial": partial}
+def _backbone_features(module: nn.Module) -> dict:
+    """Which backbone parameters train: biases only (BitFit), every weight (full), and
+    whether adapter / LoRA parameters exist (they always train). Names are sorted into
+    components by models/params.py, the one place that knows the prefixes."""
+    seen = {"adapters": False, "lora": False}
+    total = {"backbone_bias": 0, "backbone_weight": 0}
+    trainable = dict(total)
+    for name, p in module.named_parameters():
+        comp = component_of(name)
+        if comp in seen:
+            seen[comp] = True
+        elif comp in total:
+            total[comp] += 1
+            trainable[comp] += int(p.requires_grad)
+    weights, biases = trainable["backbone_weight"], trainable["backbone_bias"]
+    full = total["backbone_weight"] > 0 and weights == total["backbone_weight"]
+    bitfit = not full and weights == 0 and biases == total["backbone_bias"] > 0
+    return {
+        "bitfit": bitfit,
+        "full": full,
+        "adapter": seen["adapters"],
+        "lora": seen["lora"],
+        "partial": not full and not bitfit and weights + biases > 0,
+    }
 
 
 def _proxy_summary(proxies: nn.Module) -> dict:
@@ -153,7 +139,7 @@ def effective_method(module: nn.Module) -> dict:
     """
     backbone = module.embedder.backbone
     counts = list(backbone.prompts.counts)
-    bb = _backbone_features(backbone.vit)
+    bb = _backbone_features(module)
     features = {"prompts": prompt_depth_kind(counts), **{k: bb[k] for k in SWITCHES}}
     peft = CUSTOM if bb["partial"] else peft_method_of(features)
     proxy = _proxy_summary(module.proxies)
