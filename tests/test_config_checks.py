@@ -140,7 +140,7 @@ def test_issue_example_on_a_preset(tmp_path):
         ["model/peft=vpt_shallow", "model/proxy=semantic_gru_tanh", "model.proxy.dropout=0.1"],
         ["model.proxy.class_prompt_store=host", "model.proxy.class_prompt_step=global"],
         ["model.peft.prompts.num=1", "model.peft.prompts.depth=1"],  # a shallow VPTSP
-        ["+eval.start_epoch=2", "+eval.every_n_epochs=2", "+model.peft.adapter.num_blocks=1"],
+        ["eval.start_epoch=2", "eval.every_n_epochs=2", "+model.peft.adapter.num_blocks=1"],
         ["loss=proxy_anchor_vptsp", "loss.proxy_range=in_batch"],
         ["loss=proxy_nca", "loss.scale=8"],
         ["optim=sgd", "optim.momentum=0.5", "+optim.optimizer.nesterov=true"],

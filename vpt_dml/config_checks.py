@@ -42,10 +42,9 @@ from vpt_dml.models.method_summary import (
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # folders of conf/ whose files are not options of one config node
 NOT_OPTIONS = {"hydra", "experiment", "hparams_search"}
-# keys the code reads that no option file spells, with their types
+# keys the code reads that no option file spells, with their types (debug / overwrite:
+# the robust helper's root switches, harmless here once train.yaml spells them)
 CODE_KEYS: dict[str, set[str]] = {
-    "eval.start_epoch": {"int"},
-    "eval.every_n_epochs": {"int"},
     "debug": {"bool"},
     "overwrite": {"bool"},
     "model.peft.adapter.num_blocks": {"int"},
