@@ -8,10 +8,19 @@ import json
 import pytest
 import torch
 from conftest import TINY_BACKBONE, TINY_DATA, TINY_TRAINER, compose_config
+from omegaconf import OmegaConf
 
+from vpt_dml.config_checks import check_config
 from vpt_dml.run import build_module, train
 
 # METHOD.md §3: bs, k, epochs, opt, lr, lr_proxy, wd, T_max, eta_min, P, Q, r, dropout, bank
+OPTIMIZERS = {"sgd": "torch.optim.SGD", "adamw": "torch.optim.AdamW"}
+# the reference's first evaluated epoch (its eval start), per preset
+START_EPOCH = {
+    "cub_deep_small": 5, "cub_deep": 30, "cars_deep_small": 35, "cars_deep": 40,
+    "sop_deep_small": 30, "sop_deep": 30, "inshop_deep_small": 40, "inshop_deep": 20,
+    "inat_deep": 5,
+}  # fmt: skip
 # fmt: off
 TABLE = {
     "cub_deep_small"     : (64, 2, 15, "sgd", 0.005, 0.1, 1e-06, 50, 1e-08, (10, 12, 0), (3, 12, 0), 0.5, 0.0, False),
@@ -39,22 +48,28 @@ def test_preset_composes_to_the_released_config(preset, tmp_path):
     assert (cfg.data.batch_size, cfg.data.samples_per_class) == (bs, k)
     assert cfg.trainer.max_epochs == epochs and cfg.trainer.precision == "16-mixed"
     o = cfg.optim
-    assert (o.name, o.lr, o.lr_proxy, o.weight_decay, o.t_max, o.eta_min) == (
-        opt,
-        lr,
-        lrp,
-        wd,
-        tmax,
-        eta,
-    )
+    assert (o.lr, o.lr_proxy, o.weight_decay, o.t_max, o.eta_min) == (lr, lrp, wd, tmax, eta)
+    plain = OmegaConf.to_container(o, resolve=True)
+    # the optimizer / scheduler objects are built from the flat keys
+    assert plain["optimizer"]["_target_"] == OPTIMIZERS[opt]
+    assert (plain["optimizer"]["lr"], plain["optimizer"]["weight_decay"]) == (lr, wd)
+    assert (plain["scheduler"]["t_max"], plain["scheduler"]["eta_min"]) == (tmax, eta)
+    if opt == "sgd":
+        assert plain["optimizer"]["momentum"] == 0.9
     p, q = cfg.model.peft.prompts, cfg.model.proxy.class_prompts
     assert (p.num, p.depth, p.step) == P and (q.num, q.depth, q.step) == Q
     assert cfg.model.peft.bitfit and not cfg.model.peft.full
     assert cfg.model.proxy.kind == "semantic_gru" and cfg.model.proxy["update"] == "gru_relu"
     assert (cfg.model.proxy.bias_ratio, cfg.model.proxy.dropout) == (r, drop)
     assert cfg.model.proxy.class_prompt_store == ("host" if bank else "device")
+    # the host bank counts Adam steps once per training step, as the reference
+    assert cfg.model.proxy.class_prompt_step == ("global" if bank else "per_row")
+    assert cfg.loss._target_ == "vpt_dml.losses.ProxyAnchorLoss"
     assert cfg.loss.positive_normalization == "all" and cfg.loss.proxy_range == "all"
     assert (cfg.loss.alpha, cfg.loss.delta) == (32.0, 0.1)
+    assert cfg.eval.start_epoch == START_EPOCH[preset]
+    assert cfg.data.fast_decode is False  # torchvision's plain pipeline, as the reference
+    check_config(cfg)  # and nothing in it is unknown or contradictory
 
 
 def tiny_preset_overrides(preset: str) -> list[str]:
