@@ -44,7 +44,12 @@ BASES = {"base", "semantic_base"}
 PRESET_SETS: dict[str, set[str]] = {group: set() for group in GROUPS}
 
 NUM_CLASSES = 4
-TINY = {"D": 32, "L": 2, "E": 16}  # TINY_BACKBONE: embed_dim 32, depth 2; model.embed_dim 16
+TINY = {"D": 32, "L": 12, "E": 16}  # TINY_BACKBONE_12: embed_dim 32, depth 12; embed_dim 16
+# 12 blocks, as the presets' prompt depths (12, or 8-11) ask
+TINY_BACKBONE_12 = [
+    o.replace("depth: 2,", "depth: 12,") if o.startswith("++model.backbone.kwargs") else o
+    for o in TINY_BACKBONE
+]
 
 
 def options(group: str) -> list[str]:
@@ -78,13 +83,13 @@ def option_values() -> list[dict[str, dict]]:
 
 
 def test_option_values_are_the_options_own(option_values):
-    """The reference itself: e.g. linear is all off, vpt_deep 10 prompts x 12 layers."""
+    """The reference itself: e.g. linear is all off, vpt_deep 10 prompts on every layer."""
     rows = option_rows()
     peft = {row["model/peft"]: v["model/peft"] for row, v in zip(rows, option_values)}
     assert peft["linear"]["prompts"] == {"num": 0, "depth": 0, "step": 0}
     assert not any([peft["linear"]["bitfit"], peft["linear"]["full"]])
     assert (peft["vpt_deep"]["prompts"], peft["vpt_deep"]["bitfit"]) == (
-        {"num": 10, "depth": 12, "step": 0},
+        {"num": 10, "depth": "all", "step": 0},
         False,
     )
     assert peft["vptsp_sop_b"]["prompts"] == {"num": 90, "depth": 12, "step": 5}
@@ -144,7 +149,7 @@ def build(cfg) -> VPTDMLModule:
 
 def tiny_vit_counts() -> tuple[int, int]:
     """(biases, all parameters) of the tiny timm ViT, counted on timm's own model."""
-    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 12, "num_heads": 2}
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **kwargs)
     biases = sum(p.numel() for n, p in vit.named_parameters() if n.endswith("bias"))
     return biases, sum(p.numel() for p in vit.parameters())
@@ -152,7 +157,8 @@ def tiny_vit_counts() -> tuple[int, int]:
 
 def tokens(q: dict, layers: int) -> int:
     """Prompt tokens over the layers: N_l = max(N - l*step, 0) for l < depth."""
-    return sum(max(q["num"] - layer * q["step"], 0) for layer in range(min(q["depth"], layers)))
+    depth = layers if q["depth"] == "all" else min(q["depth"], layers)
+    return sum(max(q["num"] - layer * q["step"], 0) for layer in range(depth))
 
 
 def expected_trainable(model: dict) -> int:
@@ -179,7 +185,7 @@ def expected_trainable(model: dict) -> int:
 
 def run_sweep_in_process(preset: str, search: str) -> list[tuple[list[str], dict, dict]]:
     out = []
-    for job in sweep_jobs(preset, search, TINY_BACKBONE):
+    for job in sweep_jobs(preset, search, TINY_BACKBONE_12):
         (cfg,) = compose_all([job])
         check_config(cfg)
         model = OmegaConf.to_container(cfg.model, resolve=True)
@@ -199,9 +205,9 @@ def test_peft_baselines_sweep_on_a_preset_trains_each_baseline():
     counts = [m["trainable_parameters"] for _, _, m in jobs]
     assert len(set(counts)) == len(counts)  # seven methods, seven different counts
     by_name = {m["peft"]: m for _, _, m in jobs}
-    assert by_name["vpt_shallow"]["prompt_tokens_per_layer"] == [10, 0]
-    assert by_name["vpt_deep"]["prompt_tokens_per_layer"] == [10, 10]
-    assert by_name["linear"]["prompt_tokens_per_layer"] == [0, 0]
+    assert by_name["vpt_shallow"]["prompt_tokens_per_layer"] == [10] + [0] * 11
+    assert by_name["vpt_deep"]["prompt_tokens_per_layer"] == [10] * 12
+    assert by_name["linear"]["prompt_tokens_per_layer"] == [0] * 12
     assert by_name["bitfit"]["bitfit"] and not by_name["vpt_deep"]["bitfit"]
     assert by_name["full"]["full"] and by_name["adapter"]["adapter"] and by_name["lora"]["lora"]
 
@@ -301,7 +307,7 @@ def test_real_multirun_jobs_run_what_they_name(tmp_path: Path, search, expected)
             "-m",
             "+experiment=cub_deep_small",
             f"+hparams_search={search}",
-            *TINY_BACKBONE,
+            *TINY_BACKBONE_12,
             f"hydra.sweep.dir={sweep_dir}",
         ],
         cwd=REPO,
@@ -322,7 +328,7 @@ def test_real_multirun_jobs_run_what_they_name(tmp_path: Path, search, expected)
 
 
 def test_effective_method_reads_the_built_model_not_the_config():
-    (cfg,) = compose_all([[*TINY_BACKBONE, "model/peft=linear", "model/proxy=learned"]])
+    (cfg,) = compose_all([[*TINY_BACKBONE_12, "model/peft=linear", "model/proxy=learned"]])
     module = build(cfg)
     assert effective_method(module)["peft"] == "linear"
     vit = module.embedder.backbone.vit
@@ -340,9 +346,9 @@ def test_effective_method_reads_the_built_model_not_the_config():
 
 
 def test_effective_method_counts_the_host_class_prompt_bank():
-    (cfg,) = compose_all([[*TINY_BACKBONE, "model/proxy=semantic_gru_sop_s"]])
+    (cfg,) = compose_all([[*TINY_BACKBONE_12, "model/proxy=semantic_gru_sop_s"]])
     method = effective_method(build(cfg))
     assert method["proxy"]["class_prompt_store"] == "host"
-    assert method["proxy"]["class_prompt_tokens_per_layer"] == [5, 5]
+    assert method["proxy"]["class_prompt_tokens_per_layer"] == [5] * 12
     model = OmegaConf.to_container(cfg.model, resolve=True)
     assert method["trainable_parameters"] == expected_trainable(model)

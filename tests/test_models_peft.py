@@ -9,6 +9,8 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from vpt_dml.errors import UserError
@@ -23,7 +25,11 @@ PEFTS = ["vptsp", "linear", "bitfit", "vpt_shallow", "vpt_deep", "adapter", "lor
 
 
 def peft_cfg(name: str, **changes) -> dict:
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "peft" / f"{name}.yaml"))
+    """The option as Hydra composes it (option files inherit a base through defaults)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        node = compose("train", overrides=[f"model/peft={name}"]).model.peft
+    cfg = OmegaConf.to_container(node)
     cfg.update(changes)
     return cfg
 

@@ -72,13 +72,20 @@ def test_preset_composes_to_the_released_config(preset, tmp_path):
     check_config(cfg)  # and nothing in it is unknown or contradictory
 
 
+# the presets prompt 12 (or 8-11) layers: a tiny ViT 12 blocks deep keeps their depths valid
+TINY_BACKBONE_12 = [
+    o.replace("depth: 2,", "depth: 12,") if o.startswith("++model.backbone.kwargs") else o
+    for o in TINY_BACKBONE
+]
+
+
 def tiny_preset_overrides(preset: str) -> list[str]:
     k = TABLE[preset][1]
     # the tiny synthetic split has 4 training classes: 4 classes x k images a batch
     data = [o for o in TINY_DATA if not o.startswith(("data.samples_per_class", "data.batch_size"))]
-    # prompt counts stay the preset's own; the 2-block tiny ViT ignores layers >= 2
+    # prompt counts and depths stay the preset's own
     return (
-        TINY_BACKBONE
+        TINY_BACKBONE_12
         + data
         + TINY_TRAINER
         + [
@@ -112,7 +119,9 @@ def test_preset_trains_a_few_steps_on_tiny_data(preset, tmp_path):
 
 
 def test_cars_vit_b_cosine_rises_after_t_max(tmp_path):
-    cfg = compose_config(TINY_BACKBONE + ["model.proxy.class_prompts.num=1"], tmp_path, "cars_deep")
+    cfg = compose_config(
+        TINY_BACKBONE_12 + ["model.proxy.class_prompts.num=1"], tmp_path, "cars_deep"
+    )
     module = build_module(cfg, num_classes=3, eval_ks=(1,))
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]

@@ -45,6 +45,11 @@ def test_run_writes_metrics_and_provenance(tmp_path: Path):
         "weights": "random init",
     }
     assert prov["global_step"] == 2 * (24 // 8)
+    # what trained, read off the built model: the demo's 4 prompts on both tiny layers + BitFit
+    method = written["method"]
+    assert (method["peft"], method["bitfit"]) == ("vptsp", True)
+    assert method["prompt_tokens_per_layer"] == [4, 4]
+    assert method["proxy"]["class_prompt_tokens_per_layer"] == [2, 2]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     saved = OmegaConf.load(run_dir / "config_resolved.yaml")
     assert saved.model.backbone.name == "vit_tiny_patch16_224"

@@ -26,9 +26,11 @@ from vpt_dml.callbacks.cost import CostMonitor
 from vpt_dml.callbacks.eval_schedule import EvalSchedule
 from vpt_dml.callbacks.metric_history import MetricHistory
 from vpt_dml.callbacks.wandb_logger import finish_wandb
+from vpt_dml.config_checks import check_config
 from vpt_dml.errors import UserError
 from vpt_dml.models.backbone import data_config, weights_report
 from vpt_dml.models.build import prepare_backbone
+from vpt_dml.models.method_summary import effective_method
 from vpt_dml.module import VPTDMLModule
 from vpt_dml.results import build_result, run_provenance
 from vpt_dml.summary import print_summary
@@ -145,6 +147,7 @@ def refuse_ddp_sweep(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> dict:
+    check_config(cfg)  # typos, wrong types, self-contradictory methods: before anything runs
     refuse_ddp_sweep(cfg)
     if cfg.get("seed") is not None:  # seed 0 is a seed
         L.seed_everything(cfg.seed, workers=True)
@@ -194,6 +197,8 @@ def finish(cfg: DictConfig, trainer: L.Trainer, module: VPTDMLModule, dm, out_di
             backbone_provenance(cfg.model.backbone, module.embedder.backbone.vit),
         ),
     )
+    # what actually trained, read from the built model rather than the config's names
+    result["method"] = effective_method(module)
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")

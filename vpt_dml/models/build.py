@@ -26,11 +26,12 @@ from timm.models.vision_transformer import VisionTransformer
 
 from vpt_dml.errors import UserError
 from vpt_dml.models.backbone import create_backbone
+from vpt_dml.models.depth import prompt_counts
 from vpt_dml.models.embedder import Embedder
 from vpt_dml.models.heads import EmbeddingHead
 from vpt_dml.models.peft import apply_peft
 from vpt_dml.models.precision import cast_frozen_weights_
-from vpt_dml.models.prompted_vit import PromptedViT, layer_counts
+from vpt_dml.models.prompted_vit import PromptedViT
 from vpt_dml.models.proxies import LearnedProxies
 from vpt_dml.models.semantic_proxies import SemanticProxies
 from vpt_dml.models.synthetic_pretraining import pretrain_backbone
@@ -92,7 +93,7 @@ def build_embedder(model_cfg: Mapping) -> Embedder:
     peft = model_cfg["peft"]
     apply_peft(vit, peft)
     p = peft.get("prompts") or {}
-    counts = layer_counts(p.get("num", 0), p.get("depth", 0), p.get("step", 0), len(vit.blocks))
+    counts = prompt_counts(p, len(vit.blocks), "model.peft.prompts")
     backbone = PromptedViT(vit, counts)
     backbone.set_grad_checkpointing(model_cfg.get("grad_checkpointing", False))
     embed_dim = model_cfg.get("embed_dim")
@@ -117,7 +118,7 @@ def build_proxies(
             f"unknown model.proxy.kind {kind!r}; use learned, semantic_mix or semantic_gru"
         )
     q = proxy_cfg.get("class_prompts") or {}
-    counts = layer_counts(q.get("num", 0), q.get("depth", 0), q.get("step", 0), num_layers)
+    counts = prompt_counts(q, num_layers, "model.proxy.class_prompts")
     ratio = proxy_cfg.get("bias_ratio", 0.5)
     if not 0.0 <= ratio <= 1.0:
         raise UserError(f"model.proxy.bias_ratio={ratio} must lie in [0, 1]")

@@ -38,6 +38,7 @@ PEFT_METHODS: dict[str, dict] = {
 }
 # a deliberate mix of switches (e.g. adapter + BitFit): no definition to match
 CUSTOM = "custom"
+ALL_LAYERS = 64  # `depth: all` when no backbone is at hand: deeper than any ViT
 
 
 def prompt_depth_kind(counts: Sequence[int]) -> str:
@@ -48,7 +49,10 @@ def prompt_depth_kind(counts: Sequence[int]) -> str:
 def features_from_config(peft: Mapping) -> dict:
     """The features of a `model.peft` node, as PEFT_METHODS spells them."""
     p = peft.get("prompts") or {}
-    depth = int(p.get("depth") or 0)
+    depth = p.get("depth") or 0
+    depth = (
+        ALL_LAYERS if str(depth).lower() == "all" else int(depth)
+    )  # only deep vs shallow matters
     counts = layer_counts(int(p.get("num") or 0), depth, int(p.get("step") or 0), depth)
     full = bool(peft.get("full", False))
     return {
