@@ -17,16 +17,23 @@ def brute_force(q, ql, g=None, gl=None, ks=(1, 2, 4, 8)):
     q = np.asarray(q, dtype=np.float64)
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     g = q if same else np.asarray(g, np.float64) / np.linalg.norm(g, axis=1, keepdims=True)
+    return metrics_from_similarity(q @ g.T, ql, None if same else gl, ks)
+
+
+def metrics_from_similarity(sim, ql, gl=None, ks=(1, 2, 4, 8)):
+    """Metrics of a given (Q, G) similarity matrix: stable sort (ties by lower gallery
+    index), the query left out of its own list when gl is None (query set = gallery)."""
+    same = gl is None
+    sim = np.asarray(sim, dtype=np.float64)
     ql = np.asarray(ql)
     gl = ql if same else np.asarray(gl)
     rec = {k: [] for k in ks}
     mapr, rprec, mapv = [], [], []
-    for i in range(len(q)):
-        sim = g @ q[i]
-        idx = np.arange(len(g))
+    for i in range(len(sim)):
+        row, idx = sim[i], np.arange(sim.shape[1])
         if same:
-            sim, idx = np.delete(sim, i), np.delete(idx, i)
-        order = idx[np.lexsort((idx, -sim))] if same else np.lexsort((idx, -sim))
+            row, idx = np.delete(row, i), np.delete(idx, i)
+        order = idx[np.lexsort((idx, -row))]
         hits = gl[order] == ql[i]
         r = int(hits.sum())
         if r == 0:

@@ -12,9 +12,18 @@ query and positive, the negatives that beat it:
   beyond R + 1; it is reported as "beyond" (n_j = number of gallery items) and its
   negatives are not counted.
 
-"Exact": similarities are float64 dot products of float64-normalised embeddings; equal
-similarities are ordered by the lower gallery index. Every count equals what a float64
-brute-force sort with that tie-break gives.
+"Exact", and the tie rule: the similarity of a pair is `exact_dot` of the two
+float64-normalised embeddings (`unit_rows`): products summed in one fixed pairwise order,
+so its value depends only on the two vectors, bit for bit, on every device and in every
+batch. Gallery items are ranked by that value, highest first; among items whose values
+are equal the one with the lower gallery index ranks first. The index is the item's
+position in the gallery (without a gallery: its position in the query set, i.e. the
+dataset index), never relative to the query. Duplicated embeddings therefore always tie
+exactly; e.g. N identical vectors rank every query's neighbours in index order. Faster
+float64 kernels (a batched matmul for the positives) are used only where they are proven
+to decide the order (further apart than both kernels' error bound `_Float64Bound`);
+closer pairs are re-scored by `exact_dot`. Every count equals what a float64 stable sort
+of `exact_dot` values (in gallery order) gives.
 
 Speed: the all-pairs similarity pass runs in reduced precision (bfloat16 on CPU, float32
 on GPU) and only proposes candidates. `_Bounds` gives a proven eps with
@@ -34,7 +43,11 @@ separated embeddings (an untrained model) only make more candidates, hence slowe
 
 from __future__ import annotations
 
+import math
+import platform
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -54,16 +67,196 @@ class PositiveRanks:
     rescored: int = 0  # of those, re-scored exactly (float32, then float64 if needed)
 
 
-def candidate_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on CPUs where oneDNN runs it natively (about 2x float32 GEMM speed on
-    AVX512-BF16), float32 elsewhere: GPUs are fast enough and keep the window narrow."""
-    if device.type != "cpu":
-        return torch.float32
+# --- candidate dtype: bfloat16 only where the CPU multiplies bfloat16 natively -------------
+
+# x86 flags of bfloat16 matrix instructions (AVX512-BF16 dot products, AMX tiles); a CPU
+# with AVX-512 but neither runs oneDNN's bfloat16 GEMM emulated, about 2x slower than float32
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "amx_tile"})
+_SHOWN_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                "amx_tile", "amx_bf16", "amx_int8", "bf16", "sve", "i8mm")  # fmt: skip
+BENCH_MARGIN = 0.7  # bfloat16 must beat float32 clearly: it also widens the re-score window
+_CPU_CHOICE: dict | None = None  # decided once per process
+
+
+def decide_cpu_dtype(
+    flags: set[str] | None, onednn_bf16: bool, x86: bool
+) -> tuple[torch.dtype | None, str]:
+    """(dtype, reason) from what the CPU reports; dtype None: undecided, benchmark both.
+
+    `flags`: the CPU's feature flags (None when unknown), `onednn_bf16`: whether torch's
+    oneDNN has bfloat16 kernels for this CPU at all (true on any AVX-512 CPU, emulated or
+    not, so it is necessary but not sufficient).
+    """
+    if not onednn_bf16:
+        return torch.float32, "torch's oneDNN has no bfloat16 GEMM for this CPU"
+    if flags is None or not x86:
+        return None, "bfloat16 speed unknown from the CPU flags: measured"
+    native = sorted(flags & NATIVE_BF16_FLAGS)
+    if native:
+        return torch.bfloat16, f"native bfloat16 matrix instructions ({', '.join(native)})"
+    return torch.float32, (
+        "no native bfloat16 matrix instructions (no avx512_bf16 or amx_bf16): "
+        "bfloat16 GEMM would be emulated and slower than float32"
+    )
+
+
+def decide_by_benchmark(times: dict[str, float]) -> tuple[torch.dtype, str]:
+    """bfloat16 when its GEMM took under BENCH_MARGIN of float32's time."""
+    bf16, fp32 = times["bfloat16"], times["float32"]
+    choice = torch.bfloat16 if bf16 < BENCH_MARGIN * fp32 else torch.float32
+    return choice, (
+        f"measured GEMM 1024x1024x512: bfloat16 {bf16 * 1e3:.2f} ms, float32 {fp32 * 1e3:.2f} ms "
+        f"(bfloat16 chosen below {BENCH_MARGIN} x float32)"
+    )
+
+
+def _proc_cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
     try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, ARM
+            return set(value.split())
+    return None
+
+
+def _torch_cpu_flags() -> set[str] | None:
+    """The bfloat16 flags torch's own CPU probe (cpuinfo) reports; None if it has none."""
+    probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_tile": "_is_amx_tile_supported"}
+    found, asked = set(), False
+    for flag, name in probes.items():
+        probe = getattr(torch.cpu, name, None)
+        if probe is None:
+            continue
+        try:
+            asked = True
+            if probe():
+                found.add(flag)
+        except RuntimeError:
+            continue
+    return found if asked else None
+
+
+def _onednn_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        native = False
-    return torch.bfloat16 if native else torch.float32
+        return False
+
+
+def _benchmark_gemm(size: int = 1024, dim: int = 512, reps: int = 3) -> dict[str, float]:
+    """Best-of-`reps` seconds of one size x size x dim GEMM per dtype, interleaved."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, dim, generator=gen), torch.randn(size, dim, generator=gen)
+    pairs = {"float32": (a, b), "bfloat16": (a.bfloat16(), b.bfloat16())}
+    best = dict.fromkeys(pairs, math.inf)
+    for _ in range(reps + 1):  # the first round warms up
+        for name, (x, y) in pairs.items():
+            t = time.perf_counter()
+            x @ y.T
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
+def _decide_cpu() -> dict:
+    proc = _proc_cpu_flags()
+    from_torch = _torch_cpu_flags()
+    flags = None if proc is None and from_torch is None else (proc or set()) | (from_torch or set())
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+    onednn = _onednn_bf16()
+    dtype, reason = decide_cpu_dtype(flags, onednn, x86)
+    report = {
+        "device": "cpu",
+        "machine": platform.machine(),
+        "cpu_flags": sorted(f for f in (flags or ()) if f in _SHOWN_FLAGS),
+        "flags_from": [
+            n for n, f in (("/proc/cpuinfo", proc), ("torch.cpu", from_torch)) if f is not None
+        ],
+        "onednn_bf16": onednn,
+    }
+    if dtype is None:
+        times = _benchmark_gemm()
+        dtype, reason = decide_by_benchmark(times)
+        report["benchmark_s"] = {k: round(v, 6) for k, v in times.items()}
+    report.update(dtype=str(dtype).removeprefix("torch."), reason=reason)
+    return report
+
+
+def candidate_dtype_report(device: torch.device | str = "cpu") -> dict:
+    """The candidate GEMM dtype for `device` and why (JSON-ready, for run provenance).
+
+    CPU: bfloat16 where the CPU has native bfloat16 matrix instructions (avx512_bf16 or
+    AMX, from /proc/cpuinfo and torch's CPU probe), float32 where it has not; where the
+    flags cannot tell (not x86, or no flags), a one-time micro-benchmark of both decides.
+    Decided once per process. GPU: float32 (fast enough, keeps the re-score window narrow).
+    """
+    global _CPU_CHOICE
+    if torch.device(device).type != "cpu":
+        return {"device": torch.device(device).type, "dtype": "float32", "reason": "GPU: float32"}
+    if _CPU_CHOICE is None:
+        _CPU_CHOICE = _decide_cpu()
+    return dict(_CPU_CHOICE)
+
+
+def candidate_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the candidate GEMM on `device` (see `candidate_dtype_report`)."""
+    return getattr(torch, candidate_dtype_report(device)["dtype"])
+
+
+# --- exact float64 similarity -------------------------------------------------------------
+
+
+def exact_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Float64 dot products of matching rows of a and b (..., D), summed pairwise in one
+    fixed order with elementwise ops only: a pair's value depends on its two vectors alone
+    (bit-identical on every device, batch size and row position), and exact_dot(a, b) ==
+    exact_dot(b, a). This is the similarity that defines the ranking and its ties."""
+    p = a.double() * b.double()
+    width = p.shape[-1]
+    size = 1 << max(width - 1, 0).bit_length()
+    if size != width:
+        p = torch.nn.functional.pad(p, (0, size - width))  # + 0.0 changes no sum
+    while size > 1:
+        size //= 2
+        p = p[..., :size] + p[..., size : 2 * size]
+    return p[..., 0]
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Float64 rows divided by their `exact_dot` norm: equal rows stay bit-identical."""
+    x = x.double()
+    out = torch.empty_like(x)
+    for s in range(0, len(x), ROW_CHUNK):
+        part = x[s : s + ROW_CHUNK]
+        out[s : s + ROW_CHUNK] = part / exact_dot(part, part).sqrt().clamp(min=1e-12)[:, None]
+    return out
+
+
+def _pair_dots(a64: torch.Tensor, b64: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor):
+    """exact_dot(a64[ia], b64[ib]), gathered in chunks."""
+    out = torch.empty(len(ia), dtype=torch.float64, device=a64.device)
+    for s in range(0, len(ia), ROW_CHUNK):
+        out[s : s + ROW_CHUNK] = exact_dot(a64[ia[s : s + ROW_CHUNK]], b64[ib[s : s + ROW_CHUNK]])
+    return out
+
+
+def float64_tolerance(dim: int) -> float:
+    """Bound on |any float64 dot product - exact_dot| for unit vectors of dimension `dim`.
+
+    Any summation order (a BLAS kernel, with or without FMA) is within gamma_D =
+    D u / (1 - D u), u = 2^-53, of the true value |q||g| <= 1 + O(u); so two kernels are
+    within 2 gamma_D of each other. Doubled for safety.
+    """
+    u = 2.0**-53
+    return 4 * dim * u / (1 - dim * u)
+
+
+def _float32_at_most(x: torch.Tensor) -> torch.Tensor:
+    """float32 values <= x (float64): a threshold rounded down keeps every candidate."""
+    x32 = x.float()
+    return torch.where(x32.double() > x, torch.nextafter(x32, x32.new_tensor(-math.inf)), x32)
 
 
 def _unit_roundoffs(dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
@@ -130,11 +323,14 @@ def _error_norms(x64: torch.Tensor, x_c: torch.Tensor) -> torch.Tensor:
 
 
 def _positives(q64, g64, ql, gl, same: bool):
-    """Each query's positives, best first: gallery index, exact similarity, and R.
+    """Each query's positives, best first: gallery index, similarity, whether that
+    similarity is `exact_dot`'s, and R.
 
-    Returns (Q, R_max) tables padded with index -1 / similarity -inf. Ties are ordered
-    by the lower gallery index. Similarities come from one small Gram matrix per class,
-    so each gallery row is read once per class rather than once per query.
+    Returns (Q, R_max) tables padded with index -1 / similarity -inf. Similarities come
+    from one small Gram matrix per class (each gallery row is read once per class rather
+    than once per query), within `float64_tolerance` of `exact_dot`; positives whose Gram
+    values are within twice that of another positive's are re-scored by `exact_dot`, so
+    the order is exactly the tie rule's (value, then lower gallery index).
     """
     device, n_q, n_g = q64.device, len(q64), len(g64)
     g_order = torch.argsort(gl, stable=True)  # by label, then by index
@@ -149,7 +345,8 @@ def _positives(q64, g64, ql, gl, same: bool):
     width, depth = int(members.max()), int(q_count.max())
     if width == 0:
         empty = torch.zeros(n_q, 0, dtype=torch.long, device=device)
-        return empty, empty.double(), torch.zeros(n_q, dtype=torch.long, device=device)
+        none = torch.zeros(n_q, dtype=torch.long, device=device)
+        return empty, empty.double(), empty.bool(), none
 
     idx = torch.full((n_q, width), -1, dtype=torch.long, device=device)
     sim = torch.full((n_q, width), -torch.inf, dtype=torch.float64, device=device)
@@ -177,9 +374,20 @@ def _positives(q64, g64, ql, gl, same: bool):
         idx, sim = idx.masked_fill(self_hit, -1), sim.masked_fill(self_hit, -torch.inf)
     # columns are in ascending gallery order, so a stable sort breaks ties by index
     order = torch.argsort(sim, dim=1, descending=True, stable=True)
+    ranked = sim.gather(1, order)
+    near = (ranked[:, :-1] - ranked[:, 1:]) <= 2 * float64_tolerance(q64.shape[1])
+    redo = torch.zeros_like(ranked, dtype=torch.bool)
+    redo[:, :-1] |= near
+    redo[:, 1:] |= near
+    exact = torch.zeros_like(redo).scatter_(1, order, redo) & (idx >= 0)
+    rows, cols = exact.nonzero(as_tuple=True)
+    if len(rows):  # apart by more than 2 tolerances, Gram values order as exact_dot does
+        sim[rows, cols] = _pair_dots(q64, g64, rows, idx[rows, cols])
+        order = torch.argsort(sim, dim=1, descending=True, stable=True)
     num = (idx >= 0).sum(1)
     r_max = int(num.max())
-    return idx.gather(1, order)[:, :r_max], sim.gather(1, order)[:, :r_max], num
+    top = order[:, :r_max]
+    return idx.gather(1, top), sim.gather(1, top), exact.gather(1, top), num
 
 
 def _rows_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -189,8 +397,9 @@ def _rows_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class _Counter:
     """Accumulates n_j from candidate entries (query, gallery item, approximate similarity).
 
-    `pos_sim` holds the exact similarity of each positive that matters and +inf for the
-    rest (and for padding): +inf is never beaten and never uncertain.
+    `pos_sim` holds the similarity of each positive that matters and +inf for the rest
+    (and for padding): +inf is never beaten and never uncertain. A positive's similarity
+    is `exact_dot`'s where `pos_is_exact`, else within `tol` of it.
     """
 
     def __init__(
@@ -201,6 +410,7 @@ class _Counter:
         gl,
         pos_idx,
         pos_exact,
+        pos_is_exact,
         num_pos,
         bounds: _Bounds,
         n_pad: int,
@@ -213,7 +423,11 @@ class _Counter:
         # float32 re-score: inputs rounded (2^-24 each) and D-term accumulation (gamma_D)
         dim = q64.shape[1]
         gamma = dim * 2.0**-24 / (1 - dim * 2.0**-24)
-        self.eps32 = (2 * 2.0**-24 + 2.0**-48 + gamma * (1 + 2.0**-24) ** 2) * 1.01 + 1e-12
+        self.tol = float64_tolerance(dim)
+        self.eps32 = (
+            (2 * 2.0**-24 + 2.0**-48 + gamma * (1 + 2.0**-24) ** 2) * 1.01 + 1e-12 + 2 * self.tol
+        )
+        self.pos_is_exact = pos_is_exact
         self.pos_idx, self.pos_exact, self.num_pos, self.bounds = (
             pos_idx,
             pos_exact,
@@ -266,7 +480,7 @@ class _Counter:
         self.pos_sim[rows] = torch.where(matters, self.pos_exact[rows], torch.inf)
         self.eps[rows] = self.bounds.at(torch.where(matters, self.pos_exact[rows], 0), rows)
         lo = torch.where(matters, self.pos_sim[rows] - self.eps[rows], torch.inf).amin(1)
-        self.lo[rows] = lo.float()
+        self.lo[rows] = _float32_at_most(lo)
 
     def add(self, q: torch.Tensor, g: torch.Tensor, approx: torch.Tensor, learn: bool) -> None:
         negative = self.gl[g] != self.ql[q]  # drops the query itself and its positives
@@ -291,9 +505,16 @@ class _Counter:
             close = unsure & ~beats & (s32 >= ps - self.eps32)
             tight = close.any(1).nonzero().squeeze(1)
             if len(tight):
-                s64 = _rows_dot(self.q64[qr[tight]], self.g64[gr[tight]])[:, None]
-                pt, pi = ps[tight], self.pos_idx[qr[tight]]
-                exact = (s64 > pt) | ((s64 == pt) & (gr[tight, None] < pi))
+                qt, gt = qr[tight], gr[tight]
+                s64 = _pair_dots(self.q64, self.g64, qt, gt)[:, None]
+                pt, pi = ps[tight], self.pos_idx[qt]
+                # a Gram value (not exact_dot's) decides unless within tol: re-score those
+                redo = close[tight] & ~self.pos_is_exact[qt] & ((s64 - pt).abs() <= self.tol)
+                r, c = redo.nonzero(as_tuple=True)
+                if len(r):
+                    pt = pt.clone()
+                    pt[r, c] = _pair_dots(self.q64, self.g64, qt[r], pi[r, c])
+                exact = (s64 > pt) | ((s64 == pt) & (gt[:, None] < pi))
                 beats[tight] = torch.where(close[tight], exact, beats[tight])
             above[rows] = torch.where(unsure, beats, above[rows])
         self.counts.index_add_(0, q, above.long())
@@ -418,13 +639,13 @@ def _rank_positives(
     """
     same = gallery is None
     device = queries.device
-    q64 = torch.nn.functional.normalize(queries.double(), dim=1)
-    g64 = q64 if same else torch.nn.functional.normalize(gallery.double(), dim=1)
+    q64 = unit_rows(queries)
+    g64 = q64 if same else unit_rows(gallery)
     ql = query_labels.long().to(device)
     gl = ql if same else gallery_labels.long().to(device)
     n_q, n_g = len(q64), len(g64)
 
-    pos_idx, pos_sim, num_pos = _positives(q64, g64, ql, gl, same)
+    pos_idx, pos_sim, pos_is_exact, num_pos = _positives(q64, g64, ql, gl, same)
     if pos_idx.shape[1] == 0:  # only lone queries: nothing to rank
         return PositiveRanks(num_pos, pos_idx.clone())
     dtype = candidate or candidate_dtype(device)
@@ -435,7 +656,9 @@ def _rank_positives(
     ctx = _Context(q64, g64, ql, gl, n_g, same, pos_sim, num_pos, bounds)
 
     cap = max(max_rank or n_g, pos_idx.shape[1] + 1)  # beyond R + 1 too
-    counter = _Counter(q64, g64, ql, gl, pos_idx, pos_sim, num_pos, bounds, len(qc), cap)
+    counter = _Counter(
+        q64, g64, ql, gl, pos_idx, pos_sim, pos_is_exact, num_pos, bounds, len(qc), cap
+    )
     lo = counter.lo
 
     def gemm(i, j):  # the only heavy kernel: it gets every thread, the bookkeeping gets one
