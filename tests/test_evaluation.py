@@ -199,6 +199,23 @@ def test_skipped_items_are_dropped():
         (dict(ks=(0,)), "positive integers"),
         (dict(labels=torch.zeros(3, dtype=torch.long)), "labels"),
         (dict(embeddings=torch.full((6, 4), float("nan"))), "NaN"),
+        (
+            dict(
+                embeddings=torch.randn(6, 4).index_put_(
+                    (torch.tensor(4), torch.tensor(1)), torch.tensor(float("inf"))
+                )
+            ),
+            "NaN or inf",
+        ),
+        (
+            dict(
+                gallery_embeddings=torch.randn(6, 4).index_put_(
+                    (torch.tensor(2), torch.tensor(3)), torch.tensor(-float("inf"))
+                ),
+                gallery_labels=torch.tensor([0, 0, 1, 1, 2, 2]),
+            ),
+            "NaN or inf",
+        ),
         (dict(gallery_embeddings=torch.ones(2, 4)), "both"),
         (dict(labels=torch.arange(6)), "singleton"),
     ],
@@ -208,3 +225,13 @@ def test_bad_input_is_one_clear_error(args, match):
     kw.update(args)
     with pytest.raises(UserError, match=match):
         retrieval_metrics(**kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_one_nan_anywhere_is_refused(dtype):
+    """The finiteness check is a reduction: one NaN deep inside a large input still fails."""
+    x, y = clustered(300, (3,), 64, noise=0.5, seed=9)
+    x = x.to(dtype)
+    x[len(x) // 2 + 7, 45] = float("nan")
+    with pytest.raises(UserError, match="NaN"):
+        retrieval_metrics(x, y)

@@ -91,11 +91,14 @@ def duplicates(n_proto, n, dim, kind, seed):
 @pytest.mark.parametrize("candidate", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_duplicate_heavy_equals_stable_sort(seed, candidate, kind, device):
-    """Few distinct vectors, many duplicates across classes, over several blocks (the
-    upper-triangle path serves rows and columns): every metric equals the reference."""
+    """Few distinct vectors, many duplicates across classes, over several blocks of two
+    tiles (the upper-triangle path serves rows and columns): every metric equals the
+    reference, inline and with worker threads."""
     proto, of, labels = duplicates(7, 300, 16, kind, seed)
     x = proto[of].float().to(device)
-    r = rank_positives(x, labels.to(device), candidate=candidate, block=64)
+    r = rank_positives(
+        x, labels.to(device), candidate=candidate, block=128, tile=64, workers=1 + seed % 2
+    )
     got = metrics_from_ranks(r.num_positives, r.negatives_above, KS, True)
     assert_equal_metrics(reference(proto, of, labels), got)
 

@@ -43,18 +43,24 @@ separated embeddings (an untrained model) only make more candidates, hence slowe
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import math
 import platform
+import queue
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 SEGMENT = 64  # column segment width of the max-pool candidate filter
-BLOCK = 4096  # rows and columns per similarity block (rounded to a multiple of SEGMENT)
+BLOCK = 4096  # rows and columns per similarity block (rounded to a multiple of TILE)
+TILE = 256  # columns per GEMM call on CPU: a BLOCK x TILE output stays in cache
 ENTRY_CHUNK = 1 << 19  # candidate entries compared against the positives at a time
 ROW_CHUNK = 4096  # rows per float64 helper computation
+PAIR_CHUNK = 2048  # vector pairs gathered at a time for re-scoring (stays in cache)
 
 
 @dataclass
@@ -234,11 +240,17 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _pair_dots(a64: torch.Tensor, b64: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor):
-    """exact_dot(a64[ia], b64[ib]), gathered in chunks."""
-    out = torch.empty(len(ia), dtype=torch.float64, device=a64.device)
-    for s in range(0, len(ia), ROW_CHUNK):
-        out[s : s + ROW_CHUNK] = exact_dot(a64[ia[s : s + ROW_CHUNK]], b64[ib[s : s + ROW_CHUNK]])
+def _pair_dots(a: torch.Tensor, b: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor, dot=None):
+    """dot(a[ia], b[ib]) (default `exact_dot`), gathered in cache-sized chunks."""
+    dot = dot or exact_dot
+    out = torch.empty(
+        len(ia), dtype=torch.float64 if dot is exact_dot else a.dtype, device=a.device
+    )
+    step = PAIR_CHUNK
+    for s in range(0, len(ia), step):
+        out[s : s + step] = dot(
+            a.index_select(0, ia[s : s + step]), b.index_select(0, ib[s : s + step])
+        )
     return out
 
 
@@ -364,7 +376,9 @@ def _positives(q64, g64, ql, gl, same: bool):
             g_order[(g_start[at[part]][:, None] + g_cols).clamp(max=n_g - 1)],
             -1,
         )
-        gram = torch.bmm(q64[qi.clamp(min=0)], g64[gi.clamp(min=0)].transpose(1, 2))
+        qv = q64.index_select(0, qi.clamp(min=0).view(-1)).view(*qi.shape, -1)
+        gv = g64.index_select(0, gi.clamp(min=0).view(-1)).view(*gi.shape, -1)
+        gram = torch.bmm(qv, gv.transpose(1, 2))
         gram = gram.masked_fill(gi[:, None, :] < 0, -torch.inf)
         rows = qi >= 0
         sim[qi[rows]] = gram[rows]
@@ -442,8 +456,14 @@ class _Counter:
         self.best_neg = torch.full(
             (len(q64), pos_idx.shape[1] + 1), -torch.inf, dtype=torch.float64, device=q64.device
         )
+        # a proven lower bound on the (R+1)-th best similarity from any items (`floor`)
+        self.floor_bound = torch.full(
+            (len(q64),), -torch.inf, dtype=torch.float64, device=q64.device
+        )
         self.lo = torch.full((n_pad,), torch.inf, device=q64.device)  # candidate threshold
         self.candidates = self.rescored = 0
+        # every query gets its threshold from its positives before any block is scanned
+        self._settle(torch.arange(len(q64), device=q64.device))
 
     def learn(self, q: torch.Tensor, lower: torch.Tensor) -> None:
         """Merge proven lower bounds of (distinct, not yet seen) negatives; tighten lo.
@@ -469,30 +489,45 @@ class _Counter:
             torch.repeat_interleave(torch.arange(len(rows), device=q.device), counts)[keep],
             rank[keep],
         ] = lower[keep]
-        self.best_neg[rows] = torch.cat([self.best_neg[rows], fresh], 1).topk(width, dim=1).values
-        known = torch.cat([self.pos_exact[rows], self.best_neg[rows]], 1).sort(
-            dim=1, descending=True
-        )
-        bound = known.values.gather(1, self.num_pos[rows][:, None])
-        matters = self.matters[rows] & (self.pos_exact[rows] >= bound)
-        matters[:, 0] = self.matters[rows, 0]  # only `_retire_deep` drops the best one
+        merged = torch.cat([self.best_neg.index_select(0, rows), fresh], 1)
+        self.best_neg[rows] = merged.topk(width, dim=1).values
+        self._settle(rows)
+
+    def floor(self, rows: torch.Tensor, bound: torch.Tensor) -> None:
+        """Raise rows' lower bound on their (R+1)-th best similarity to `bound` (proven by
+        R + 2 distinct items at or above it, the query itself possibly among them)."""
+        self.floor_bound[rows] = torch.maximum(self.floor_bound[rows], bound)
+        self._settle(rows)
+
+    def _settle(self, rows: torch.Tensor) -> None:
+        """Retire the rows' positives below their bound L; recompute eps and lo."""
+        pos = self.pos_exact.index_select(0, rows)
+        known = torch.cat([pos, self.best_neg.index_select(0, rows)], 1)
+        known = known.sort(dim=1, descending=True).values
+        bound = known.gather(1, self.num_pos.index_select(0, rows)[:, None])
+        bound = torch.maximum(bound, self.floor_bound.index_select(0, rows)[:, None])
+        was = self.matters.index_select(0, rows)
+        matters = was & (pos >= bound)
+        matters[:, 0] = was[:, 0]  # only `_retire_deep` drops the best one
         self.matters[rows] = matters
-        self.pos_sim[rows] = torch.where(matters, self.pos_exact[rows], torch.inf)
-        self.eps[rows] = self.bounds.at(torch.where(matters, self.pos_exact[rows], 0), rows)
-        lo = torch.where(matters, self.pos_sim[rows] - self.eps[rows], torch.inf).amin(1)
+        pos_sim = torch.where(matters, pos, torch.inf)
+        eps = self.bounds.at(torch.where(matters, pos, 0), rows)
+        self.pos_sim[rows], self.eps[rows] = pos_sim, eps
+        lo = torch.where(matters, pos_sim - eps, torch.inf).amin(1)
         self.lo[rows] = _float32_at_most(lo)
 
-    def add(self, q: torch.Tensor, g: torch.Tensor, approx: torch.Tensor, learn: bool) -> None:
-        negative = self.gl[g] != self.ql[q]  # drops the query itself and its positives
+    def add(self, q: torch.Tensor, g: torch.Tensor, approx: torch.Tensor) -> None:
+        # drops the query itself and its positives
+        negative = self.gl.index_select(0, g) != self.ql.index_select(0, q)
         q, g, approx = q[negative], g[negative], approx[negative].double()
         self.candidates += len(q)
         for s in range(0, len(q), ENTRY_CHUNK):
             self._add(q[s : s + ENTRY_CHUNK], g[s : s + ENTRY_CHUNK], approx[s : s + ENTRY_CHUNK])
-        if learn:  # only after counting: `learn` may retire positives these entries beat
-            self.learn(q, approx - self.bounds.widest(q))
+        # only after counting: `learn` may retire positives these entries beat
+        self.learn(q, approx - self.bounds.widest(q))
 
     def _add(self, q, g, approx) -> None:
-        p_sim, eps = self.pos_sim[q], self.eps[q]
+        p_sim, eps = self.pos_sim.index_select(0, q), self.eps.index_select(0, q)
         above = approx[:, None] > p_sim + eps
         unsure = ~above & (approx[:, None] >= p_sim - eps)
         rows = unsure.any(1).nonzero().squeeze(1)
@@ -500,16 +535,17 @@ class _Counter:
             self.rescored += len(rows)
             qr, gr = q[rows], g[rows]
             ps, unsure = p_sim[rows], unsure[rows]
-            s32 = _rows_dot(self.q32[qr], self.g32[gr]).double()[:, None]
+            s32 = _pair_dots(self.q32, self.g32, qr, gr, _rows_dot).double()[:, None]
             beats = s32 > ps + self.eps32
             close = unsure & ~beats & (s32 >= ps - self.eps32)
             tight = close.any(1).nonzero().squeeze(1)
             if len(tight):
                 qt, gt = qr[tight], gr[tight]
                 s64 = _pair_dots(self.q64, self.g64, qt, gt)[:, None]
-                pt, pi = ps[tight], self.pos_idx[qt]
+                pt, pi = ps[tight], self.pos_idx.index_select(0, qt)
                 # a Gram value (not exact_dot's) decides unless within tol: re-score those
-                redo = close[tight] & ~self.pos_is_exact[qt] & ((s64 - pt).abs() <= self.tol)
+                redo = close[tight] & ~self.pos_is_exact.index_select(0, qt)
+                redo &= (s64 - pt).abs() <= self.tol
                 r, c = redo.nonzero(as_tuple=True)
                 if len(r):
                     pt = pt.clone()
@@ -550,73 +586,127 @@ def _threshold_bits(lo: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(lo > 0, top, torch.iinfo(torch.int16).min).masked_fill(lo.isinf(), 32767)
 
 
-def _candidates_rows(block: torch.Tensor, lo: torch.Tensor):
-    """(row, col, value) of the entries with value >= lo[row]; block columns % SEGMENT == 0."""
-    r, c = block.shape
-    seg_max = _sortable_bits(block).view(r, c // SEGMENT, SEGMENT).amax(2)
-    rr, ss = (seg_max >= _threshold_bits(lo, block.dtype)[:, None]).nonzero(as_tuple=True)
-    cols = ss[:, None] * SEGMENT + torch.arange(SEGMENT, device=block.device)
-    vals = block[rr[:, None], cols].float()
-    keep = vals >= lo[rr][:, None]
-    return rr[:, None].expand_as(cols)[keep], cols[keep], vals[keep]
-
-
-def _candidates_cols(block: torch.Tensor, lo: torch.Tensor):
-    """(col, row, value) of the entries with value >= lo[col]; block rows % SEGMENT == 0."""
-    r, c = block.shape
-    seg_max = _sortable_bits(block).view(r // SEGMENT, SEGMENT, c).amax(1)
-    ss, cc = (seg_max >= _threshold_bits(lo, block.dtype)[None, :]).nonzero(as_tuple=True)
-    rows = ss[:, None] * SEGMENT + torch.arange(SEGMENT, device=block.device)
-    vals = block[rows, cc[:, None]].float()
-    keep = vals >= lo[cc][:, None]
-    return cc[:, None].expand_as(rows)[keep], rows[keep], vals[keep]
-
-
 def _padded(x: torch.Tensor, multiple: int) -> torch.Tensor:
     extra = (-len(x)) % multiple
     return torch.cat([x, x.new_zeros(extra, x.shape[1])]) if extra else x
 
 
-def _best_negatives(sim, first_row, first_col, ctx):
-    """(query, lower bound) for each row's best negatives in this block (R_max + 1 of them)."""
-    rows = torch.arange(first_row, first_row + len(sim), device=sim.device)
-    # any items give a valid bound; the bit order picks the best non-negative ones
-    cols = _sortable_bits(sim).topk(min(ctx.pos_sim.shape[1] + 2, sim.shape[1]), dim=1).indices
-    g = cols + first_col
-    negative = (g < ctx.n_g) & (ctx.gl[g.clamp(max=ctx.n_g - 1)] != ctx.ql[rows][:, None])
-    if ctx.same:
-        negative &= g != rows[:, None]
-    lower = sim.gather(1, cols).double() - ctx.bounds.widest(rows)[:, None]
-    q = rows[:, None].expand_as(cols)
-    return q[negative], lower[negative]
+class _Block:
+    """One block of the candidate GEMM (rows i.., columns j..), computed one column tile
+    at a time so each (rows x tile) output is filtered while still in cache.
 
+    `sim` (tiles, rows, tile) holds the similarities; `row_max` (tiles, rows, tile /
+    SEGMENT) the maxima over SEGMENT-wide column runs, `col_max` (tiles, rows / SEGMENT,
+    tile) over SEGMENT-tall row runs, both in `_sortable_bits` order. Buffers are reused.
+    """
 
-@dataclass
-class _Context:
-    q64: torch.Tensor
-    g64: torch.Tensor
-    ql: torch.Tensor
-    gl: torch.Tensor
-    n_g: int
-    same: bool
-    pos_sim: torch.Tensor  # (Q, R_max) exact, sorted best first, -inf padding
-    num_pos: torch.Tensor
-    bounds: _Bounds
+    def __init__(self, rows: int, cols: int, tile: int, dtype, device, run: int) -> None:
+        bits = torch.int16 if dtype == torch.bfloat16 else dtype
+        self.tile = tile
+        self._sim = torch.empty(rows * cols, dtype=dtype, device=device)
+        self._row_max = torch.empty(rows * cols // SEGMENT, dtype=bits, device=device)
+        self._col_max = torch.empty(rows * cols // SEGMENT, dtype=bits, device=device)
+        self.run = torch.arange(SEGMENT, device=device)
+        if run != SEGMENT:  # narrower runs for `least_of_best`
+            self._run_max = torch.empty(cols // tile, rows, tile // run, dtype=bits, device=device)
+
+    def compute(self, q: torch.Tensor, g: torch.Tensor, both_sides: bool, run: int = 0) -> None:
+        """`run` > 0: also keep maxima over `run`-wide column runs (`run_max`) for
+        `least_of_best`."""
+        rows, tile = len(q), self.tile
+        tiles = len(g) // tile
+        n = tiles * rows * tile
+        self.sim = self._sim[:n].view(tiles, rows, tile)
+        self.row_max = self._row_max[: n // SEGMENT].view(tiles, rows, tile // SEGMENT)
+        self.col_max = self._col_max[: n // SEGMENT].view(tiles, rows // SEGMENT, tile)
+        for t in range(tiles):
+            torch.mm(q, g[t * tile : (t + 1) * tile].T, out=self.sim[t])
+            bits = _sortable_bits(self.sim[t])
+            torch.amax(bits.view(rows, tile // SEGMENT, SEGMENT), 2, out=self.row_max[t])
+            if both_sides:
+                torch.amax(bits.view(rows // SEGMENT, SEGMENT, tile), 1, out=self.col_max[t])
+            if run and run != SEGMENT:
+                self._run_max[t, :rows] = bits.view(rows, tile // run, run).amax(2)
+        self.run_width = run
+        if run and run != SEGMENT:
+            self.run_max = self._run_max[:tiles, :rows]
+
+    def row_candidates(self, lo: torch.Tensor):
+        """(row, col, value) of the entries with value >= lo[row]."""
+        tiles, rows, tile = self.sim.shape
+        th = _threshold_bits(lo, self.sim.dtype)
+        t, r, k = (self.row_max >= th[None, :, None]).nonzero(as_tuple=True)
+        first = t * tile + k * SEGMENT  # block column of the run's first entry
+        run_id = (t * rows + r) * (tile // SEGMENT) + k  # runs are contiguous in `sim`
+        vals = self.sim.view(-1, SEGMENT).index_select(0, run_id).float()
+        keep = vals >= lo.index_select(0, r)[:, None]
+        cols = first[:, None] + self.run
+        return r[:, None].expand_as(cols)[keep], cols[keep], vals[keep]
+
+    def col_candidates(self, lo: torch.Tensor):
+        """(col, row, value) of the entries with value >= lo[col] (lo per block column)."""
+        tiles, rows, tile = self.sim.shape
+        th = _threshold_bits(lo, self.sim.dtype).view(tiles, 1, tile)
+        t, k, c = (self.col_max >= th).nonzero(as_tuple=True)
+        run_rows = k[:, None] * SEGMENT + self.run
+        at = (t[:, None] * rows + run_rows) * tile + c[:, None]  # strided runs: take
+        vals = torch.take(self.sim, at).float()
+        col = t * tile + c
+        keep = vals >= lo.index_select(0, col)[:, None]
+        return col[:, None].expand_as(run_rows)[keep], run_rows[keep], vals[keep]
+
+    def least_of_best(self, need: torch.Tensor, real_cols: int) -> torch.Tensor:
+        """Per row (the first len(need)): the largest value v >= 0 such that `need` of its
+        column runs (`run_width` wide, distinct items) have a maximum >= v, i.e. `need`
+        distinct items are at least v similar; -inf where no such v. Runs reaching past
+        `real_cols` (padding) are left out. Bisection on the bits: no per-row sort."""
+        width = self.run_width
+        runs = self.row_max if width == SEGMENT else self.run_max
+        runs = runs[:, : len(need)].permute(1, 0, 2).reshape(len(need), -1)
+        if runs.dtype == torch.float32:
+            runs = runs.view(torch.int32)  # non-negative floats order as their bits
+        valid = (torch.arange(runs.shape[1], device=runs.device) + 1) * width <= real_cols
+        runs = runs.masked_fill(~valid, -1)  # negative bits: negative values, never counted
+        need = need[:, None]
+        low = torch.zeros_like(runs[:, :1])  # invariant: count(runs >= low) >= need
+        high = runs.amax(1, keepdim=True).clamp(min=0) + 1  # count(runs >= high) == 0
+        found = (runs >= 0).sum(1, keepdim=True) >= need
+        for _ in range(32 if runs.dtype == torch.int32 else 16):
+            mid = low + (high - low) // 2
+            ok = (runs >= mid).sum(1, keepdim=True) >= need
+            low, high = torch.where(ok, mid, low), torch.where(ok, high, mid)
+        value = low.view(torch.bfloat16 if low.dtype == torch.int16 else torch.float32)
+        return torch.where(found, value.double(), -torch.inf)[:, 0]
 
 
 def rank_positives(*args, **kwargs) -> PositiveRanks:
     """Exact n_j (negatives ranked above each positive) for every query.
 
-    Arguments as `_rank_positives`. Small bookkeeping ops run single-threaded: with two
-    threads on a busy machine their OpenMP regions spin-wait and cost more than the work
-    (measured: 7x slower overall on 2 shared cores); the GEMMs get every thread.
+    Arguments as `_rank_positives`. Every op runs single-threaded: with two threads on a
+    busy machine OpenMP regions spin-wait and cost more than the work (measured: 7x
+    slower overall on 2 shared cores, 10x on 256-column GEMM tiles); the blocks are
+    spread over `workers` Python threads instead.
     """
-    threads = torch.get_num_threads()
+    with single_threaded() as threads:
+        return _rank_positives(*args, threads=kwargs.pop("threads", threads), **kwargs)
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """Run torch ops on one thread inside; yields the thread count the caller had (the
+    outermost one when nested), restored on exit."""
+    global _CALLER_THREADS
+    before, saved = torch.get_num_threads(), _CALLER_THREADS
+    _CALLER_THREADS = saved or before
     torch.set_num_threads(1)
     try:
-        return _rank_positives(*args, threads=threads, **kwargs)
+        yield _CALLER_THREADS
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+        _CALLER_THREADS = saved
+
+
+_CALLER_THREADS: int | None = None  # set while inside `single_threaded`
 
 
 def _rank_positives(
@@ -628,12 +718,16 @@ def _rank_positives(
     block: int = BLOCK,
     max_rank: int | None = None,
     threads: int = 1,
+    tile: int | None = None,
+    workers: int | None = None,
 ) -> PositiveRanks:
     """Exact n_j (negatives ranked above each positive) for every query.
 
     Without a gallery the queries are their own gallery and each query is left out of its
     own neighbours. Embeddings need not be normalised; labels are integers. `candidate`
-    overrides the candidate GEMM dtype; `block` the block size (tests use small ones).
+    overrides the candidate GEMM dtype; `block` the block size and `tile` the GEMM's
+    column tile (tests use small ones); `workers` the threads computing blocks (default:
+    torch's thread count on CPU, 1 on GPU).
     `max_rank` (e.g. the largest Recall@K): a query whose best positive ranks deeper is
     reported as "beyond" for every positive, which bounds the work on poor embeddings.
     """
@@ -649,45 +743,94 @@ def _rank_positives(
     if pos_idx.shape[1] == 0:  # only lone queries: nothing to rank
         return PositiveRanks(num_pos, pos_idx.clone())
     dtype = candidate or candidate_dtype(device)
-    block = max(SEGMENT, block // SEGMENT * SEGMENT)
-    qc = _padded(q64, SEGMENT).to(dtype)
-    gc = qc if same else _padded(g64, SEGMENT).to(dtype)
-    bounds = _Bounds(q64, g64, qc[:n_q], qc[:n_q] if same else gc[:n_g], dtype, device)
-    ctx = _Context(q64, g64, ql, gl, n_g, same, pos_sim, num_pos, bounds)
+    # CPU: narrow column tiles keep each GEMM output in cache for the filter; GPU: one tile
+    tile = min(tile or (TILE if device.type == "cpu" else block), block)
+    tile = max(SEGMENT, tile // SEGMENT * SEGMENT)
+    block = max(tile, block // tile * tile)
+    qc = _padded(q64.to(dtype), tile)
+    gc = qc if same else _padded(g64.to(dtype), tile)
+    q_c = qc[:n_q]
+    bounds = _Bounds(q64, g64, q_c, q_c if same else gc[:n_g], dtype, device)
 
     cap = max(max_rank or n_g, pos_idx.shape[1] + 1)  # beyond R + 1 too
     counter = _Counter(
         q64, g64, ql, gl, pos_idx, pos_sim, pos_is_exact, num_pos, bounds, len(qc), cap
     )
     lo = counter.lo
+    # first blocks: column runs narrow enough that R + 2 of them are a small part of a row
+    need_max = pos_idx.shape[1] + 2
+    run = SEGMENT
+    while run > 1 and block // run < 2 * need_max:
+        run //= 2
+    workers = max(1, workers if workers is not None else threads if device.type == "cpu" else 1)
+    free: queue.SimpleQueue[_Block] = queue.SimpleQueue()  # one per job in flight
+    for _ in range(workers + 1 if workers > 1 else 1):
+        free.put(_Block(block, block, tile, dtype, device, run))
 
-    def gemm(i, j):  # the only heavy kernel: it gets every thread, the bookkeeping gets one
-        torch.set_num_threads(threads)
-        try:
-            return qc[i : i + block] @ gc[j : j + block].T
+    def work(job: tuple[int, int, bool, bool]):
+        """Compute one block; extract its candidates unless it is a first block (those
+        need their bound L first, which only the counting thread may set)."""
+        i, j, both_sides, first = job
+        rows = min(block, len(qc) - i)
+        blk = free.get()
+        blk.compute(qc[i : i + rows], gc[j : j + block], both_sides, run if first else 0)
+        if first:
+            return blk
+        try:  # lo only rises: a snapshot taken now is a valid (looser) threshold
+            return _block_candidates(blk, i, j, lo, n_g, both_sides)
         finally:
-            torch.set_num_threads(1)
+            free.put(blk)
 
-    def scan(sim, i, j, both_sides, learn=True):
-        r, c, v = _candidates_rows(sim, lo[i : i + len(sim)])
-        ok = c + j < n_g
-        counter.add(r[ok] + i, c[ok] + j, v[ok], learn)
-        if both_sides:  # the transposed block: queries j..., gallery items i...
-            c, r, v = _candidates_cols(sim, lo[j : j + sim.shape[1]])
-            ok = r + i < n_g
-            counter.add(c[ok] + j, r[ok] + i, v[ok], learn)
-
-    # Diagonal blocks (or the first gallery block) first: their best negatives give each
-    # query its first bound L; later blocks' candidates tighten it (each item once).
-    for i in range(0, n_q, block):
-        j = i if same else 0
-        sim = gemm(i, j)
-        rows = min(block, n_q - i)
-        counter.learn(*_best_negatives(sim[:rows], i, j, ctx))
-        scan(sim, i, j, False, learn=False)
-    for i in range(0, n_q, block):
-        for j in range(i + block if same else block, len(gc), block):
-            scan(gemm(i, j), i, j, same)
+    # Diagonal blocks (or the first gallery block) first, row side only: they give each
+    # query its first bound L; every later block's candidates tighten it (each item once).
+    jobs = [(i, i if same else 0, False, True) for i in range(0, n_q, block)]
+    jobs += [
+        (i, j, same, False)
+        for i in range(0, n_q, block)
+        for j in range(i + block if same else block, len(gc), block)
+    ]
+    for (i, j, _, first), done in zip(jobs, _in_order(work, jobs, workers)):
+        if first:  # a first bound L from the block's best runs (R + 2: the query may be one)
+            blk = done
+            real = min(blk.sim.shape[1], n_q - i)
+            q_rows = torch.arange(i, i + real, device=device)
+            least = blk.least_of_best(num_pos[i : i + real] + 2, n_g - j)
+            counter.floor(q_rows, least - bounds.widest(q_rows))
+            done = _block_candidates(blk, i, j, lo, n_g, False)
+            free.put(blk)
+        for q, g, v in done:
+            counter.add(q, g, v)
 
     counts = counter.counts.masked_fill(~counter.matters, n_g)
     return PositiveRanks(num_pos, counts, counter.candidates, counter.rescored)
+
+
+def _block_candidates(blk: _Block, i: int, j: int, lo: torch.Tensor, n_g: int, both_sides: bool):
+    """[(query, gallery item, approx)] of block (i, j): its rows, and with `both_sides`
+    its columns as queries (the transposed block of a symmetric problem)."""
+    rows, cols = blk.sim.shape[1], blk.sim.shape[0] * blk.sim.shape[2]
+    r, c, v = blk.row_candidates(lo[i : i + rows].clone())
+    ok = c + j < n_g
+    out = [(r[ok] + i, c[ok] + j, v[ok])]
+    if both_sides:  # queries j..., gallery items i...
+        c, r, v = blk.col_candidates(lo[j : j + cols].clone())
+        ok = r + i < n_g
+        out.append((c[ok] + j, r[ok] + i, v[ok]))
+    return out
+
+
+def _in_order(work, jobs, workers: int):
+    """work(job) for each job, yielded in job order. With workers > 1, that many threads
+    run ahead (torch ops release the GIL; each thread's ops are single-threaded, which
+    beats OpenMP's barriers on small GEMMs), at most workers + 1 jobs in flight."""
+    if workers <= 1:
+        yield from map(work, jobs)
+        return
+    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        pending: collections.deque = collections.deque()
+        for job in jobs:
+            if len(pending) > workers:
+                yield pending.popleft().result()
+            pending.append(pool.submit(work, job))
+        while pending:
+            yield pending.popleft().result()
