@@ -137,3 +137,23 @@ def test_last_block_queries_get_candidates(n, block):
     want = brute_force(x, y, ks=(1, 2, 4))
     got = ours(x, y, (1, 2, 4), block=block)
     assert all(abs(want[k] - got[k]) <= 1e-9 for k in want), (want, got)
+
+
+@pytest.mark.parametrize("fail_in", ["stream", "compute"])
+def test_a_failing_block_thread_raises_instead_of_hanging(monkeypatch, fail_in):
+    """An error in a block thread reaches the caller; no thread waits for a buffer."""
+    from vpt_dml.evaluation import knn
+
+    real = getattr(knn._Block, fail_in)
+    calls = []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("block failed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(knn._Block, fail_in, flaky)
+    x, y = clustered(60, (4,), 8, noise=1.0, seed=1)
+    with pytest.raises(RuntimeError, match="block failed"):
+        rank_positives(x, y, block=64, workers=2)

@@ -60,6 +60,7 @@ BLOCK = 4096  # rows and columns per similarity block (rounded to a multiple of 
 TILE = 256  # columns per GEMM call on CPU: a BLOCK x TILE output stays in cache
 ENTRY_CHUNK = 1 << 19  # candidate entries compared against the positives at a time
 ROW_CHUNK = 4096  # rows per float64 helper computation
+MAX_WORKERS = 8  # default cap on block threads (each holds a BLOCK x TILE buffer)
 PAIR_CHUNK = 2048  # vector pairs gathered at a time for re-scoring (stays in cache)
 
 
@@ -595,40 +596,84 @@ class _Block:
     """One block of the candidate GEMM (rows i.., columns j..), computed one column tile
     at a time so each (rows x tile) output is filtered while still in cache.
 
-    `sim` (tiles, rows, tile) holds the similarities; `row_max` (tiles, rows, tile /
-    SEGMENT) the maxima over SEGMENT-wide column runs, `col_max` (tiles, rows / SEGMENT,
-    tile) over SEGMENT-tall row runs, both in `_sortable_bits` order. Buffers are reused.
+    `stream`: each tile's candidates are taken at once, from one reused tile buffer.
+    `compute` (first blocks, whose bound must come before any candidate) keeps the whole
+    block: `sim` (tiles, rows, tile) holds the similarities; `row_max` (tiles, rows, tile /
+    SEGMENT) the maxima over SEGMENT-wide column runs, in `_sortable_bits` order.
     """
 
     def __init__(self, rows: int, cols: int, tile: int, dtype, device, run: int) -> None:
         bits = torch.int16 if dtype == torch.bfloat16 else dtype
-        self.tile = tile
-        self._sim = torch.empty(rows * cols, dtype=dtype, device=device)
-        self._row_max = torch.empty(rows * cols // SEGMENT, dtype=bits, device=device)
-        self._col_max = torch.empty(rows * cols // SEGMENT, dtype=bits, device=device)
+        self.tile, self.shape, self.dtype, self.bits, self.run_width = (
+            tile,
+            (rows, cols),
+            dtype,
+            bits,
+            run,
+        )
+        self._sim = self._row_max = self._run_max = None  # whole-block buffers: `compute`
+        self._tile = torch.empty(rows, tile, dtype=dtype, device=device)
+        self._tile_rows = torch.empty(rows, tile // SEGMENT, dtype=bits, device=device)
+        self._tile_cols = torch.empty(rows // SEGMENT, tile, dtype=bits, device=device)
         self.run = torch.arange(SEGMENT, device=device)
-        if run != SEGMENT:  # narrower runs for `least_of_best`
-            self._run_max = torch.empty(cols // tile, rows, tile // run, dtype=bits, device=device)
 
-    def compute(self, q: torch.Tensor, g: torch.Tensor, both_sides: bool, run: int = 0) -> None:
-        """`run` > 0: also keep maxima over `run`-wide column runs (`run_max`) for
-        `least_of_best`."""
+    def stream(self, q, g, lo_rows, lo_cols=None) -> list:
+        """Candidates of the block, tile by tile: [(row, col, value)] for the rows'
+        queries and, with `lo_cols` (the transposed block), [(col, row, value)] for the
+        columns' queries, in block coordinates."""
+        self.sim = self.row_max = self.run_max = None  # first blocks are over: free them
+        self._sim = self._row_max = self._run_max = None
         rows, tile = len(q), self.tile
+        sim = self._tile[:rows]
+        row_max, col_max = self._tile_rows[:rows], self._tile_cols[: rows // SEGMENT]
+        th_rows = _threshold_bits(lo_rows, sim.dtype)[:, None]
+        th_cols = None if lo_cols is None else _threshold_bits(lo_cols, sim.dtype)
+        found_rows, found_cols = [], []
+        for start in range(0, len(g), tile):
+            torch.mm(q, g[start : start + tile].T, out=sim)
+            bits = _sortable_bits(sim)
+            torch.amax(bits.view(rows, tile // SEGMENT, SEGMENT), 2, out=row_max)
+            r, k = (row_max >= th_rows).nonzero(as_tuple=True)
+            vals = sim.view(-1, SEGMENT).index_select(0, r * (tile // SEGMENT) + k).float()
+            keep = vals >= lo_rows.index_select(0, r)[:, None]
+            cols = (start + k * SEGMENT)[:, None] + self.run
+            found_rows.append((r[:, None].expand_as(cols)[keep], cols[keep], vals[keep]))
+            if th_cols is None:
+                continue
+            torch.amax(bits.view(rows // SEGMENT, SEGMENT, tile), 1, out=col_max)
+            k, c = (col_max >= th_cols[start : start + tile]).nonzero(as_tuple=True)
+            run_rows = k[:, None] * SEGMENT + self.run  # strided runs: take
+            vals = torch.take(sim, run_rows * tile + c[:, None]).float()
+            col = start + c
+            keep = vals >= lo_cols.index_select(0, col)[:, None]
+            found_cols.append((col[:, None].expand_as(run_rows)[keep], run_rows[keep], vals[keep]))
+        out = [tuple(torch.cat(parts) for parts in zip(*found_rows))]
+        if found_cols:
+            out.append(tuple(torch.cat(parts) for parts in zip(*found_cols)))
+        return out
+
+    def compute(self, q: torch.Tensor, g: torch.Tensor) -> None:
+        """The whole block, with maxima over `run_width`-wide column runs for
+        `least_of_best`."""
+        rows, tile, run = len(q), self.tile, self.run_width
+        if self._sim is None:
+            (full_rows, cols), device = self.shape, self._tile.device
+            self._sim = torch.empty(full_rows * cols, dtype=self.dtype, device=device)
+            self._row_max = torch.empty(full_rows * cols // SEGMENT, dtype=self.bits, device=device)
+            if run != SEGMENT:  # narrower runs for `least_of_best`
+                shape = (cols // tile, full_rows, tile // run)
+                self._run_max = torch.empty(shape, dtype=self.bits, device=device)
         tiles = len(g) // tile
         n = tiles * rows * tile
         self.sim = self._sim[:n].view(tiles, rows, tile)
         self.row_max = self._row_max[: n // SEGMENT].view(tiles, rows, tile // SEGMENT)
-        self.col_max = self._col_max[: n // SEGMENT].view(tiles, rows // SEGMENT, tile)
         for t in range(tiles):
             torch.mm(q, g[t * tile : (t + 1) * tile].T, out=self.sim[t])
             bits = _sortable_bits(self.sim[t])
             torch.amax(bits.view(rows, tile // SEGMENT, SEGMENT), 2, out=self.row_max[t])
-            if both_sides:
-                torch.amax(bits.view(rows // SEGMENT, SEGMENT, tile), 1, out=self.col_max[t])
-            if run and run != SEGMENT:
+            if run != SEGMENT:
                 self._run_max[t, :rows] = bits.view(rows, tile // run, run).amax(2)
-        self.run_width = run
-        if run and run != SEGMENT:
+        if run != SEGMENT:
             self.run_max = self._run_max[:tiles, :rows]
 
     def row_candidates(self, lo: torch.Tensor):
@@ -642,18 +687,6 @@ class _Block:
         keep = vals >= lo.index_select(0, r)[:, None]
         cols = first[:, None] + self.run
         return r[:, None].expand_as(cols)[keep], cols[keep], vals[keep]
-
-    def col_candidates(self, lo: torch.Tensor):
-        """(col, row, value) of the entries with value >= lo[col] (lo per block column)."""
-        tiles, rows, tile = self.sim.shape
-        th = _threshold_bits(lo, self.sim.dtype).view(tiles, 1, tile)
-        t, k, c = (self.col_max >= th).nonzero(as_tuple=True)
-        run_rows = k[:, None] * SEGMENT + self.run
-        at = (t[:, None] * rows + run_rows) * tile + c[:, None]  # strided runs: take
-        vals = torch.take(self.sim, at).float()
-        col = t * tile + c
-        keep = vals >= lo.index_select(0, col)[:, None]
-        return col[:, None].expand_as(run_rows)[keep], run_rows[keep], vals[keep]
 
     def least_of_best(self, need: torch.Tensor, real_cols: int) -> torch.Tensor:
         """Per row (the first len(need)): the largest value v >= 0 such that `need` of its
@@ -762,7 +795,9 @@ def _rank_positives(
     run = SEGMENT
     while run > 1 and block // run < 2 * need_max:
         run //= 2
-    workers = max(1, workers if workers is not None else threads if device.type == "cpu" else 1)
+    if workers is None:  # beyond a few, the counting thread is the bottleneck anyway
+        workers = min(threads, MAX_WORKERS) if device.type == "cpu" else 1
+    workers = max(1, workers)
     free: queue.SimpleQueue[_Block] = queue.SimpleQueue()  # one per job in flight
     for _ in range(workers + 1 if workers > 1 else 1):
         free.put(_Block(block, block, tile, dtype, device, run))
@@ -773,13 +808,19 @@ def _rank_positives(
         i, j, both_sides, first = job
         rows = min(block, len(qc) - i)
         blk = free.get()
-        blk.compute(qc[i : i + rows], gc[j : j + block], both_sides, run if first else 0)
-        if first:
-            return blk
-        try:  # lo only rises: a snapshot taken now is a valid (looser) threshold
-            return _block_candidates(blk, i, j, lo, n_g, both_sides)
+        try:
+            if first:  # the counting thread takes the block and puts it back
+                blk.compute(qc[i : i + rows], gc[j : j + block])
+                done, blk = blk, None
+                return done
+            # lo only rises: a snapshot taken now is a valid (looser) threshold
+            g = gc[j : j + block]
+            lo_cols = lo[j : j + len(g)].clone() if both_sides else None
+            found = blk.stream(qc[i : i + rows], g, lo[i : i + rows].clone(), lo_cols)
+            return _in_dataset(found, i, j, n_g)
         finally:
-            free.put(blk)
+            if blk is not None:
+                free.put(blk)
 
     # Diagonal blocks (or the first gallery block) first, row side only: they give each
     # query its first bound L; every later block's candidates tighten it (each item once).
@@ -796,7 +837,7 @@ def _rank_positives(
             q_rows = torch.arange(i, i + real, device=device)
             least = blk.least_of_best(num_pos[i : i + real] + 2, n_g - j)
             counter.floor(q_rows, least - bounds.widest(q_rows))
-            done = _block_candidates(blk, i, j, lo, n_g, False)
+            done = _in_dataset([blk.row_candidates(lo[i : i + len(blk.sim[0])])], i, j, n_g)
             free.put(blk)
         for q, g, v in done:
             counter.add(q, g, v)
@@ -805,15 +846,14 @@ def _rank_positives(
     return PositiveRanks(num_pos, counts, counter.candidates, counter.rescored)
 
 
-def _block_candidates(blk: _Block, i: int, j: int, lo: torch.Tensor, n_g: int, both_sides: bool):
-    """[(query, gallery item, approx)] of block (i, j): its rows, and with `both_sides`
-    its columns as queries (the transposed block of a symmetric problem)."""
-    rows, cols = blk.sim.shape[1], blk.sim.shape[0] * blk.sim.shape[2]
-    r, c, v = blk.row_candidates(lo[i : i + rows].clone())
+def _in_dataset(found: list, i: int, j: int, n_g: int) -> list:
+    """Block candidates [(row, col, v)] and, if present, [(col, row, v)] as (query,
+    gallery item, v) in dataset indices; padding columns/rows dropped."""
+    r, c, v = found[0]
     ok = c + j < n_g
     out = [(r[ok] + i, c[ok] + j, v[ok])]
-    if both_sides:  # queries j..., gallery items i...
-        c, r, v = blk.col_candidates(lo[j : j + cols].clone())
+    if len(found) > 1:  # the transposed block: queries j..., gallery items i...
+        c, r, v = found[1]
         ok = r + i < n_g
         out.append((c[ok] + j, r[ok] + i, v[ok]))
     return out
@@ -826,7 +866,8 @@ def _in_order(work, jobs, workers: int):
     if workers <= 1:
         yield from map(work, jobs)
         return
-    with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+    try:
         pending: collections.deque = collections.deque()
         for job in jobs:
             if len(pending) > workers:
@@ -834,3 +875,5 @@ def _in_order(work, jobs, workers: int):
             pending.append(pool.submit(work, job))
         while pending:
             yield pending.popleft().result()
+    finally:  # on an error (or an abandoned generator) run nothing more
+        pool.shutdown(wait=True, cancel_futures=True)
