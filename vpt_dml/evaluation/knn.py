@@ -21,24 +21,29 @@ position in the gallery (without a gallery: its position in the query set, i.e. 
 dataset index), never relative to the query. Duplicated embeddings therefore always tie
 exactly; e.g. N identical vectors rank every query's neighbours in index order. Faster
 float64 kernels (a batched matmul for the positives) are used only where they are proven
-to decide the order (further apart than both kernels' error bound `_Float64Bound`);
+to decide the order (further apart than both kernels' error bound, `float64_tolerance`);
 closer pairs are re-scored by `exact_dot`. Every count equals what a float64 stable sort
 of `exact_dot` values (in gallery order) gives.
 
-Speed: the all-pairs similarity pass runs in reduced precision (bfloat16 on CPU, float32
-on GPU) and only proposes candidates. `_Bounds` gives a proven eps with
-|s_approx - s_exact| <= eps for every pair (per query, and growing with |s|). A negative
-more than eps above (below) a positive's exact similarity certainly beats (loses to) it;
-anything within eps is re-scored: in float32 (bound gamma_D ~ 3e-5 for D = 512), and
-in float64 only if still within that bound. A negative matters only if it could beat a
-positive that matters, so candidates are the entries with s_approx >= lo (per query); a
-max-pool over 64-wide column segments finds them without another full pass. When the
+Speed: the all-pairs similarity pass runs in reduced precision (`candidate_dtype_report`:
+bfloat16 on CPUs with native bfloat16 matrix units, else float32; float32 on GPU) and
+only proposes candidates. `_Bounds` gives a proven eps with |s_approx - s_exact| <= eps
+for every pair (per query, and growing with |s|). A negative more than eps above (below)
+a positive's similarity certainly beats (loses to) it; anything within eps is re-scored:
+in float32 (bound gamma_D ~ 3e-5 for D = 512), and in float64 only if still within that
+bound. A negative matters only if it could beat a positive that matters, so candidates
+are the entries with s_approx >= lo (per query); maxima over 64-wide runs find them
+without another full pass. Every query starts with lo from its own positives. When the
 query set is its own gallery the matrix is symmetric: only blocks on and above the
 diagonal are computed and each off-diagonal block serves its rows and its columns. The
-diagonal blocks go first; their best negatives give each query its first bound L, and
-the candidates of every later block tighten it (lo rises, deep positives retire).
-Memory stays bounded by the block size, whatever the embeddings look like; badly
-separated embeddings (an untrained model) only make more candidates, hence slower.
+diagonal blocks go first: the maxima of their column runs give each query a first bound
+L (R + 2 distinct items at least that similar), and the candidates of every block
+tighten it (lo rises, deep positives retire). On CPU a block is computed 256 columns at
+a time, each (4096 x 256) output filtered while in cache, by a few threads that each run
+single-threaded ops (OpenMP's barriers cost more than these GEMMs on a busy machine);
+one thread counts. Memory stays bounded by the block size, whatever the embeddings look
+like; badly separated embeddings (an untrained model) only make more candidates, hence
+slower.
 """
 
 from __future__ import annotations
@@ -604,13 +609,8 @@ class _Block:
 
     def __init__(self, rows: int, cols: int, tile: int, dtype, device, run: int) -> None:
         bits = torch.int16 if dtype == torch.bfloat16 else dtype
-        self.tile, self.shape, self.dtype, self.bits, self.run_width = (
-            tile,
-            (rows, cols),
-            dtype,
-            bits,
-            run,
-        )
+        self.tile, self.shape, self.run_width = tile, (rows, cols), run
+        self.dtype, self.bits = dtype, bits
         self._sim = self._row_max = self._run_max = None  # whole-block buffers: `compute`
         self._tile = torch.empty(rows, tile, dtype=dtype, device=device)
         self._tile_rows = torch.empty(rows, tile // SEGMENT, dtype=bits, device=device)
