@@ -17,16 +17,23 @@ def brute_force(q, ql, g=None, gl=None, ks=(1, 2, 4, 8)):
     q = np.asarray(q, dtype=np.float64)
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     g = q if same else np.asarray(g, np.float64) / np.linalg.norm(g, axis=1, keepdims=True)
+    return metrics_from_similarity(q @ g.T, ql, None if same else gl, ks)
+
+
+def metrics_from_similarity(sim, ql, gl=None, ks=(1, 2, 4, 8)):
+    """Metrics of a given (Q, G) similarity matrix: stable sort (ties by lower gallery
+    index), the query left out of its own list when gl is None (query set = gallery)."""
+    same = gl is None
+    sim = np.asarray(sim, dtype=np.float64)
     ql = np.asarray(ql)
     gl = ql if same else np.asarray(gl)
     rec = {k: [] for k in ks}
     mapr, rprec, mapv = [], [], []
-    for i in range(len(q)):
-        sim = g @ q[i]
-        idx = np.arange(len(g))
+    for i in range(len(sim)):
+        row, idx = sim[i], np.arange(sim.shape[1])
         if same:
-            sim, idx = np.delete(sim, i), np.delete(idx, i)
-        order = idx[np.lexsort((idx, -sim))] if same else np.lexsort((idx, -sim))
+            row, idx = np.delete(row, i), np.delete(idx, i)
+        order = idx[np.lexsort((idx, -row))]
         hits = gl[order] == ql[i]
         r = int(hits.sum())
         if r == 0:
@@ -192,6 +199,23 @@ def test_skipped_items_are_dropped():
         (dict(ks=(0,)), "positive integers"),
         (dict(labels=torch.zeros(3, dtype=torch.long)), "labels"),
         (dict(embeddings=torch.full((6, 4), float("nan"))), "NaN"),
+        (
+            dict(
+                embeddings=torch.randn(6, 4).index_put_(
+                    (torch.tensor(4), torch.tensor(1)), torch.tensor(float("inf"))
+                )
+            ),
+            "NaN or inf",
+        ),
+        (
+            dict(
+                gallery_embeddings=torch.randn(6, 4).index_put_(
+                    (torch.tensor(2), torch.tensor(3)), torch.tensor(-float("inf"))
+                ),
+                gallery_labels=torch.tensor([0, 0, 1, 1, 2, 2]),
+            ),
+            "NaN or inf",
+        ),
         (dict(gallery_embeddings=torch.ones(2, 4)), "both"),
         (dict(labels=torch.arange(6)), "singleton"),
     ],
@@ -201,3 +225,13 @@ def test_bad_input_is_one_clear_error(args, match):
     kw.update(args)
     with pytest.raises(UserError, match=match):
         retrieval_metrics(**kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_one_nan_anywhere_is_refused(dtype):
+    """The finiteness check is a reduction: one NaN deep inside a large input still fails."""
+    x, y = clustered(300, (3,), 64, noise=0.5, seed=9)
+    x = x.to(dtype)
+    x[len(x) // 2 + 7, 45] = float("nan")
+    with pytest.raises(UserError, match="NaN"):
+        retrieval_metrics(x, y)

@@ -17,17 +17,22 @@ from vpt_dml.evaluation.knn import rank_positives
 from vpt_dml.evaluation.retrieval import metrics_from_ranks
 
 
-def ours(x, y, ks, g=None, gl=None, block=64):
-    r = rank_positives(x, y, g, gl, block=block)
+def ours(x, y, ks, g=None, gl=None, block=64, **kw):
+    r = rank_positives(x, y, g, gl, block=block, **kw)
     return metrics_from_ranks(r.num_positives, r.negatives_above, ks, g is None)
 
 
+# (block, tile, workers): one tile per block, several tiles per block; inline or threads
+LAYOUTS = [(64, None, 1), (128, 64, 1), (192, 64, 3), (64, None, 2)]
+
+
+@pytest.mark.parametrize("block, tile, workers", LAYOUTS)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_many_blocks_with_retired_positives_match_float64(seed):
-    """Big classes (R up to 11) over 10 blocks: bounds L retire deep positives mid-scan."""
+def test_many_blocks_with_retired_positives_match_float64(seed, block, tile, workers):
+    """Big classes (R up to 11) over many blocks: bounds L retire deep positives mid-scan."""
     x, y = clustered(60, (1, 4, 12), 24, noise=1.1, seed=seed)
     ks = (1, 3, 30, 500)
-    r = rank_positives(x, y, block=64)
+    r = rank_positives(x, y, block=block, tile=tile, workers=workers)
     assert r.candidates > 0 and (r.negatives_above == len(x)).any()  # some were retired
     close = brute_force(x, y, ks=ks)
     got = metrics_from_ranks(r.num_positives, r.negatives_above, ks, True)
@@ -35,15 +40,15 @@ def test_many_blocks_with_retired_positives_match_float64(seed):
         assert abs(close[key] - got[key]) <= 1e-9, key
 
 
-def test_ties_over_blocks_and_gallery_blocks_match_float64():
+@pytest.mark.parametrize("block, tile, workers", LAYOUTS)
+def test_ties_over_blocks_and_gallery_blocks_match_float64(block, tile, workers):
+    kw = dict(block=block, tile=tile, workers=workers)
     x, y = tied(200, 8, seed=7)
-    assert all(
-        abs(a - b) <= 1e-9
-        for a, b in zip(brute_force(x, y, ks=(1, 5)).values(), ours(x, y, (1, 5)).values())
-    )
+    want, got = brute_force(x, y, ks=(1, 5)), ours(x, y, (1, 5), **kw)
+    assert all(abs(want[k] - got[k]) <= 1e-9 for k in want)
     q, ql, g, gl = x[:90], y[:90], x[90:], y[90:]
     want = brute_force(q, ql, g, gl, ks=(1, 5))
-    got = ours(q, ql, (1, 5), g, gl)
+    got = ours(q, ql, (1, 5), g, gl, **kw)
     assert all(abs(want[k] - got[k]) <= 1e-9 for k in want)
 
 
@@ -119,3 +124,36 @@ def test_poor_embeddings_stop_counting_at_max_rank():
     for r in (full, capped):
         got = metrics_from_ranks(r.num_positives, r.negatives_above, ks, True)
         assert all(abs(want[k] - got[k]) <= 1e-9 for k in want)
+
+
+@pytest.mark.parametrize("n, block", [(65, 64), (129, 64), (200, 64)])
+def test_last_block_queries_get_candidates(n, block):
+    """A query alone in (or with only its class in) the last block still counts the
+    negatives above it: every query has a threshold before any block is scanned."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, 8, generator=gen)
+    y = torch.arange(n) % 20
+    y[-3:] = 19  # the last rows: one class
+    want = brute_force(x, y, ks=(1, 2, 4))
+    got = ours(x, y, (1, 2, 4), block=block)
+    assert all(abs(want[k] - got[k]) <= 1e-9 for k in want), (want, got)
+
+
+@pytest.mark.parametrize("fail_in", ["stream", "compute"])
+def test_a_failing_block_thread_raises_instead_of_hanging(monkeypatch, fail_in):
+    """An error in a block thread reaches the caller; no thread waits for a buffer."""
+    from vpt_dml.evaluation import knn
+
+    real = getattr(knn._Block, fail_in)
+    calls = []
+
+    def flaky(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("block failed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(knn._Block, fail_in, flaky)
+    x, y = clustered(60, (4,), 8, noise=1.0, seed=1)
+    with pytest.raises(RuntimeError, match="block failed"):
+        rank_positives(x, y, block=64, workers=2)

@@ -12,36 +12,61 @@ query and positive, the negatives that beat it:
   beyond R + 1; it is reported as "beyond" (n_j = number of gallery items) and its
   negatives are not counted.
 
-"Exact": similarities are float64 dot products of float64-normalised embeddings; equal
-similarities are ordered by the lower gallery index. Every count equals what a float64
-brute-force sort with that tie-break gives.
+"Exact", and the tie rule: the similarity of a pair is `exact_dot` of the two
+float64-normalised embeddings (`unit_rows`): products summed in one fixed pairwise order,
+so its value depends only on the two vectors, bit for bit, on every device and in every
+batch. Gallery items are ranked by that value, highest first; among items whose values
+are equal the one with the lower gallery index ranks first. The index is the item's
+position in the gallery (without a gallery: its position in the query set, i.e. the
+dataset index), never relative to the query. Duplicated embeddings therefore always tie
+exactly; e.g. N identical vectors rank every query's neighbours in index order. Faster
+float64 kernels (a batched matmul for the positives) are used only where they are proven
+to decide the order (further apart than both kernels' error bound, `float64_tolerance`);
+closer pairs are re-scored by `exact_dot`. Every count equals what a float64 stable sort
+of `exact_dot` values (in gallery order) gives.
 
-Speed: the all-pairs similarity pass runs in reduced precision (bfloat16 on CPU, float32
-on GPU) and only proposes candidates. `_Bounds` gives a proven eps with
-|s_approx - s_exact| <= eps for every pair (per query, and growing with |s|). A negative
-more than eps above (below) a positive's exact similarity certainly beats (loses to) it;
-anything within eps is re-scored: in float32 (bound gamma_D ~ 3e-5 for D = 512), and
-in float64 only if still within that bound. A negative matters only if it could beat a
-positive that matters, so candidates are the entries with s_approx >= lo (per query); a
-max-pool over 64-wide column segments finds them without another full pass. When the
+Speed: the all-pairs similarity pass runs in reduced precision (`candidate_dtype_report`:
+bfloat16 on CPUs with native bfloat16 matrix units, else float32; float32 on GPU) and
+only proposes candidates. `_Bounds` gives a proven eps with |s_approx - s_exact| <= eps
+for every pair (per query, and growing with |s|). A negative more than eps above (below)
+a positive's similarity certainly beats (loses to) it; anything within eps is re-scored:
+in float32 (bound gamma_D ~ 3e-5 for D = 512), and in float64 only if still within that
+bound. A negative matters only if it could beat a positive that matters, so candidates
+are the entries with s_approx >= lo (per query); maxima over 64-wide runs find them
+without another full pass. Every query starts with lo from its own positives. When the
 query set is its own gallery the matrix is symmetric: only blocks on and above the
 diagonal are computed and each off-diagonal block serves its rows and its columns. The
-diagonal blocks go first; their best negatives give each query its first bound L, and
-the candidates of every later block tighten it (lo rises, deep positives retire).
-Memory stays bounded by the block size, whatever the embeddings look like; badly
-separated embeddings (an untrained model) only make more candidates, hence slower.
+diagonal blocks go first: the maxima of their column runs give each query a first bound
+L (R + 2 distinct items at least that similar), and the candidates of every block
+tighten it (lo rises, deep positives retire). On CPU a block is computed 256 columns at
+a time, each (4096 x 256) output filtered while in cache, by a few threads that each run
+single-threaded ops (OpenMP's barriers cost more than these GEMMs on a busy machine);
+one thread counts. Memory stays bounded by the block size, whatever the embeddings look
+like; badly separated embeddings (an untrained model) only make more candidates, hence
+slower.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import math
+import platform
+import queue
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 SEGMENT = 64  # column segment width of the max-pool candidate filter
-BLOCK = 4096  # rows and columns per similarity block (rounded to a multiple of SEGMENT)
+BLOCK = 4096  # rows and columns per similarity block (rounded to a multiple of TILE)
+TILE = 256  # columns per GEMM call on CPU: a BLOCK x TILE output stays in cache
 ENTRY_CHUNK = 1 << 19  # candidate entries compared against the positives at a time
 ROW_CHUNK = 4096  # rows per float64 helper computation
+MAX_WORKERS = 8  # default cap on block threads (each holds a BLOCK x TILE buffer)
+PAIR_CHUNK = 2048  # vector pairs gathered at a time for re-scoring (stays in cache)
 
 
 @dataclass
@@ -54,16 +79,202 @@ class PositiveRanks:
     rescored: int = 0  # of those, re-scored exactly (float32, then float64 if needed)
 
 
-def candidate_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on CPUs where oneDNN runs it natively (about 2x float32 GEMM speed on
-    AVX512-BF16), float32 elsewhere: GPUs are fast enough and keep the window narrow."""
-    if device.type != "cpu":
-        return torch.float32
+# --- candidate dtype: bfloat16 only where the CPU multiplies bfloat16 natively -------------
+
+# x86 flags of bfloat16 matrix instructions (AVX512-BF16 dot products, AMX tiles); a CPU
+# with AVX-512 but neither runs oneDNN's bfloat16 GEMM emulated, about 2x slower than float32
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "amx_tile"})
+_SHOWN_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+                "amx_tile", "amx_bf16", "amx_int8", "bf16", "sve", "i8mm")  # fmt: skip
+BENCH_MARGIN = 0.7  # bfloat16 must beat float32 clearly: it also widens the re-score window
+_CPU_CHOICE: dict | None = None  # decided once per process
+
+
+def decide_cpu_dtype(
+    flags: set[str] | None, onednn_bf16: bool, x86: bool
+) -> tuple[torch.dtype | None, str]:
+    """(dtype, reason) from what the CPU reports; dtype None: undecided, benchmark both.
+
+    `flags`: the CPU's feature flags (None when unknown), `onednn_bf16`: whether torch's
+    oneDNN has bfloat16 kernels for this CPU at all (true on any AVX-512 CPU, emulated or
+    not, so it is necessary but not sufficient).
+    """
+    if not onednn_bf16:
+        return torch.float32, "torch's oneDNN has no bfloat16 GEMM for this CPU"
+    if flags is None or not x86:
+        return None, "bfloat16 speed unknown from the CPU flags: measured"
+    native = sorted(flags & NATIVE_BF16_FLAGS)
+    if native:
+        return torch.bfloat16, f"native bfloat16 matrix instructions ({', '.join(native)})"
+    return torch.float32, (
+        "no native bfloat16 matrix instructions (no avx512_bf16 or amx_bf16): "
+        "bfloat16 GEMM would be emulated and slower than float32"
+    )
+
+
+def decide_by_benchmark(times: dict[str, float]) -> tuple[torch.dtype, str]:
+    """bfloat16 when its GEMM took under BENCH_MARGIN of float32's time."""
+    bf16, fp32 = times["bfloat16"], times["float32"]
+    choice = torch.bfloat16 if bf16 < BENCH_MARGIN * fp32 else torch.float32
+    return choice, (
+        f"measured GEMM 1024x1024x512: bfloat16 {bf16 * 1e3:.2f} ms, float32 {fp32 * 1e3:.2f} ms "
+        f"(bfloat16 chosen below {BENCH_MARGIN} x float32)"
+    )
+
+
+def _proc_cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
     try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86, ARM
+            return set(value.split())
+    return None
+
+
+def _torch_cpu_flags() -> set[str] | None:
+    """The bfloat16 flags torch's own CPU probe (cpuinfo) reports; None if it has none."""
+    probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_tile": "_is_amx_tile_supported"}
+    found, asked = set(), False
+    for flag, name in probes.items():
+        probe = getattr(torch.cpu, name, None)
+        if probe is None:
+            continue
+        try:
+            asked = True
+            if probe():
+                found.add(flag)
+        except RuntimeError:
+            continue
+    return found if asked else None
+
+
+def _onednn_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
-        native = False
-    return torch.bfloat16 if native else torch.float32
+        return False
+
+
+def _benchmark_gemm(size: int = 1024, dim: int = 512, reps: int = 3) -> dict[str, float]:
+    """Best-of-`reps` seconds of one size x size x dim GEMM per dtype, interleaved."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, dim, generator=gen), torch.randn(size, dim, generator=gen)
+    pairs = {"float32": (a, b), "bfloat16": (a.bfloat16(), b.bfloat16())}
+    best = dict.fromkeys(pairs, math.inf)
+    for _ in range(reps + 1):  # the first round warms up
+        for name, (x, y) in pairs.items():
+            t = time.perf_counter()
+            x @ y.T
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
+def _decide_cpu() -> dict:
+    proc = _proc_cpu_flags()
+    from_torch = _torch_cpu_flags()
+    flags = None if proc is None and from_torch is None else (proc or set()) | (from_torch or set())
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+    onednn = _onednn_bf16()
+    dtype, reason = decide_cpu_dtype(flags, onednn, x86)
+    report = {
+        "device": "cpu",
+        "machine": platform.machine(),
+        "cpu_flags": sorted(f for f in (flags or ()) if f in _SHOWN_FLAGS),
+        "flags_from": [
+            n for n, f in (("/proc/cpuinfo", proc), ("torch.cpu", from_torch)) if f is not None
+        ],
+        "onednn_bf16": onednn,
+    }
+    if dtype is None:
+        times = _benchmark_gemm()
+        dtype, reason = decide_by_benchmark(times)
+        report["benchmark_s"] = {k: round(v, 6) for k, v in times.items()}
+    report.update(dtype=str(dtype).removeprefix("torch."), reason=reason)
+    return report
+
+
+def candidate_dtype_report(device: torch.device | str = "cpu") -> dict:
+    """The candidate GEMM dtype for `device` and why (JSON-ready, for run provenance).
+
+    CPU: bfloat16 where the CPU has native bfloat16 matrix instructions (avx512_bf16 or
+    AMX, from /proc/cpuinfo and torch's CPU probe), float32 where it has not; where the
+    flags cannot tell (not x86, or no flags), a one-time micro-benchmark of both decides.
+    Decided once per process. GPU: float32 (fast enough, keeps the re-score window narrow).
+    """
+    global _CPU_CHOICE
+    if torch.device(device).type != "cpu":
+        return {"device": torch.device(device).type, "dtype": "float32", "reason": "GPU: float32"}
+    if _CPU_CHOICE is None:
+        _CPU_CHOICE = _decide_cpu()
+    return dict(_CPU_CHOICE)
+
+
+def candidate_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the candidate GEMM on `device` (see `candidate_dtype_report`)."""
+    return getattr(torch, candidate_dtype_report(device)["dtype"])
+
+
+# --- exact float64 similarity -------------------------------------------------------------
+
+
+def exact_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Float64 dot products of matching rows of a and b (..., D), summed pairwise in one
+    fixed order with elementwise ops only: a pair's value depends on its two vectors alone
+    (bit-identical on every device, batch size and row position), and exact_dot(a, b) ==
+    exact_dot(b, a). This is the similarity that defines the ranking and its ties."""
+    p = a.double() * b.double()
+    width = p.shape[-1]
+    size = 1 << max(width - 1, 0).bit_length()
+    if size != width:
+        p = torch.nn.functional.pad(p, (0, size - width))  # + 0.0 changes no sum
+    while size > 1:
+        size //= 2
+        p = p[..., :size] + p[..., size : 2 * size]
+    return p[..., 0]
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Float64 rows divided by their `exact_dot` norm: equal rows stay bit-identical."""
+    x = x.double()
+    out = torch.empty_like(x)
+    for s in range(0, len(x), ROW_CHUNK):
+        part = x[s : s + ROW_CHUNK]
+        out[s : s + ROW_CHUNK] = part / exact_dot(part, part).sqrt().clamp(min=1e-12)[:, None]
+    return out
+
+
+def _pair_dots(a: torch.Tensor, b: torch.Tensor, ia: torch.Tensor, ib: torch.Tensor, dot=None):
+    """dot(a[ia], b[ib]) (default `exact_dot`), gathered in cache-sized chunks."""
+    dot = dot or exact_dot
+    out = torch.empty(
+        len(ia), dtype=torch.float64 if dot is exact_dot else a.dtype, device=a.device
+    )
+    step = PAIR_CHUNK
+    for s in range(0, len(ia), step):
+        out[s : s + step] = dot(
+            a.index_select(0, ia[s : s + step]), b.index_select(0, ib[s : s + step])
+        )
+    return out
+
+
+def float64_tolerance(dim: int) -> float:
+    """Bound on |any float64 dot product - exact_dot| for unit vectors of dimension `dim`.
+
+    Any summation order (a BLAS kernel, with or without FMA) is within gamma_D =
+    D u / (1 - D u), u = 2^-53, of the true value |q||g| <= 1 + O(u); so two kernels are
+    within 2 gamma_D of each other. Doubled for safety.
+    """
+    u = 2.0**-53
+    return 4 * dim * u / (1 - dim * u)
+
+
+def _float32_at_most(x: torch.Tensor) -> torch.Tensor:
+    """float32 values <= x (float64): a threshold rounded down keeps every candidate."""
+    x32 = x.float()
+    return torch.where(x32.double() > x, torch.nextafter(x32, x32.new_tensor(-math.inf)), x32)
 
 
 def _unit_roundoffs(dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
@@ -130,11 +341,14 @@ def _error_norms(x64: torch.Tensor, x_c: torch.Tensor) -> torch.Tensor:
 
 
 def _positives(q64, g64, ql, gl, same: bool):
-    """Each query's positives, best first: gallery index, exact similarity, and R.
+    """Each query's positives, best first: gallery index, similarity, whether that
+    similarity is `exact_dot`'s, and R.
 
-    Returns (Q, R_max) tables padded with index -1 / similarity -inf. Ties are ordered
-    by the lower gallery index. Similarities come from one small Gram matrix per class,
-    so each gallery row is read once per class rather than once per query.
+    Returns (Q, R_max) tables padded with index -1 / similarity -inf. Similarities come
+    from one small Gram matrix per class (each gallery row is read once per class rather
+    than once per query), within `float64_tolerance` of `exact_dot`; positives whose Gram
+    values are within twice that of another positive's are re-scored by `exact_dot`, so
+    the order is exactly the tie rule's (value, then lower gallery index).
     """
     device, n_q, n_g = q64.device, len(q64), len(g64)
     g_order = torch.argsort(gl, stable=True)  # by label, then by index
@@ -149,7 +363,8 @@ def _positives(q64, g64, ql, gl, same: bool):
     width, depth = int(members.max()), int(q_count.max())
     if width == 0:
         empty = torch.zeros(n_q, 0, dtype=torch.long, device=device)
-        return empty, empty.double(), torch.zeros(n_q, dtype=torch.long, device=device)
+        none = torch.zeros(n_q, dtype=torch.long, device=device)
+        return empty, empty.double(), empty.bool(), none
 
     idx = torch.full((n_q, width), -1, dtype=torch.long, device=device)
     sim = torch.full((n_q, width), -torch.inf, dtype=torch.float64, device=device)
@@ -167,7 +382,9 @@ def _positives(q64, g64, ql, gl, same: bool):
             g_order[(g_start[at[part]][:, None] + g_cols).clamp(max=n_g - 1)],
             -1,
         )
-        gram = torch.bmm(q64[qi.clamp(min=0)], g64[gi.clamp(min=0)].transpose(1, 2))
+        qv = q64.index_select(0, qi.clamp(min=0).view(-1)).view(*qi.shape, -1)
+        gv = g64.index_select(0, gi.clamp(min=0).view(-1)).view(*gi.shape, -1)
+        gram = torch.bmm(qv, gv.transpose(1, 2))
         gram = gram.masked_fill(gi[:, None, :] < 0, -torch.inf)
         rows = qi >= 0
         sim[qi[rows]] = gram[rows]
@@ -177,9 +394,20 @@ def _positives(q64, g64, ql, gl, same: bool):
         idx, sim = idx.masked_fill(self_hit, -1), sim.masked_fill(self_hit, -torch.inf)
     # columns are in ascending gallery order, so a stable sort breaks ties by index
     order = torch.argsort(sim, dim=1, descending=True, stable=True)
+    ranked = sim.gather(1, order)
+    near = (ranked[:, :-1] - ranked[:, 1:]) <= 2 * float64_tolerance(q64.shape[1])
+    redo = torch.zeros_like(ranked, dtype=torch.bool)
+    redo[:, :-1] |= near
+    redo[:, 1:] |= near
+    exact = torch.zeros_like(redo).scatter_(1, order, redo) & (idx >= 0)
+    rows, cols = exact.nonzero(as_tuple=True)
+    if len(rows):  # apart by more than 2 tolerances, Gram values order as exact_dot does
+        sim[rows, cols] = _pair_dots(q64, g64, rows, idx[rows, cols])
+        order = torch.argsort(sim, dim=1, descending=True, stable=True)
     num = (idx >= 0).sum(1)
     r_max = int(num.max())
-    return idx.gather(1, order)[:, :r_max], sim.gather(1, order)[:, :r_max], num
+    top = order[:, :r_max]
+    return idx.gather(1, top), sim.gather(1, top), exact.gather(1, top), num
 
 
 def _rows_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -189,8 +417,9 @@ def _rows_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class _Counter:
     """Accumulates n_j from candidate entries (query, gallery item, approximate similarity).
 
-    `pos_sim` holds the exact similarity of each positive that matters and +inf for the
-    rest (and for padding): +inf is never beaten and never uncertain.
+    `pos_sim` holds the similarity of each positive that matters and +inf for the rest
+    (and for padding): +inf is never beaten and never uncertain. A positive's similarity
+    is `exact_dot`'s where `pos_is_exact`, else within `tol` of it.
     """
 
     def __init__(
@@ -201,6 +430,7 @@ class _Counter:
         gl,
         pos_idx,
         pos_exact,
+        pos_is_exact,
         num_pos,
         bounds: _Bounds,
         n_pad: int,
@@ -213,7 +443,11 @@ class _Counter:
         # float32 re-score: inputs rounded (2^-24 each) and D-term accumulation (gamma_D)
         dim = q64.shape[1]
         gamma = dim * 2.0**-24 / (1 - dim * 2.0**-24)
-        self.eps32 = (2 * 2.0**-24 + 2.0**-48 + gamma * (1 + 2.0**-24) ** 2) * 1.01 + 1e-12
+        self.tol = float64_tolerance(dim)
+        self.eps32 = (
+            (2 * 2.0**-24 + 2.0**-48 + gamma * (1 + 2.0**-24) ** 2) * 1.01 + 1e-12 + 2 * self.tol
+        )
+        self.pos_is_exact = pos_is_exact
         self.pos_idx, self.pos_exact, self.num_pos, self.bounds = (
             pos_idx,
             pos_exact,
@@ -228,8 +462,14 @@ class _Counter:
         self.best_neg = torch.full(
             (len(q64), pos_idx.shape[1] + 1), -torch.inf, dtype=torch.float64, device=q64.device
         )
+        # a proven lower bound on the (R+1)-th best similarity from any items (`floor`)
+        self.floor_bound = torch.full(
+            (len(q64),), -torch.inf, dtype=torch.float64, device=q64.device
+        )
         self.lo = torch.full((n_pad,), torch.inf, device=q64.device)  # candidate threshold
         self.candidates = self.rescored = 0
+        # every query gets its threshold from its positives before any block is scanned
+        self._settle(torch.arange(len(q64), device=q64.device))
 
     def learn(self, q: torch.Tensor, lower: torch.Tensor) -> None:
         """Merge proven lower bounds of (distinct, not yet seen) negatives; tighten lo.
@@ -255,30 +495,45 @@ class _Counter:
             torch.repeat_interleave(torch.arange(len(rows), device=q.device), counts)[keep],
             rank[keep],
         ] = lower[keep]
-        self.best_neg[rows] = torch.cat([self.best_neg[rows], fresh], 1).topk(width, dim=1).values
-        known = torch.cat([self.pos_exact[rows], self.best_neg[rows]], 1).sort(
-            dim=1, descending=True
-        )
-        bound = known.values.gather(1, self.num_pos[rows][:, None])
-        matters = self.matters[rows] & (self.pos_exact[rows] >= bound)
-        matters[:, 0] = self.matters[rows, 0]  # only `_retire_deep` drops the best one
-        self.matters[rows] = matters
-        self.pos_sim[rows] = torch.where(matters, self.pos_exact[rows], torch.inf)
-        self.eps[rows] = self.bounds.at(torch.where(matters, self.pos_exact[rows], 0), rows)
-        lo = torch.where(matters, self.pos_sim[rows] - self.eps[rows], torch.inf).amin(1)
-        self.lo[rows] = lo.float()
+        merged = torch.cat([self.best_neg.index_select(0, rows), fresh], 1)
+        self.best_neg[rows] = merged.topk(width, dim=1).values
+        self._settle(rows)
 
-    def add(self, q: torch.Tensor, g: torch.Tensor, approx: torch.Tensor, learn: bool) -> None:
-        negative = self.gl[g] != self.ql[q]  # drops the query itself and its positives
+    def floor(self, rows: torch.Tensor, bound: torch.Tensor) -> None:
+        """Raise rows' lower bound on their (R+1)-th best similarity to `bound` (proven by
+        R + 2 distinct items at or above it, the query itself possibly among them)."""
+        self.floor_bound[rows] = torch.maximum(self.floor_bound[rows], bound)
+        self._settle(rows)
+
+    def _settle(self, rows: torch.Tensor) -> None:
+        """Retire the rows' positives below their bound L; recompute eps and lo."""
+        pos = self.pos_exact.index_select(0, rows)
+        known = torch.cat([pos, self.best_neg.index_select(0, rows)], 1)
+        known = known.sort(dim=1, descending=True).values
+        bound = known.gather(1, self.num_pos.index_select(0, rows)[:, None])
+        bound = torch.maximum(bound, self.floor_bound.index_select(0, rows)[:, None])
+        was = self.matters.index_select(0, rows)
+        matters = was & (pos >= bound)
+        matters[:, 0] = was[:, 0]  # only `_retire_deep` drops the best one
+        self.matters[rows] = matters
+        pos_sim = torch.where(matters, pos, torch.inf)
+        eps = self.bounds.at(torch.where(matters, pos, 0), rows)
+        self.pos_sim[rows], self.eps[rows] = pos_sim, eps
+        lo = torch.where(matters, pos_sim - eps, torch.inf).amin(1)
+        self.lo[rows] = _float32_at_most(lo)
+
+    def add(self, q: torch.Tensor, g: torch.Tensor, approx: torch.Tensor) -> None:
+        # drops the query itself and its positives
+        negative = self.gl.index_select(0, g) != self.ql.index_select(0, q)
         q, g, approx = q[negative], g[negative], approx[negative].double()
         self.candidates += len(q)
         for s in range(0, len(q), ENTRY_CHUNK):
             self._add(q[s : s + ENTRY_CHUNK], g[s : s + ENTRY_CHUNK], approx[s : s + ENTRY_CHUNK])
-        if learn:  # only after counting: `learn` may retire positives these entries beat
-            self.learn(q, approx - self.bounds.widest(q))
+        # only after counting: `learn` may retire positives these entries beat
+        self.learn(q, approx - self.bounds.widest(q))
 
     def _add(self, q, g, approx) -> None:
-        p_sim, eps = self.pos_sim[q], self.eps[q]
+        p_sim, eps = self.pos_sim.index_select(0, q), self.eps.index_select(0, q)
         above = approx[:, None] > p_sim + eps
         unsure = ~above & (approx[:, None] >= p_sim - eps)
         rows = unsure.any(1).nonzero().squeeze(1)
@@ -286,14 +541,22 @@ class _Counter:
             self.rescored += len(rows)
             qr, gr = q[rows], g[rows]
             ps, unsure = p_sim[rows], unsure[rows]
-            s32 = _rows_dot(self.q32[qr], self.g32[gr]).double()[:, None]
+            s32 = _pair_dots(self.q32, self.g32, qr, gr, _rows_dot).double()[:, None]
             beats = s32 > ps + self.eps32
             close = unsure & ~beats & (s32 >= ps - self.eps32)
             tight = close.any(1).nonzero().squeeze(1)
             if len(tight):
-                s64 = _rows_dot(self.q64[qr[tight]], self.g64[gr[tight]])[:, None]
-                pt, pi = ps[tight], self.pos_idx[qr[tight]]
-                exact = (s64 > pt) | ((s64 == pt) & (gr[tight, None] < pi))
+                qt, gt = qr[tight], gr[tight]
+                s64 = _pair_dots(self.q64, self.g64, qt, gt)[:, None]
+                pt, pi = ps[tight], self.pos_idx.index_select(0, qt)
+                # a Gram value (not exact_dot's) decides unless within tol: re-score those
+                redo = close[tight] & ~self.pos_is_exact.index_select(0, qt)
+                redo &= (s64 - pt).abs() <= self.tol
+                r, c = redo.nonzero(as_tuple=True)
+                if len(r):
+                    pt = pt.clone()
+                    pt[r, c] = _pair_dots(self.q64, self.g64, qt[r], pi[r, c])
+                exact = (s64 > pt) | ((s64 == pt) & (gt[:, None] < pi))
                 beats[tight] = torch.where(close[tight], exact, beats[tight])
             above[rows] = torch.where(unsure, beats, above[rows])
         self.counts.index_add_(0, q, above.long())
@@ -329,73 +592,154 @@ def _threshold_bits(lo: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(lo > 0, top, torch.iinfo(torch.int16).min).masked_fill(lo.isinf(), 32767)
 
 
-def _candidates_rows(block: torch.Tensor, lo: torch.Tensor):
-    """(row, col, value) of the entries with value >= lo[row]; block columns % SEGMENT == 0."""
-    r, c = block.shape
-    seg_max = _sortable_bits(block).view(r, c // SEGMENT, SEGMENT).amax(2)
-    rr, ss = (seg_max >= _threshold_bits(lo, block.dtype)[:, None]).nonzero(as_tuple=True)
-    cols = ss[:, None] * SEGMENT + torch.arange(SEGMENT, device=block.device)
-    vals = block[rr[:, None], cols].float()
-    keep = vals >= lo[rr][:, None]
-    return rr[:, None].expand_as(cols)[keep], cols[keep], vals[keep]
-
-
-def _candidates_cols(block: torch.Tensor, lo: torch.Tensor):
-    """(col, row, value) of the entries with value >= lo[col]; block rows % SEGMENT == 0."""
-    r, c = block.shape
-    seg_max = _sortable_bits(block).view(r // SEGMENT, SEGMENT, c).amax(1)
-    ss, cc = (seg_max >= _threshold_bits(lo, block.dtype)[None, :]).nonzero(as_tuple=True)
-    rows = ss[:, None] * SEGMENT + torch.arange(SEGMENT, device=block.device)
-    vals = block[rows, cc[:, None]].float()
-    keep = vals >= lo[cc][:, None]
-    return cc[:, None].expand_as(rows)[keep], rows[keep], vals[keep]
-
-
 def _padded(x: torch.Tensor, multiple: int) -> torch.Tensor:
     extra = (-len(x)) % multiple
     return torch.cat([x, x.new_zeros(extra, x.shape[1])]) if extra else x
 
 
-def _best_negatives(sim, first_row, first_col, ctx):
-    """(query, lower bound) for each row's best negatives in this block (R_max + 1 of them)."""
-    rows = torch.arange(first_row, first_row + len(sim), device=sim.device)
-    # any items give a valid bound; the bit order picks the best non-negative ones
-    cols = _sortable_bits(sim).topk(min(ctx.pos_sim.shape[1] + 2, sim.shape[1]), dim=1).indices
-    g = cols + first_col
-    negative = (g < ctx.n_g) & (ctx.gl[g.clamp(max=ctx.n_g - 1)] != ctx.ql[rows][:, None])
-    if ctx.same:
-        negative &= g != rows[:, None]
-    lower = sim.gather(1, cols).double() - ctx.bounds.widest(rows)[:, None]
-    q = rows[:, None].expand_as(cols)
-    return q[negative], lower[negative]
+class _Block:
+    """One block of the candidate GEMM (rows i.., columns j..), computed one column tile
+    at a time so each (rows x tile) output is filtered while still in cache.
 
+    `stream`: each tile's candidates are taken at once, from one reused tile buffer.
+    `compute` (first blocks, whose bound must come before any candidate) keeps the whole
+    block: `sim` (tiles, rows, tile) holds the similarities; `row_max` (tiles, rows, tile /
+    SEGMENT) the maxima over SEGMENT-wide column runs, in `_sortable_bits` order.
+    """
 
-@dataclass
-class _Context:
-    q64: torch.Tensor
-    g64: torch.Tensor
-    ql: torch.Tensor
-    gl: torch.Tensor
-    n_g: int
-    same: bool
-    pos_sim: torch.Tensor  # (Q, R_max) exact, sorted best first, -inf padding
-    num_pos: torch.Tensor
-    bounds: _Bounds
+    def __init__(self, rows: int, cols: int, tile: int, dtype, device, run: int) -> None:
+        bits = torch.int16 if dtype == torch.bfloat16 else dtype
+        self.tile, self.shape, self.run_width = tile, (rows, cols), run
+        self.dtype, self.bits = dtype, bits
+        self._sim = self._row_max = self._run_max = None  # whole-block buffers: `compute`
+        self._tile = torch.empty(rows, tile, dtype=dtype, device=device)
+        self._tile_rows = torch.empty(rows, tile // SEGMENT, dtype=bits, device=device)
+        self._tile_cols = torch.empty(rows // SEGMENT, tile, dtype=bits, device=device)
+        self.run = torch.arange(SEGMENT, device=device)
+
+    def stream(self, q, g, lo_rows, lo_cols=None) -> list:
+        """Candidates of the block, tile by tile: [(row, col, value)] for the rows'
+        queries and, with `lo_cols` (the transposed block), [(col, row, value)] for the
+        columns' queries, in block coordinates."""
+        self.sim = self.row_max = self.run_max = None  # first blocks are over: free them
+        self._sim = self._row_max = self._run_max = None
+        rows, tile = len(q), self.tile
+        sim = self._tile[:rows]
+        row_max, col_max = self._tile_rows[:rows], self._tile_cols[: rows // SEGMENT]
+        th_rows = _threshold_bits(lo_rows, sim.dtype)[:, None]
+        th_cols = None if lo_cols is None else _threshold_bits(lo_cols, sim.dtype)
+        found_rows, found_cols = [], []
+        for start in range(0, len(g), tile):
+            torch.mm(q, g[start : start + tile].T, out=sim)
+            bits = _sortable_bits(sim)
+            torch.amax(bits.view(rows, tile // SEGMENT, SEGMENT), 2, out=row_max)
+            r, k = (row_max >= th_rows).nonzero(as_tuple=True)
+            vals = sim.view(-1, SEGMENT).index_select(0, r * (tile // SEGMENT) + k).float()
+            keep = vals >= lo_rows.index_select(0, r)[:, None]
+            cols = (start + k * SEGMENT)[:, None] + self.run
+            found_rows.append((r[:, None].expand_as(cols)[keep], cols[keep], vals[keep]))
+            if th_cols is None:
+                continue
+            torch.amax(bits.view(rows // SEGMENT, SEGMENT, tile), 1, out=col_max)
+            k, c = (col_max >= th_cols[start : start + tile]).nonzero(as_tuple=True)
+            run_rows = k[:, None] * SEGMENT + self.run  # strided runs: take
+            vals = torch.take(sim, run_rows * tile + c[:, None]).float()
+            col = start + c
+            keep = vals >= lo_cols.index_select(0, col)[:, None]
+            found_cols.append((col[:, None].expand_as(run_rows)[keep], run_rows[keep], vals[keep]))
+        out = [tuple(torch.cat(parts) for parts in zip(*found_rows))]
+        if found_cols:
+            out.append(tuple(torch.cat(parts) for parts in zip(*found_cols)))
+        return out
+
+    def compute(self, q: torch.Tensor, g: torch.Tensor) -> None:
+        """The whole block, with maxima over `run_width`-wide column runs for
+        `least_of_best`."""
+        rows, tile, run = len(q), self.tile, self.run_width
+        if self._sim is None:
+            (full_rows, cols), device = self.shape, self._tile.device
+            self._sim = torch.empty(full_rows * cols, dtype=self.dtype, device=device)
+            self._row_max = torch.empty(full_rows * cols // SEGMENT, dtype=self.bits, device=device)
+            if run != SEGMENT:  # narrower runs for `least_of_best`
+                shape = (cols // tile, full_rows, tile // run)
+                self._run_max = torch.empty(shape, dtype=self.bits, device=device)
+        tiles = len(g) // tile
+        n = tiles * rows * tile
+        self.sim = self._sim[:n].view(tiles, rows, tile)
+        self.row_max = self._row_max[: n // SEGMENT].view(tiles, rows, tile // SEGMENT)
+        for t in range(tiles):
+            torch.mm(q, g[t * tile : (t + 1) * tile].T, out=self.sim[t])
+            bits = _sortable_bits(self.sim[t])
+            torch.amax(bits.view(rows, tile // SEGMENT, SEGMENT), 2, out=self.row_max[t])
+            if run != SEGMENT:
+                self._run_max[t, :rows] = bits.view(rows, tile // run, run).amax(2)
+        if run != SEGMENT:
+            self.run_max = self._run_max[:tiles, :rows]
+
+    def row_candidates(self, lo: torch.Tensor):
+        """(row, col, value) of the entries with value >= lo[row]."""
+        tiles, rows, tile = self.sim.shape
+        th = _threshold_bits(lo, self.sim.dtype)
+        t, r, k = (self.row_max >= th[None, :, None]).nonzero(as_tuple=True)
+        first = t * tile + k * SEGMENT  # block column of the run's first entry
+        run_id = (t * rows + r) * (tile // SEGMENT) + k  # runs are contiguous in `sim`
+        vals = self.sim.view(-1, SEGMENT).index_select(0, run_id).float()
+        keep = vals >= lo.index_select(0, r)[:, None]
+        cols = first[:, None] + self.run
+        return r[:, None].expand_as(cols)[keep], cols[keep], vals[keep]
+
+    def least_of_best(self, need: torch.Tensor, real_cols: int) -> torch.Tensor:
+        """Per row (the first len(need)): the largest value v >= 0 such that `need` of its
+        column runs (`run_width` wide, distinct items) have a maximum >= v, i.e. `need`
+        distinct items are at least v similar; -inf where no such v. Runs reaching past
+        `real_cols` (padding) are left out. Bisection on the bits: no per-row sort."""
+        width = self.run_width
+        runs = self.row_max if width == SEGMENT else self.run_max
+        runs = runs[:, : len(need)].permute(1, 0, 2).reshape(len(need), -1)
+        if runs.dtype == torch.float32:
+            runs = runs.view(torch.int32)  # non-negative floats order as their bits
+        valid = (torch.arange(runs.shape[1], device=runs.device) + 1) * width <= real_cols
+        runs = runs.masked_fill(~valid, -1)  # negative bits: negative values, never counted
+        need = need[:, None]
+        low = torch.zeros_like(runs[:, :1])  # invariant: count(runs >= low) >= need
+        high = runs.amax(1, keepdim=True).clamp(min=0) + 1  # count(runs >= high) == 0
+        found = (runs >= 0).sum(1, keepdim=True) >= need
+        for _ in range(32 if runs.dtype == torch.int32 else 16):
+            mid = low + (high - low) // 2
+            ok = (runs >= mid).sum(1, keepdim=True) >= need
+            low, high = torch.where(ok, mid, low), torch.where(ok, high, mid)
+        value = low.view(torch.bfloat16 if low.dtype == torch.int16 else torch.float32)
+        return torch.where(found, value.double(), -torch.inf)[:, 0]
 
 
 def rank_positives(*args, **kwargs) -> PositiveRanks:
     """Exact n_j (negatives ranked above each positive) for every query.
 
-    Arguments as `_rank_positives`. Small bookkeeping ops run single-threaded: with two
-    threads on a busy machine their OpenMP regions spin-wait and cost more than the work
-    (measured: 7x slower overall on 2 shared cores); the GEMMs get every thread.
+    Arguments as `_rank_positives`. Every op runs single-threaded: with two threads on a
+    busy machine OpenMP regions spin-wait and cost more than the work (measured: 7x
+    slower overall on 2 shared cores, 10x on 256-column GEMM tiles); the blocks are
+    spread over `workers` Python threads instead.
     """
-    threads = torch.get_num_threads()
+    with single_threaded() as threads:
+        return _rank_positives(*args, threads=kwargs.pop("threads", threads), **kwargs)
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """Run torch ops on one thread inside; yields the thread count the caller had (the
+    outermost one when nested), restored on exit."""
+    global _CALLER_THREADS
+    before, saved = torch.get_num_threads(), _CALLER_THREADS
+    _CALLER_THREADS = saved or before
     torch.set_num_threads(1)
     try:
-        return _rank_positives(*args, threads=threads, **kwargs)
+        yield _CALLER_THREADS
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+        _CALLER_THREADS = saved
+
+
+_CALLER_THREADS: int | None = None  # set while inside `single_threaded`
 
 
 def _rank_positives(
@@ -407,64 +751,129 @@ def _rank_positives(
     block: int = BLOCK,
     max_rank: int | None = None,
     threads: int = 1,
+    tile: int | None = None,
+    workers: int | None = None,
 ) -> PositiveRanks:
     """Exact n_j (negatives ranked above each positive) for every query.
 
     Without a gallery the queries are their own gallery and each query is left out of its
     own neighbours. Embeddings need not be normalised; labels are integers. `candidate`
-    overrides the candidate GEMM dtype; `block` the block size (tests use small ones).
+    overrides the candidate GEMM dtype; `block` the block size and `tile` the GEMM's
+    column tile (tests use small ones); `workers` the threads computing blocks (default:
+    torch's thread count on CPU, 1 on GPU).
     `max_rank` (e.g. the largest Recall@K): a query whose best positive ranks deeper is
     reported as "beyond" for every positive, which bounds the work on poor embeddings.
     """
     same = gallery is None
     device = queries.device
-    q64 = torch.nn.functional.normalize(queries.double(), dim=1)
-    g64 = q64 if same else torch.nn.functional.normalize(gallery.double(), dim=1)
+    q64 = unit_rows(queries)
+    g64 = q64 if same else unit_rows(gallery)
     ql = query_labels.long().to(device)
     gl = ql if same else gallery_labels.long().to(device)
     n_q, n_g = len(q64), len(g64)
 
-    pos_idx, pos_sim, num_pos = _positives(q64, g64, ql, gl, same)
+    pos_idx, pos_sim, pos_is_exact, num_pos = _positives(q64, g64, ql, gl, same)
     if pos_idx.shape[1] == 0:  # only lone queries: nothing to rank
         return PositiveRanks(num_pos, pos_idx.clone())
     dtype = candidate or candidate_dtype(device)
-    block = max(SEGMENT, block // SEGMENT * SEGMENT)
-    qc = _padded(q64, SEGMENT).to(dtype)
-    gc = qc if same else _padded(g64, SEGMENT).to(dtype)
-    bounds = _Bounds(q64, g64, qc[:n_q], qc[:n_q] if same else gc[:n_g], dtype, device)
-    ctx = _Context(q64, g64, ql, gl, n_g, same, pos_sim, num_pos, bounds)
+    # CPU: narrow column tiles keep each GEMM output in cache for the filter; GPU: one tile
+    tile = min(tile or (TILE if device.type == "cpu" else block), block)
+    tile = max(SEGMENT, tile // SEGMENT * SEGMENT)
+    block = max(tile, block // tile * tile)
+    qc = _padded(q64.to(dtype), tile)
+    gc = qc if same else _padded(g64.to(dtype), tile)
+    q_c = qc[:n_q]
+    bounds = _Bounds(q64, g64, q_c, q_c if same else gc[:n_g], dtype, device)
 
     cap = max(max_rank or n_g, pos_idx.shape[1] + 1)  # beyond R + 1 too
-    counter = _Counter(q64, g64, ql, gl, pos_idx, pos_sim, num_pos, bounds, len(qc), cap)
+    counter = _Counter(
+        q64, g64, ql, gl, pos_idx, pos_sim, pos_is_exact, num_pos, bounds, len(qc), cap
+    )
     lo = counter.lo
+    # first blocks: column runs narrow enough that R + 2 of them are a small part of a row
+    need_max = pos_idx.shape[1] + 2
+    run = SEGMENT
+    while run > 1 and block // run < 2 * need_max:
+        run //= 2
+    if workers is None:  # beyond a few, the counting thread is the bottleneck anyway
+        workers = min(threads, MAX_WORKERS) if device.type == "cpu" else 1
+    workers = max(1, workers)
+    free: queue.SimpleQueue[_Block] = queue.SimpleQueue()  # one per job in flight
+    for _ in range(workers + 1 if workers > 1 else 1):
+        free.put(_Block(block, block, tile, dtype, device, run))
 
-    def gemm(i, j):  # the only heavy kernel: it gets every thread, the bookkeeping gets one
-        torch.set_num_threads(threads)
+    def work(job: tuple[int, int, bool, bool]):
+        """Compute one block; extract its candidates unless it is a first block (those
+        need their bound L first, which only the counting thread may set)."""
+        i, j, both_sides, first = job
+        rows = min(block, len(qc) - i)
+        blk = free.get()
         try:
-            return qc[i : i + block] @ gc[j : j + block].T
+            if first:  # the counting thread takes the block and puts it back
+                blk.compute(qc[i : i + rows], gc[j : j + block])
+                done, blk = blk, None
+                return done
+            # lo only rises: a snapshot taken now is a valid (looser) threshold
+            g = gc[j : j + block]
+            lo_cols = lo[j : j + len(g)].clone() if both_sides else None
+            found = blk.stream(qc[i : i + rows], g, lo[i : i + rows].clone(), lo_cols)
+            return _in_dataset(found, i, j, n_g)
         finally:
-            torch.set_num_threads(1)
+            if blk is not None:
+                free.put(blk)
 
-    def scan(sim, i, j, both_sides, learn=True):
-        r, c, v = _candidates_rows(sim, lo[i : i + len(sim)])
-        ok = c + j < n_g
-        counter.add(r[ok] + i, c[ok] + j, v[ok], learn)
-        if both_sides:  # the transposed block: queries j..., gallery items i...
-            c, r, v = _candidates_cols(sim, lo[j : j + sim.shape[1]])
-            ok = r + i < n_g
-            counter.add(c[ok] + j, r[ok] + i, v[ok], learn)
-
-    # Diagonal blocks (or the first gallery block) first: their best negatives give each
-    # query its first bound L; later blocks' candidates tighten it (each item once).
-    for i in range(0, n_q, block):
-        j = i if same else 0
-        sim = gemm(i, j)
-        rows = min(block, n_q - i)
-        counter.learn(*_best_negatives(sim[:rows], i, j, ctx))
-        scan(sim, i, j, False, learn=False)
-    for i in range(0, n_q, block):
-        for j in range(i + block if same else block, len(gc), block):
-            scan(gemm(i, j), i, j, same)
+    # Diagonal blocks (or the first gallery block) first, row side only: they give each
+    # query its first bound L; every later block's candidates tighten it (each item once).
+    jobs = [(i, i if same else 0, False, True) for i in range(0, n_q, block)]
+    jobs += [
+        (i, j, same, False)
+        for i in range(0, n_q, block)
+        for j in range(i + block if same else block, len(gc), block)
+    ]
+    for (i, j, _, first), done in zip(jobs, _in_order(work, jobs, workers)):
+        if first:  # a first bound L from the block's best runs (R + 2: the query may be one)
+            blk = done
+            real = min(blk.sim.shape[1], n_q - i)
+            q_rows = torch.arange(i, i + real, device=device)
+            least = blk.least_of_best(num_pos[i : i + real] + 2, n_g - j)
+            counter.floor(q_rows, least - bounds.widest(q_rows))
+            done = _in_dataset([blk.row_candidates(lo[i : i + len(blk.sim[0])])], i, j, n_g)
+            free.put(blk)
+        for q, g, v in done:
+            counter.add(q, g, v)
 
     counts = counter.counts.masked_fill(~counter.matters, n_g)
     return PositiveRanks(num_pos, counts, counter.candidates, counter.rescored)
+
+
+def _in_dataset(found: list, i: int, j: int, n_g: int) -> list:
+    """Block candidates [(row, col, v)] and, if present, [(col, row, v)] as (query,
+    gallery item, v) in dataset indices; padding columns/rows dropped."""
+    r, c, v = found[0]
+    ok = c + j < n_g
+    out = [(r[ok] + i, c[ok] + j, v[ok])]
+    if len(found) > 1:  # the transposed block: queries j..., gallery items i...
+        c, r, v = found[1]
+        ok = r + i < n_g
+        out.append((c[ok] + j, r[ok] + i, v[ok]))
+    return out
+
+
+def _in_order(work, jobs, workers: int):
+    """work(job) for each job, yielded in job order. With workers > 1, that many threads
+    run ahead (torch ops release the GIL; each thread's ops are single-threaded, which
+    beats OpenMP's barriers on small GEMMs), at most workers + 1 jobs in flight."""
+    if workers <= 1:
+        yield from map(work, jobs)
+        return
+    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
+    try:
+        pending: collections.deque = collections.deque()
+        for job in jobs:
+            if len(pending) > workers:
+                yield pending.popleft().result()
+            pending.append(pool.submit(work, job))
+        while pending:
+            yield pending.popleft().result()
+    finally:  # on an error (or an abandoned generator) run nothing more
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from vpt_dml.errors import UserError
-from vpt_dml.evaluation.knn import rank_positives
+from vpt_dml.evaluation.knn import rank_positives, single_threaded
 
 SKIPPED_LABEL = -1
 
@@ -30,7 +30,8 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     if name.endswith("embeddings"):
         if t.ndim != 2 or t.shape[0] == 0:
             raise UserError(f"{name} must be a non-empty (N, D) matrix, got shape {tuple(t.shape)}")
-        if not torch.isfinite(t).all():
+        low, high = torch.aminmax(t) if t.is_floating_point() else (t.min(), t.max())
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):  # NaN propagates to both
             raise UserError(
                 f"{name} contain NaN or inf; check the model output (e.g. fp16 overflow)"
             )
@@ -53,6 +54,11 @@ def retrieval_metrics(
     gallery_embeddings: torch.Tensor | np.ndarray | None = None,
     gallery_labels: torch.Tensor | np.ndarray | None = None,
 ) -> dict[str, float]:
+    with single_threaded():  # small ops: one thread beats OpenMP's spin-waits (see knn)
+        return _retrieval_metrics(embeddings, labels, ks, gallery_embeddings, gallery_labels)
+
+
+def _retrieval_metrics(embeddings, labels, ks, gallery_embeddings, gallery_labels):
     ks = _checked_ks(ks)
     if (gallery_embeddings is None) != (gallery_labels is None):
         raise UserError("pass both gallery_embeddings and gallery_labels, or neither")
