@@ -45,6 +45,8 @@ def test_run_writes_metrics_and_provenance(tmp_path: Path):
         "weights": "random init",
     }
     assert prov["global_step"] == 2 * (24 // 8)
+    assert prov["eval_candidates"]["dtype"] in ("bfloat16", "float32")
+    assert prov["eval_candidates"]["reason"]
     # what trained, read off the built model: the demo's 4 prompts on both tiny layers + BitFit
     method = written["method"]
     assert (method["peft"], method["bitfit"]) == ("vptsp", True)

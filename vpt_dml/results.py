@@ -26,6 +26,7 @@ from __future__ import annotations
 from hydra.core.hydra_config import HydraConfig
 
 from vpt_dml.callbacks.metric_history import MetricHistory
+from vpt_dml.evaluation import candidate_dtype_report
 from vpt_dml.provenance import environment
 
 SELECTION_TEST = "test split (as the paper; not a held-out protocol)"
@@ -136,4 +137,6 @@ def run_provenance(cfg, trainer, module, dm, backbone: dict) -> dict:
         "epochs": trainer.current_epoch,
         "global_step": trainer.global_step,
         "world_size": trainer.world_size,
+        # the exact search's fast pass: bf16 only on CPUs with native bf16 matrix units
+        "eval_candidates": candidate_dtype_report(trainer.strategy.root_device),
     }
