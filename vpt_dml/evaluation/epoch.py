@@ -66,7 +66,7 @@ def epoch_metrics(
     emb, labels, index = gather_embeddings(buffer, trainer.strategy, trainer.world_size)
     loader = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
     dataset = loader.dataset
-    # metrics run where the embeddings are: torch path on GPU, on CPU bf16 candidates only with native bf16 units, else float32
+    # metrics run where the embeddings are (GPU, or CPU: bf16 candidates only with native units)
     labels, index = labels.to(emb.device), index.to(emb.device)
     # images skipped as undecodable (data.skip_broken=true) carry label -1: left out
     kept = labels >= 0
