@@ -37,7 +37,7 @@ What it does:
    then runs experiments/bench_train_step.py (batch 64, and batch 32 / k 1 as sop_deep)
    and experiments/bench_eval.py on the device. The last line is one JSON object.
 
-`--cpu --tiny`: a tiny ViT (tests/conftest.py TINY_BACKBONE), 32 px images, a few dozen
+`--cpu --tiny`: a tiny ViT (tests/conftest.py's, 12 blocks deep), 32 px images, a few dozen
 classes, 4 steps, one DataLoader worker, fp32; the presets' batch sizes, bank and
 cadence are kept. bench_eval.py runs at 2,000 items; bench_train_step.py is skipped
 (it has no image-size / depth flags: its smallest model is a 224 px ViT-Ti, minutes for
@@ -106,13 +106,13 @@ REAL_SIZES = {
     "inat": {"train_images": 325846, "test_images": 136093, "test_classes": 2452},
 }
 
-# Fallback when tests/conftest.py cannot be imported (it needs pytest); same values.
+# The tiny ViT of tests/conftest.py, 12 blocks deep so the presets' prompt depths stay valid.
 _TINY_BACKBONE = [
     "model.backbone.name=vit_tiny_patch16_224",
     "model.backbone.pretrained=false",
     "model.backbone.weights=null",
     "++model.backbone.synthetic_pretraining=null",
-    "++model.backbone.kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
+    "++model.backbone.kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 12, num_heads: 2}",
     "model.embed_dim=16",
 ]
 
@@ -842,15 +842,7 @@ def _hours(seconds: float | None) -> float | None:
 # driver
 # --------------------------------------------------------------------------------------
 def tiny_backbone() -> list[str]:
-    try:
-        sys.path.insert(0, str(REPO))
-        from tests.conftest import TINY_BACKBONE
-
-        return list(TINY_BACKBONE)
-    except Exception:  # noqa: BLE001 (pytest or hydra missing: the same list, copied)
-        return list(_TINY_BACKBONE)
-    finally:
-        sys.path.remove(str(REPO))
+    return list(_TINY_BACKBONE)
 
 
 def preset_batch_size(overrides: list[str]) -> int:
