@@ -17,13 +17,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from lightning.fabric.utilities.data import AttributeDict
 
 from vpt_dml.errors import UserError
 
-# What torch's weights_only unpickler may rebuild beyond tensors and plain values: Lightning's
-# hyper-parameter container (a dict with attribute access; older Lightning versions saved it).
-SAFE_GLOBALS = [AttributeDict]
+# No allow-list beyond torch's own: Lightning 2.x checkpoints of VPTDMLModule hold only
+# tensors, containers, numbers and strings (hyper-parameters as plain dicts, ExactResume's RNG
+# state as tensors and tuples); tests/test_run_errors.py checks that none needs more.
 ZIP_MAGIC = b"PK\x03\x04"
 # the callback that records which run wrote a checkpoint (vpt_dml.callbacks.ExactResume)
 RUN_INFO_CALLBACK = "ExactResume"
@@ -55,7 +54,7 @@ def load_checkpoint(path: str | Path, key: str = "ckpt_path") -> dict:
             "interrupted save or copy; copy it again or give an earlier checkpoint"
         )
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols it then refuses
             # mmap needs torch's zip format; the legacy format is read whole
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)

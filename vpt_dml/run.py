@@ -245,9 +245,10 @@ def record_interrupted(cfg: DictConfig, trainer: L.Trainer, before: dict) -> str
             "world_size": trainer.world_size,
         },
     }
-    if trainer.is_global_zero:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    if not trainer.is_global_zero:
+        return f"[rank {trainer.global_rank}] stopped by SIGTERM; rank 0 says what was saved"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     ckpt = info.get("checkpoint")
     saved = (
         f"{info.get('note')}; resume with ckpt_path={ckpt}"
