@@ -6,7 +6,7 @@ STAMP := $(VENV)/.install-stamp
 # torch/torchvision pinned to the builds this workplace keeps on local disk (pip finds them offline).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench gpu-check-wheels clean
 
 install: $(STAMP)
 
@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev,wandb,peft]"
 	touch $(STAMP)
 
+# overwrite=true: a run folder belongs to one run, and `make demo` replaces its own last one
 demo: install
-	$(PY) -m vpt_dml.run hydra.run.dir=outputs/demo
+	$(PY) -m vpt_dml.run hydra.run.dir=outputs/demo overwrite=true
 
 test: install
 	$(PY) -m pytest -q -x --durations=15
@@ -35,6 +36,14 @@ bench: install
 	$(PY) experiments/bench_train_step.py
 	$(PY) experiments/bench_classes.py
 	$(PY) experiments/bench_data.py
+
+# Wheels the GPU machine lacks (it reaches no registry); carried as .whl/ by the device
+# tool's `carry` (see experiments/gpu_check.py's docstring for the whole call).
+gpu-check-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d .whl hydra-core==1.3.8 omegaconf==2.3.1
+	$(PY) -m pip wheel -q --no-deps antlr4-python3-runtime==4.9.3 -w .whl
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from safetensors.torch import save_file
 
 from tests.conftest import compose_config, tiny_overrides
 from vpt_dml.errors import UserError
-from vpt_dml.export import export_run, load_exported, main
+from vpt_dml.export import export_run, load_exported, main, run_checkpoint
 from vpt_dml.models.build import build_embedder
 from vpt_dml.run import train
 
@@ -32,7 +34,7 @@ def train_run(root: Path) -> Path:
 
 def backbone_weights_file(run_dir: Path, out: Path) -> Path:
     """The run's random-init backbone as a local weights file (what a download would be)."""
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     prefix = "embedder.backbone.vit."
     vit = {
         k.removeprefix(prefix): v.contiguous()
@@ -49,7 +51,7 @@ def trained_embedder(run_dir: Path):
         OmegaConf.load(run_dir / "config_resolved.yaml").model, resolve=True
     )
     embedder = build_embedder(model_cfg)
-    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     state = {
         k.removeprefix("embedder."): v
         for k, v in ckpt["state_dict"].items()
@@ -116,3 +118,29 @@ def test_export_rejects_checkpoint_of_another_model(exported, tmp_path: Path) ->
     ckpt = exported["run_dir"] / "checkpoints" / "last.ckpt"
     with pytest.raises(UserError, match="does not match the model"):
         export_run(other, tmp_path / "x.safetensors", which=str(ckpt))
+
+
+def test_best_is_the_checkpoint_the_run_names_not_a_name_sort(exported, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(exported["run_dir"], run)
+    ckpts = run / "checkpoints"
+    # an earlier run's best-epoch000.ckpt sorts after this run's -v1, which metrics.json names
+    shutil.copy(ckpts / "last.ckpt", ckpts / "best-epoch000-v1.ckpt")
+    result = json.loads((run / "metrics.json").read_text())
+    result["best"]["checkpoint"] = str(ckpts / "best-epoch000-v1.ckpt")
+    (run / "metrics.json").write_text(json.dumps(result))
+    assert run_checkpoint(run, "best") == ckpts / "best-epoch000-v1.ckpt"
+    # a killed run has no metrics.json: its last.ckpt's ModelCheckpoint state names the best
+    (run / "metrics.json").unlink()
+    named = Path(exported["run_dir"]).joinpath("checkpoints").glob("best*.ckpt")
+    assert run_checkpoint(run, "best").name == next(named).name
+
+
+def test_export_refuses_an_unsafe_pickle_in_one_line(exported, tmp_path: Path, capsys) -> None:
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hook": os.system}, evil)
+    out = tmp_path / "x.safetensors"
+    assert main([str(exported["run_dir"]), str(out), "--checkpoint", str(evil)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "posix.system" in err
+    assert not out.exists()

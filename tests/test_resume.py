@@ -1,7 +1,9 @@
-"""Exact resume: 1 epoch + resume from last.ckpt to 2 epochs == 2 epochs straight (CPU)."""
+"""Exact resume: 1 epoch + resume from last.ckpt to 2 epochs == 2 epochs straight (CPU);
+a resume in the run's own folder appends to its CSV history."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ def run_tiny(tmp_path: Path, name: str, *extra: str) -> tuple[dict, dict]:
         cfg.paths.output_dir = str(tmp_path / name)
         cfg.hydra.runtime.output_dir = cfg.paths.output_dir
     metrics = train(cfg)
-    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     return metrics, ckpt
 
 
@@ -48,3 +50,29 @@ def test_resume_equals_straight_run(tmp_path: Path) -> None:
     assert straight.keys() == resumed.keys()
     for key, value in straight.items():
         assert abs(resumed[key] - value) <= 1e-6, key
+
+
+def csv_rows(run_dir: Path) -> list[dict]:
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_resume_in_its_own_folder_appends_the_csv_history(tmp_path: Path) -> None:
+    run_tiny(tmp_path, "run", "trainer.max_epochs=1", "eval_before_training=false")
+    run_dir = tmp_path / "run"
+    first = csv_rows(run_dir)
+
+    def trained_epochs(rows: list[dict]) -> list[str]:
+        return [r["epoch"] for r in rows if r.get("train/loss_epoch")]
+
+    assert trained_epochs(first) == ["0"]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    run_tiny(
+        tmp_path, "run", "trainer.max_epochs=2", "eval_before_training=false", f"ckpt_path={last}"
+    )
+    after = csv_rows(run_dir)
+    # every earlier row is still there, in order and with its values; epoch 1 follows
+    assert len(after) > len(first)
+    for old, new in zip(first, after):
+        assert {k: v for k, v in new.items() if k in old} == old
+    assert trained_epochs(after) == ["0", "1"]

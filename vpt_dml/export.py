@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vpt_dml.checkpoints import describe_difference, load_checkpoint, made_with, state_differences
 from vpt_dml.errors import UserError
 from vpt_dml.models.backbone import data_config
 from vpt_dml.models.build import build_embedder
@@ -35,7 +36,7 @@ CHECKSUM_TENSORS = 4
 
 
 def run_checkpoint(run_dir: Path, which: str = "last") -> Path:
-    """checkpoints/last.ckpt (or the best-* one, or an explicit file) of a run folder."""
+    """checkpoints/last.ckpt, the run's own best checkpoint, or an explicit file."""
     if which not in ("last", "best"):
         path = Path(which)
         if not path.is_file():
@@ -44,13 +45,53 @@ def run_checkpoint(run_dir: Path, which: str = "last") -> Path:
             )
         return path
     ckpt_dir = run_dir / "checkpoints"
-    found = [ckpt_dir / "last.ckpt"] if which == "last" else sorted(ckpt_dir.glob("best*.ckpt"))
-    found = [p for p in found if p.is_file()]
-    if not found:
-        raise UserError(
-            f"no {which} checkpoint in {ckpt_dir}; is {run_dir} a finished run folder of vpt_dml.run?"
+    if which == "last":
+        path = ckpt_dir / "last.ckpt"
+        if not path.is_file():
+            raise UserError(
+                f"no last checkpoint in {ckpt_dir}; is {run_dir} a run folder of vpt_dml.run?"
+            )
+        return path
+    return best_checkpoint(run_dir)
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """The best checkpoint this run named: in its metrics.json, else in its last.ckpt's
+    ModelCheckpoint state (a run killed before writing metrics.json). Never a name sort:
+    a folder may hold best-epoch000.ckpt of an earlier run next to this run's -v1."""
+    named = None
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file():
+        try:
+            named = (json.loads(metrics.read_text()).get("best") or {}).get("checkpoint")
+        except (OSError, ValueError, AttributeError):
+            raise UserError(f"{metrics} is not valid JSON; give --checkpoint PATH") from None
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not named and last.is_file():
+        states = load_checkpoint(last, key="--checkpoint last").get("callbacks") or {}
+        named = next(
+            (
+                s.get("best_model_path")
+                for k, s in states.items()
+                if k.startswith("ModelCheckpoint")
+                and isinstance(s, dict)
+                and s.get("best_model_path")
+            ),
+            None,
         )
-    return found[-1]
+    if not named:
+        raise UserError(
+            f"{run_dir} names no best checkpoint (metrics.json and last.ckpt hold none); "
+            "use --checkpoint last or a .ckpt path"
+        )
+    # the run folder may have moved since: look for the named file inside it first
+    for path in (run_dir / "checkpoints" / Path(named).name, Path(named)):
+        if path.is_file():
+            return path
+    raise UserError(
+        f"the best checkpoint this run names ({named}) is missing from {run_dir / 'checkpoints'}; "
+        "use --checkpoint last or a .ckpt path"
+    )
 
 
 def structure_only(model_cfg: Mapping) -> dict:
@@ -96,7 +137,8 @@ def export_run(run_dir: Path, out: Path, which: str = "last") -> dict:
     cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
     model_cfg = cfg["model"]
     ckpt_path = run_checkpoint(run_dir, which)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    # weights_only=True: a checkpoint from elsewhere cannot run code; anything else is refused
+    ckpt = load_checkpoint(ckpt_path, key="--checkpoint")
     state = {
         k.removeprefix(PREFIX): v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)
     }
@@ -104,10 +146,12 @@ def export_run(run_dir: Path, out: Path, which: str = "last") -> dict:
     # requires_grad decides what was tuned; build the same structure without weights
     reference = build_embedder(structure_only(model_cfg))
     tuned = {name for name, p in reference.named_parameters() if p.requires_grad}
-    expected = reference.state_dict()
-    if set(expected) != set(state) or any(expected[k].shape != state[k].shape for k in state):
+    diffs = state_differences(reference.state_dict(), state)
+    if diffs:
         raise UserError(
-            f"{ckpt_path} does not match the model in {cfg_path}; export the checkpoint of that same run"
+            f"{ckpt_path} does not match the model in {cfg_path}: "
+            f"{describe_difference(diffs, 'the checkpoint')} (made with {made_with(ckpt)}); "
+            "export the checkpoint of that same run"
         )
     tensors = {name: state[name].contiguous() for name in sorted(tuned)}
     image = data_config(reference.backbone.vit)
@@ -216,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out", type=Path, help="output .safetensors file")
     parser.add_argument(
-        "--checkpoint", default="last", help="last (default), best, or a .ckpt path"
+        "--checkpoint",
+        default="last",
+        help="last (default), best (the one the run's metrics.json names), or a .ckpt path",
     )
     args = parser.parse_args(argv)
     try:

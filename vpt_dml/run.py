@@ -2,36 +2,49 @@
 
 Writes into the run folder (hydra.run.dir): checkpoints/, csv/metrics.csv,
 metrics.json (before / final / best metrics, cost and provenance: vpt_dml/results.py),
-config_resolved.yaml.
+config_resolved.yaml (written at start).
+Bad input ends in one `error:` line and exit 2 (`debug=true` or HYDRA_FULL_ERROR=1 show the
+traceback); SIGTERM ends in exit 143 with metrics.json marked "status": "interrupted".
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
-from pathlib import Path
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePath
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from vpt_dml import run_folder
 from vpt_dml.callbacks import ExactResume
 from vpt_dml.callbacks.cost import CostMonitor
 from vpt_dml.callbacks.eval_schedule import EvalSchedule
 from vpt_dml.callbacks.metric_history import MetricHistory
 from vpt_dml.callbacks.wandb_logger import finish_wandb
+from vpt_dml.checkpoints import check_resumable, load_checkpoint
 from vpt_dml.config_checks import check_config
 from vpt_dml.errors import UserError
 from vpt_dml.models.backbone import data_config, weights_report
 from vpt_dml.models.build import prepare_backbone
 from vpt_dml.models.method_summary import effective_method
 from vpt_dml.module import VPTDMLModule
+from vpt_dml.provenance import environment
 from vpt_dml.results import build_result, run_provenance
 from vpt_dml.summary import print_summary
 
@@ -40,7 +53,16 @@ log = logging.getLogger("vpt_dml")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
+# A shell reports a process ended by SIGTERM as 128 + 15; schedulers read it as "killed".
+SIGTERM_EXIT = 128 + signal.SIGTERM
+
+
+class Interrupted(Exception):
+    """SIGTERM stopped training; the message says what was saved."""
+
+
 def build_datamodule(cfg: DictConfig):
+    check_types(cfg.data, "data")
     return instantiate(cfg.data, _convert_="all")
 
 
@@ -60,8 +82,19 @@ def build_module(cfg: DictConfig, num_classes: int, eval_ks) -> VPTDMLModule:
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
+    check_types(cfg.trainer, "trainer")
+    for group in ("callbacks", "logger"):
+        for name, node in (cfg.get(group) or {}).items():
+            if node:
+                check_types(node, f"{group}.{name}")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    callbacks.append(ExactResume())  # not optional: a resumed run must equal a straight one
+    # not optional: a resumed run must equal a straight one; SIGTERM leaves a last.ckpt
+    callbacks.append(
+        ExactResume(
+            run_info={"task_name": cfg.get("task_name"), "overrides": task_overrides()},
+            interrupt_checkpoint=Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
+        )
+    )
     # not optional either: metrics.json is built from these
     ev = cfg.get("eval") or {}
     callbacks.append(EvalSchedule(ev.get("start_epoch", 0), ev.get("every_n_epochs", 1)))
@@ -110,6 +143,87 @@ def selection_checkpoint(callbacks: list) -> ModelCheckpoint | None:
     )
 
 
+def task_overrides() -> list[str]:
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+# -- value types of `_target_` nodes (a safety net behind the config schema) ------------
+def _fits(value, hint) -> bool:
+    """Whether a config value can be passed where `hint` is annotated (unknown hints: yes)."""
+    if hint is typing.Any:
+        return True
+    if hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    base = origin or hint
+    if base in (list, tuple, Sequence):
+        return isinstance(value, (list, tuple))
+    if base in (dict, Mapping):
+        return isinstance(value, dict)
+    if base in (Path, PurePath, os.PathLike):
+        return isinstance(value, (str, PurePath))
+    if isinstance(base, type) and base.__module__ in ("builtins", "datetime"):
+        return isinstance(value, base)
+    return True
+
+
+def _describe(hint) -> str:
+    if hint is type(None):
+        return "null"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(dict.fromkeys(_describe(a) for a in args))
+    if origin is typing.Literal:
+        shown = ", ".join(repr(a) for a in args[:8]) + (", ..." if len(args) > 8 else "")
+        return f"one of {shown}"
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    base = origin or hint
+    if base in (list, tuple, Sequence):
+        return "a list"
+    if base in (dict, Mapping):
+        return "a mapping"
+    return names.get(hint, getattr(base, "__name__", str(hint)))
+
+
+def check_types(node: DictConfig, key: str) -> None:
+    """Each value of a `_target_` node against the target's signature, before building it:
+    `trainer.max_epochs=abc` stops here in one line instead of deep inside Lightning."""
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    if not target:
+        return
+    try:
+        fn = get_object(target)
+        hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
+    except Exception:  # an unimportable target fails in instantiate, with its own message
+        return
+    for name in node:
+        if name.startswith("_") or name not in hints:
+            continue
+        value = node[name]
+        if isinstance(value, DictConfig) and "_target_" in value:
+            continue  # built by instantiate, checked where it is built
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value, resolve=True)
+        if not _fits(value, hints[name]):
+            shown = f"{value!r}" if isinstance(value, str) else OmegaConf.to_yaml(value).strip()
+            raise UserError(
+                f"{key}.{name}={shown} is not {_describe(hints[name])} "
+                f"(the type {target.rsplit('.', 1)[-1]} expects); fix the override of {key}.{name}"
+            )
+
+
 def cfg_without_hydra(cfg: DictConfig) -> DictConfig:
     return OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"})
 
@@ -146,8 +260,59 @@ def refuse_ddp_sweep(cfg: DictConfig) -> None:
         )
 
 
+def start_run(cfg: DictConfig) -> dict | None:
+    """Before any work: ckpt_path, when given, is a checkpoint that loads safely
+    (checkpoints.py; checked against the built model by check_resumable)."""
+    ckpt_path = cfg.get("ckpt_path")
+    return load_checkpoint(ckpt_path) if ckpt_path else None
+
+
+def record_interrupted(cfg: DictConfig, trainer: L.Trainer, before: dict) -> str:
+    """metrics.json of a run stopped by SIGTERM; returns the line that says what is left."""
+    resume = next((c for c in trainer.callbacks if isinstance(c, ExactResume)), None)
+    info = dict((resume.interrupted if resume else None) or {"signal": "SIGTERM"})
+    # what was logged so far (val/..., train/...): no test metrics exist yet
+    metrics = {
+        k: float(v)
+        for k, v in trainer.callback_metrics.items()
+        if isinstance(v, torch.Tensor) and v.numel() == 1
+    }
+    first = before.get("before/recall@1", before.get("val/recall@1"))
+    if first is not None:
+        metrics["recall@1_before"] = float(first)
+    out_dir = Path(cfg.paths.output_dir)
+    result = {
+        "status": "interrupted",
+        "interrupted": info,
+        "metrics": metrics,
+        "provenance": {
+            **environment(),
+            "seed": cfg.get("seed"),
+            "task_name": cfg.get("task_name"),
+            "overrides": task_overrides(),
+            "epochs": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "world_size": trainer.world_size,
+        },
+    }
+    if not trainer.is_global_zero:
+        return f"[rank {trainer.global_rank}] stopped by SIGTERM; rank 0 says what was saved"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    ckpt = info.get("checkpoint")
+    saved = (
+        f"{info.get('note')}; resume with ckpt_path={ckpt}"
+        if ckpt and Path(ckpt).is_file()
+        else "no checkpoint was saved"
+    )
+    done = info.get("completed_epochs", trainer.current_epoch)
+    return f'SIGTERM after {done} completed epoch(s): {saved}; metrics.json says "status": "interrupted"'
+
+
+@run_folder.owns_run_folder  # robust: lock, writable, config_resolved.yaml; released after
 def train(cfg: DictConfig) -> dict:
     check_config(cfg)  # typos, wrong types, self-contradictory methods: before anything runs
+    resume = start_run(cfg)  # ckpt_path is a checkpoint that loads safely
     refuse_ddp_sweep(cfg)
     if cfg.get("seed") is not None:  # seed 0 is a seed
         L.seed_everything(cfg.seed, workers=True)
@@ -155,18 +320,25 @@ def train(cfg: DictConfig) -> dict:
     dm = build_datamodule(cfg)
     splits = dm.load()
     module = build_module(cfg, splits.train.num_classes, dm.recall_ks)
+    if resume is not None:  # robust: the checkpoint fits this model, before any evaluation
+        check_resumable(resume, module, cfg.ckpt_path, task_overrides())
+        resume = None  # memory-mapped; Lightning loads it again
     # Preprocessing follows the backbone's own pretrained config (size, mean, std).
     pre = data_config(module.embedder.backbone.vit)
     dm.set_preprocessing(pre["image_size"], pre["mean"], pre["std"])
     trainer = build_trainer(cfg)
 
+    before: dict = {}
     if cfg.get("eval_before_training", True):
         module.eval_label = "before"  # logged as before/<metric>, not as an epoch's val/
         try:
-            trainer.validate(module, datamodule=dm, verbose=False)
+            before = trainer.validate(module, datamodule=dm, verbose=False)[0]
         finally:
             module.eval_label = None
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    except SIGTERMException:  # preemption, docker stop (ExactResume kept a last.ckpt)
+        raise Interrupted(record_interrupted(cfg, trainer, before)) from None
     return finish(cfg, trainer, module, dm, out_dir)
 
 
@@ -209,12 +381,42 @@ def finish(cfg: DictConfig, trainer: L.Trainer, module: VPTDMLModule, dm, out_di
     return result["metrics"]
 
 
+def one_line(e: Exception) -> str:
+    """The message of a config error, as one line."""
+    if isinstance(e, InstantiationException):
+        if isinstance(e.__cause__, UserError):
+            return str(e.__cause__)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        key = next(
+            (line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None
+        )
+        cause = " ".join(line for line in lines[1:] if not line.startswith("full_key:"))
+        where = f"the {key} settings" if key else "a config node"
+        return (
+            f"{where} were refused: {cause or lines[0]}; fix the overrides of {key or 'that node'}"
+        )
+    return " ".join(str(e).split("\n"))
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    debug = bool(cfg.get("debug", False)) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
         metrics = train(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(SIGTERM_EXIT)
+    except SIGTERMException:  # outside fit: the evaluation before training or the final test
+        print(
+            "interrupted: SIGTERM outside training (evaluation before it, or the final test); "
+            "metrics.json was not written",
+            file=sys.stderr,
+        )
+        sys.exit(SIGTERM_EXIT)
+    except (UserError, InstantiationException) as e:
+        if debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     finally:
         finish_wandb()  # the next job of a sweep opens its own W&B run

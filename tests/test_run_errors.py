@@ -1,0 +1,151 @@
+"""Run-level doors: every bad ckpt_path, an output folder that cannot be written and a
+wrong-type override end in exit 2 and exactly one `error:` line, with no traceback."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, compose_config, run_cli, tiny_overrides
+
+from vpt_dml.checkpoints import load_checkpoint
+from vpt_dml.errors import UserError
+from vpt_dml.run import train
+
+
+@pytest.fixture(scope="module")
+def real_ckpt(tmp_path_factory) -> Path:
+    """last.ckpt of a finished tiny run (task_name=demo, model.embed_dim=16)."""
+    root = tmp_path_factory.mktemp("ckpt")
+    cfg = compose_config(tiny_overrides("eval_before_training=false"), root)
+    train(cfg)
+    return Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+
+
+def bad_files(root: Path, real: Path) -> dict[str, Path]:
+    """One file per way a ckpt_path can be wrong (the real checkpoint aside)."""
+    truncated = root / "truncated.ckpt"
+    truncated.write_bytes(real.read_bytes()[: real.stat().st_size // 2])
+    text = root / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    refused = root / "refused.ckpt"
+    # a checkpoint-shaped file whose pickle names a callable: unpickling it could run code
+    torch.save({"state_dict": {}, "hook": os.system}, refused)
+    plain = root / "plain.ckpt"
+    with plain.open("wb") as f:
+        pickle.dump({"state_dict": {}}, f, protocol=4)
+    return {
+        "missing": root / "missing.ckpt",
+        "truncated": truncated,
+        "not_a_checkpoint": text,
+        "refused_pickle": refused,
+        "plain_pickle": plain,
+    }
+
+
+EXPECTED = {
+    "missing": "does not exist",
+    "truncated": "is truncated",
+    "not_a_checkpoint": "is not a PyTorch checkpoint",
+    "refused_pickle": "was refused: it holds Python objects (posix.system)",
+    "plain_pickle": "was refused: it is a pickle that safe loading",
+}
+
+
+def one_error_line(res, expected: str) -> str:
+    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert expected in errors[0], errors[0]
+    return errors[0]
+
+
+def cli(tmp_path: Path, *extra: str):
+    return run_cli(
+        [
+            *tiny_overrides(*extra),
+            f"paths.data_dir={tmp_path / 'data'}",
+            *(
+                []
+                if any(e.startswith("hydra.run.dir=") for e in extra)
+                else [f"hydra.run.dir={tmp_path / 'run'}"]
+            ),
+        ],
+        cwd=REPO,
+    )
+
+
+def test_every_bad_checkpoint_kind_is_one_line_in_process(real_ckpt: Path, tmp_path: Path):
+    files = bad_files(tmp_path, real_ckpt)
+    for kind, path in files.items():
+        with pytest.raises(UserError, match=re.escape(EXPECTED[kind])):
+            load_checkpoint(path)
+    bare = tmp_path / "bare.pt"
+    torch.save({"w": torch.zeros(2)}, bare)
+    with pytest.raises(UserError, match="bare weights"):
+        load_checkpoint(bare)
+    # a real checkpoint needs nothing beyond torch's own weights_only allow-list
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(real_ckpt) == []
+    ckpt = load_checkpoint(real_ckpt)
+    assert "state_dict" in ckpt and "optimizer_states" in ckpt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["missing", "truncated", "not_a_checkpoint", "refused_pickle"])
+def test_bad_ckpt_path_is_one_line(real_ckpt: Path, tmp_path: Path, kind: str):
+    path = bad_files(tmp_path, real_ckpt)[kind]
+    line = one_error_line(cli(tmp_path, f"ckpt_path={path}"), EXPECTED[kind])
+    assert str(path) in line
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_names_tensor_shapes_and_preset(real_ckpt: Path, tmp_path):
+    res = cli(tmp_path, "model.embed_dim=8", f"ckpt_path={real_ckpt}")
+    line = one_error_line(res, "was made for another model")
+    # the head is the first tensor that differs: 16-d in the checkpoint, 8-d here
+    assert "embedder.head.fc.weight is [16, 32] in the checkpoint but [8, 32]" in line
+    assert "task_name=demo" in line and "embed_dim 16" in line
+
+
+@pytest.mark.slow
+def test_output_folder_under_a_file_is_one_line(tmp_path: Path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    res = cli(tmp_path, f"hydra.run.dir={blocker / 'run'}")
+    one_error_line(res, f"{blocker} is a file, not a folder")
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.slow
+def test_unwritable_output_folder_is_one_line(tmp_path: Path):
+    if os.geteuid() != 0:
+        target = tmp_path / "locked"
+        target.mkdir()
+        target.chmod(0o500)
+        run_dir = target / "run"
+    elif Path("/sys").is_dir():  # root writes anywhere but into sysfs
+        run_dir = Path("/sys/vpt_dml_test/run")
+    else:
+        pytest.skip("no unwritable place for root on this system")
+    res = cli(tmp_path, f"hydra.run.dir={run_dir}")
+    one_error_line(res, "give a folder you can write to")
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_wrong_type_override_names_key_and_type(tmp_path: Path):
+    res = cli(tmp_path, "trainer.max_epochs=abc")
+    one_error_line(res, "trainer.max_epochs='abc' is not an integer")
+
+
+@pytest.mark.slow
+def test_debug_shows_the_traceback(tmp_path: Path):
+    res = cli(tmp_path, f"ckpt_path={tmp_path / 'missing.ckpt'}", "debug=true")
+    assert res.returncode != 0
+    assert "Traceback" in res.stderr and "UserError" in res.stderr
+    assert not any(line.startswith("error:") for line in res.stderr.splitlines())

@@ -1,0 +1,148 @@
+"""A run folder belongs to one run: lock, earlier results, stale locks, CSV history."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, compose_config, run_cli, tiny_overrides
+
+from vpt_dml import run_folder
+from vpt_dml.errors import UserError
+from vpt_dml.run import train
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with the SHA-256 of its bytes."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def write_lock(folder: Path, pid: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"pid": pid, "host": socket.gethostname(), "started_utc": "earlier"}
+    (folder / run_folder.LOCK).write_text(json.dumps(record))
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def one_error_line(res, expected: str) -> None:
+    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("finished")
+    cfg = compose_config(tiny_overrides("eval_before_training=false"), root)
+    train(cfg)
+    return Path(cfg.paths.output_dir)
+
+
+# -- in-process ---------------------------------------------------------------------------
+def test_claim_refuses_a_finished_run_unless_resumed_or_overwritten(finished_run, tmp_path):
+    with pytest.raises(UserError, match="already holds a finished run"):
+        run_folder.claim(finished_run)
+    # a resume of that run, from its own checkpoint, may continue it
+    run_folder.claim(finished_run, ckpt_path=str(finished_run / "checkpoints" / "last.ckpt"))
+    run_folder.release(finished_run)
+    # a checkpoint from elsewhere is not a resume of this folder's run
+    with pytest.raises(UserError, match="already holds a finished run"):
+        run_folder.claim(finished_run, ckpt_path=str(tmp_path / "other" / "last.ckpt"))
+
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(finished_run), str(copy)], check=True)
+    run_folder.claim(copy, overwrite=True)
+    assert not (copy / "metrics.json").exists() and not (copy / "checkpoints").exists()
+    assert (copy / run_folder.LOCK).is_file()
+    run_folder.release(copy)
+    assert not (copy / run_folder.LOCK).exists()
+
+
+def test_claim_refuses_a_live_lock_and_takes_over_a_stale_one(tmp_path, capsys):
+    live = tmp_path / "live"
+    write_lock(live, os.getppid())  # the process that started pytest: alive, not us
+    with pytest.raises(UserError, match="is in use by another run"):
+        run_folder.claim(live)
+    with pytest.raises(UserError, match="is in use by another run"):
+        run_folder.claim(live, overwrite=True)  # overwrite never reaches a live run
+
+    stale = tmp_path / "stale"
+    write_lock(stale, dead_pid())
+    run_folder.claim(stale)
+    assert "took over the stale lock" in capsys.readouterr().err
+    assert json.loads((stale / run_folder.LOCK).read_text())["pid"] == os.getpid()
+    run_folder.release(stale)
+
+
+def test_csv_history_is_appended_not_replaced(tmp_path: Path):
+    first = run_folder.AppendingCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    first.log_metrics({"val/recall@1": 0.5}, step=0)
+    first.save()
+    resumed = run_folder.AppendingCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    resumed.log_metrics({"val/recall@1": 0.6}, step=1)
+    resumed.log_metrics({"train/loss": 2.0}, step=2)  # a column the old rows lack
+    resumed.save()
+    with (tmp_path / "csv" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["step"] for r in rows] == ["0", "1", "2"]
+    assert [r["val/recall@1"] for r in rows] == ["0.5", "0.6", ""]
+    assert rows[2]["train/loss"] == "2.0"
+
+
+# -- through the CLI ----------------------------------------------------------------------
+@pytest.mark.slow
+def test_second_run_into_a_finished_folder_touches_nothing(finished_run: Path, tmp_path: Path):
+    before = snapshot(finished_run)
+    res = run_cli(
+        [*tiny_overrides(), f"hydra.run.dir={finished_run}", f"paths.data_dir={tmp_path}"],
+        cwd=REPO,
+    )
+    one_error_line(res, "already holds a finished run")
+    assert snapshot(finished_run) == before  # metrics.json, checkpoints, CSV: byte-identical
+
+
+@pytest.mark.slow
+def test_second_run_into_a_folder_in_use_touches_nothing(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    write_lock(run_dir, os.getpid())  # this pytest process plays the first run
+    before = snapshot(run_dir)
+    res = run_cli(
+        [*tiny_overrides(), f"hydra.run.dir={run_dir}", f"paths.data_dir={tmp_path}"], cwd=REPO
+    )
+    one_error_line(res, "is in use by another run")
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.slow
+def test_stale_lock_is_taken_over_and_released(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    write_lock(run_dir, dead_pid())
+    res = run_cli(
+        [
+            *tiny_overrides("eval_before_training=false"),
+            f"hydra.run.dir={run_dir}",
+            f"paths.data_dir={tmp_path / 'data'}",
+        ],
+        cwd=REPO,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "warning: took over the stale lock" in res.stderr
+    assert (run_dir / "metrics.json").is_file()
+    assert not (run_dir / run_folder.LOCK).exists()  # released when the run ended
