@@ -139,8 +139,10 @@ def test_unwritable_output_folder_is_one_line(tmp_path: Path):
 
 @pytest.mark.slow
 def test_wrong_type_override_names_key_and_type(tmp_path: Path):
+    # the config schema (config_checks) answers first; run.check_types is the net behind it
     res = cli(tmp_path, "trainer.max_epochs=abc")
-    one_error_line(res, "trainer.max_epochs='abc' is not an integer")
+    line = one_error_line(res, "trainer.max_epochs='abc'")
+    assert "integer" in line
 
 
 @pytest.mark.slow

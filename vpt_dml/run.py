@@ -14,10 +14,7 @@ import logging
 import os
 import signal
 import sys
-import types
-import typing
-from collections.abc import Mapping, Sequence
-from pathlib import Path, PurePath
+from pathlib import Path
 
 import hydra
 import lightning as L
@@ -25,11 +22,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from hydra.utils import get_object, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from vpt_dml import run_folder
 from vpt_dml.callbacks import ExactResume
@@ -62,7 +59,6 @@ class Interrupted(Exception):
 
 
 def build_datamodule(cfg: DictConfig):
-    check_types(cfg.data, "data")
     return instantiate(cfg.data, _convert_="all")
 
 
@@ -82,11 +78,6 @@ def build_module(cfg: DictConfig, num_classes: int, eval_ks) -> VPTDMLModule:
 
 
 def build_trainer(cfg: DictConfig) -> L.Trainer:
-    check_types(cfg.trainer, "trainer")
-    for group in ("callbacks", "logger"):
-        for name, node in (cfg.get(group) or {}).items():
-            if node:
-                check_types(node, f"{group}.{name}")
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     # not optional: a resumed run must equal a straight one; SIGTERM leaves a last.ckpt
     callbacks.append(
@@ -145,83 +136,6 @@ def selection_checkpoint(callbacks: list) -> ModelCheckpoint | None:
 
 def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-# -- value types of `_target_` nodes (a safety net behind the config schema) ------------
-def _fits(value, hint) -> bool:
-    """Whether a config value can be passed where `hint` is annotated (unknown hints: yes)."""
-    if hint is typing.Any:
-        return True
-    if hint is type(None):
-        return value is None
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if origin is typing.Literal:
-        return any(value == a and type(value) is type(a) for a in args)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    base = origin or hint
-    if base in (list, tuple, Sequence):
-        return isinstance(value, (list, tuple))
-    if base in (dict, Mapping):
-        return isinstance(value, dict)
-    if base in (Path, PurePath, os.PathLike):
-        return isinstance(value, (str, PurePath))
-    if isinstance(base, type) and base.__module__ in ("builtins", "datetime"):
-        return isinstance(value, base)
-    return True
-
-
-def _describe(hint) -> str:
-    if hint is type(None):
-        return "null"
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(dict.fromkeys(_describe(a) for a in args))
-    if origin is typing.Literal:
-        shown = ", ".join(repr(a) for a in args[:8]) + (", ..." if len(args) > 8 else "")
-        return f"one of {shown}"
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
-    base = origin or hint
-    if base in (list, tuple, Sequence):
-        return "a list"
-    if base in (dict, Mapping):
-        return "a mapping"
-    return names.get(hint, getattr(base, "__name__", str(hint)))
-
-
-def check_types(node: DictConfig, key: str) -> None:
-    """Each value of a `_target_` node against the target's signature, before building it:
-    `trainer.max_epochs=abc` stops here in one line instead of deep inside Lightning."""
-    target = node.get("_target_") if isinstance(node, DictConfig) else None
-    if not target:
-        return
-    try:
-        fn = get_object(target)
-        hints = typing.get_type_hints(fn.__init__ if isinstance(fn, type) else fn)
-    except Exception:  # an unimportable target fails in instantiate, with its own message
-        return
-    for name in node:
-        if name.startswith("_") or name not in hints:
-            continue
-        value = node[name]
-        if isinstance(value, DictConfig) and "_target_" in value:
-            continue  # built by instantiate, checked where it is built
-        if isinstance(value, (DictConfig, ListConfig)):
-            value = OmegaConf.to_container(value, resolve=True)
-        if not _fits(value, hints[name]):
-            shown = f"{value!r}" if isinstance(value, str) else OmegaConf.to_yaml(value).strip()
-            raise UserError(
-                f"{key}.{name}={shown} is not {_describe(hints[name])} "
-                f"(the type {target.rsplit('.', 1)[-1]} expects); fix the override of {key}.{name}"
-            )
 
 
 def cfg_without_hydra(cfg: DictConfig) -> DictConfig:

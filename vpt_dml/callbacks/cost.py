@@ -80,6 +80,8 @@ class CostMonitor(L.Callback):
         }
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self._epoch:  # resumed mid-epoch: no epoch start came first
+            self.on_train_epoch_start(trainer, pl_module)
         now = time.perf_counter()
         images = len(batch[0]) * trainer.world_size
         e = self._epoch

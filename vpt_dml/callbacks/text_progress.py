@@ -115,9 +115,13 @@ class _Lines:
         super().on_train_start(trainer, pl_module)
         self._fit_start = time.perf_counter()
         self._start_step = trainer.global_step
+        self._start_window()  # a run resumed mid-epoch gets no epoch start
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
+        self._start_window()
+
+    def _start_window(self) -> None:
         now = time.perf_counter()
         self._epoch_start = self._window_start = self._last_batch_end = now
         self._epoch_images = self._window_images = 0
