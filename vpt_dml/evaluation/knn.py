@@ -61,6 +61,7 @@ from pathlib import Path
 import torch
 
 SEGMENT = 64  # column segment width of the max-pool candidate filter
+COLUMN_RUN = 16  # its row-run height for the transposed side (strided reads: kept short)
 BLOCK = 4096  # rows and columns per similarity block (rounded to a multiple of TILE)
 TILE = 256  # columns per GEMM call on CPU: a BLOCK x TILE output stays in cache
 ENTRY_CHUNK = 1 << 19  # candidate entries compared against the positives at a time
@@ -411,7 +412,7 @@ def _positives(q64, g64, ql, gl, same: bool):
 
 
 def _rows_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(-1)
+    return torch.linalg.vecdot(a, b)
 
 
 class _Counter:
@@ -479,9 +480,12 @@ class _Counter:
         (it never matters again, as L only grows). The best positive keeps mattering
         until its rank is known to exceed `max_rank` (see `_retire_deep`).
         """
+        width = self.best_neg.shape[1]
+        # a bound at or below the width-th one kept changes no top-width list: skip it
+        better = lower > self.best_neg[:, -1].index_select(0, q)
+        q, lower = q[better], lower[better]
         if len(q) == 0:
             return
-        width = self.best_neg.shape[1]
         order = torch.argsort(lower, descending=True, stable=True)
         order = order[torch.argsort(q[order], stable=True)]  # by query, best first
         q, lower = q[order], lower[order]
@@ -610,7 +614,7 @@ class _Block:
 
     `compute` fills `sim` (tiles, rows, tile) with the similarities, `row_max` (tiles,
     rows, tile / SEGMENT) with the maxima over SEGMENT-wide column runs and, if asked,
-    `col_max` (tiles, rows / SEGMENT, tile) with the maxima over SEGMENT-tall row runs,
+    `col_max` (tiles, rows / COLUMN_RUN, tile) with the maxima over COLUMN_RUN-tall runs,
     all in `_sortable_bits` order. `stream` = `compute` + the candidates of both sides.
     """
 
@@ -620,7 +624,7 @@ class _Block:
         self.dtype, self.bits = dtype, bits
         self._sim = torch.empty(rows * cols, dtype=dtype, device=device)
         self._row_max = torch.empty(rows * cols // SEGMENT, dtype=bits, device=device)
-        self._col_max = torch.empty(rows * cols // SEGMENT, dtype=bits, device=device)
+        self._col_max = torch.empty(rows * cols // COLUMN_RUN, dtype=bits, device=device)
         self._run_max = None  # narrower runs for `least_of_best` (first blocks)
         self.run = torch.arange(SEGMENT, device=device)
         self.sim = self.row_max = self.col_max = self.run_max = None
@@ -649,13 +653,14 @@ class _Block:
         n = tiles * rows * tile
         self.sim = self._sim[:n].view(tiles, rows, tile)
         self.row_max = self._row_max[: n // SEGMENT].view(tiles, rows, tile // SEGMENT)
-        self.col_max = self._col_max[: n // SEGMENT].view(tiles, rows // SEGMENT, tile)
+        self.col_max = self._col_max[: n // COLUMN_RUN].view(tiles, rows // COLUMN_RUN, tile)
         for t in range(tiles):
             torch.mm(q, g[t * tile : (t + 1) * tile].T, out=self.sim[t])
             bits = _sortable_bits(self.sim[t])
             torch.amax(bits.view(rows, tile // SEGMENT, SEGMENT), 2, out=self.row_max[t])
             if cols:
-                torch.amax(bits.view(rows // SEGMENT, SEGMENT, tile), 1, out=self.col_max[t])
+                column_runs = bits.view(rows // COLUMN_RUN, COLUMN_RUN, tile)
+                torch.amax(column_runs, 1, out=self.col_max[t])
             if runs:
                 self._run_max[t, :rows] = bits.view(rows, tile // run, run).amax(2)
         self.run_max = self._run_max[:tiles, :rows] if runs else None
@@ -681,10 +686,11 @@ class _Block:
         th = _threshold_bits(lo, self.sim.dtype)
         t, k, c = (self.col_max >= th.view(tiles, 1, tile)).nonzero(as_tuple=True)
         col = t * tile + c
-        at = ((t * rows)[:, None] + k[:, None] * SEGMENT + self.run) * tile + c[:, None]
+        run = self.run[:COLUMN_RUN]
+        at = ((t * rows)[:, None] + k[:, None] * COLUMN_RUN + run) * tile + c[:, None]
         runs = torch.take(_sortable_bits(self.sim), at)  # strided runs: take
         i, off = (runs >= th.index_select(0, col)[:, None]).nonzero(as_tuple=True)
-        col, row = col[i], k[i] * SEGMENT + off
+        col, row = col[i], k[i] * COLUMN_RUN + off
         vals = _bits_value(runs[i, off], self.sim.dtype)
         keep = vals >= lo.index_select(0, col)
         return col[keep], row[keep], vals[keep]
