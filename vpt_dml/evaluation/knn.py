@@ -39,7 +39,9 @@ diagonal are computed and each off-diagonal block serves its rows and its column
 diagonal blocks go first: the maxima of their column runs give each query a first bound
 L (R + 2 distinct items at least that similar), and the candidates of every block
 tighten it (lo rises, deep positives retire). On CPU a block is computed 256 columns at
-a time, each (4096 x 256) output filtered while in cache, by a few threads that each run
+a time, each (4096 x 256) output max-pooled (64-wide row runs, 16-tall column runs) while
+in cache; the candidates are then taken once per block (per-op overhead on small tiles
+cost more than the filter's arithmetic). Blocks run on a few threads that each run
 single-threaded ops (OpenMP's barriers cost more than these GEMMs on a busy machine);
 one thread counts. Memory stays bounded by the block size, whatever the embeddings look
 like; badly separated embeddings (an untrained model) only make more candidates, hence
@@ -67,7 +69,9 @@ TILE = 256  # columns per GEMM call on CPU: a BLOCK x TILE output stays in cache
 ENTRY_CHUNK = 1 << 19  # candidate entries compared against the positives at a time
 ROW_CHUNK = 4096  # rows per float64 helper computation
 MAX_WORKERS = 8  # default cap on block threads (each holds a BLOCK x TILE buffer)
-PAIR_CHUNK = 256  # vector pairs gathered at a time for re-scoring (stays in L2: 3x faster than 2048)
+PAIR_CHUNK = (
+    256  # vector pairs gathered at a time for re-scoring (stays in L2: 3x faster than 2048)
+)
 
 
 @dataclass
