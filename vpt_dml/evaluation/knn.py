@@ -39,7 +39,9 @@ diagonal are computed and each off-diagonal block serves its rows and its column
 diagonal blocks go first: the maxima of their column runs give each query a first bound
 L (R + 2 distinct items at least that similar), and the candidates of every block
 tighten it (lo rises, deep positives retire). On CPU a block is computed 256 columns at
-a time, each (4096 x 256) output filtered while in cache, by a few threads that each run
+a time, each (4096 x 256) output max-pooled (64-wide row runs, 16-tall column runs) while
+in cache; the candidates are then taken once per block (per-op overhead on small tiles
+cost more than the filter's arithmetic). Blocks run on a few threads that each run
 single-threaded ops (OpenMP's barriers cost more than these GEMMs on a busy machine);
 one thread counts. Memory stays bounded by the block size, whatever the embeddings look
 like; badly separated embeddings (an untrained model) only make more candidates, hence
@@ -61,12 +63,15 @@ from pathlib import Path
 import torch
 
 SEGMENT = 64  # column segment width of the max-pool candidate filter
+COLUMN_RUN = 16  # its row-run height for the transposed side (strided reads: kept short)
 BLOCK = 4096  # rows and columns per similarity block (rounded to a multiple of TILE)
 TILE = 256  # columns per GEMM call on CPU: a BLOCK x TILE output stays in cache
 ENTRY_CHUNK = 1 << 19  # candidate entries compared against the positives at a time
 ROW_CHUNK = 4096  # rows per float64 helper computation
 MAX_WORKERS = 8  # default cap on block threads (each holds a BLOCK x TILE buffer)
-PAIR_CHUNK = 2048  # vector pairs gathered at a time for re-scoring (stays in cache)
+PAIR_CHUNK = (
+    256  # vector pairs gathered at a time for re-scoring (stays in L2: 3x faster than 2048)
+)
 
 
 @dataclass
@@ -411,7 +416,7 @@ def _positives(q64, g64, ql, gl, same: bool):
 
 
 def _rows_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(-1)
+    return torch.linalg.vecdot(a, b)
 
 
 class _Counter:
@@ -479,9 +484,12 @@ class _Counter:
         (it never matters again, as L only grows). The best positive keeps mattering
         until its rank is known to exceed `max_rank` (see `_retire_deep`).
         """
+        width = self.best_neg.shape[1]
+        # a bound at or below the width-th one kept changes no top-width list: skip it
+        better = lower > self.best_neg[:, -1].index_select(0, q)
+        q, lower = q[better], lower[better]
         if len(q) == 0:
             return
-        width = self.best_neg.shape[1]
         order = torch.argsort(lower, descending=True, stable=True)
         order = order[torch.argsort(q[order], stable=True)]  # by query, best first
         q, lower = q[order], lower[order]
@@ -582,6 +590,11 @@ def _sortable_bits(block: torch.Tensor) -> torch.Tensor:
     return block.view(torch.int16) if block.dtype == torch.bfloat16 else block
 
 
+def _bits_value(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 values of `_sortable_bits` entries."""
+    return bits.view(dtype).float() if dtype == torch.bfloat16 else bits
+
+
 def _threshold_bits(lo: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`lo` in the units of `_sortable_bits`, rounded down; lo <= 0 passes every segment."""
     if dtype != torch.bfloat16:
@@ -599,94 +612,92 @@ def _padded(x: torch.Tensor, multiple: int) -> torch.Tensor:
 
 class _Block:
     """One block of the candidate GEMM (rows i.., columns j..), computed one column tile
-    at a time so each (rows x tile) output is filtered while still in cache.
+    at a time so each (rows x tile) output is max-pooled while still in cache; candidates
+    are then taken from the whole block at once (a few ops per block, not per tile: on
+    CPU the per-op overhead of small tiles cost more than the filter's arithmetic).
 
-    `stream`: each tile's candidates are taken at once, from one reused tile buffer.
-    `compute` (first blocks, whose bound must come before any candidate) keeps the whole
-    block: `sim` (tiles, rows, tile) holds the similarities; `row_max` (tiles, rows, tile /
-    SEGMENT) the maxima over SEGMENT-wide column runs, in `_sortable_bits` order.
+    `compute` fills `sim` (tiles, rows, tile) with the similarities, `row_max` (tiles,
+    rows, tile / SEGMENT) with the maxima over SEGMENT-wide column runs and, if asked,
+    `col_max` (tiles, rows / COLUMN_RUN, tile) with the maxima over COLUMN_RUN-tall runs,
+    all in `_sortable_bits` order. `stream` = `compute` + the candidates of both sides.
     """
 
     def __init__(self, rows: int, cols: int, tile: int, dtype, device, run: int) -> None:
         bits = torch.int16 if dtype == torch.bfloat16 else dtype
         self.tile, self.shape, self.run_width = tile, (rows, cols), run
         self.dtype, self.bits = dtype, bits
-        self._sim = self._row_max = self._run_max = None  # whole-block buffers: `compute`
-        self._tile = torch.empty(rows, tile, dtype=dtype, device=device)
-        self._tile_rows = torch.empty(rows, tile // SEGMENT, dtype=bits, device=device)
-        self._tile_cols = torch.empty(rows // SEGMENT, tile, dtype=bits, device=device)
+        self._sim = torch.empty(rows * cols, dtype=dtype, device=device)
+        self._row_max = torch.empty(rows * cols // SEGMENT, dtype=bits, device=device)
+        self._col_max = torch.empty(rows * cols // COLUMN_RUN, dtype=bits, device=device)
+        self._run_max = None  # narrower runs for `least_of_best` (first blocks)
         self.run = torch.arange(SEGMENT, device=device)
+        self.sim = self.row_max = self.col_max = self.run_max = None
 
     def stream(self, q, g, lo_rows, lo_cols=None) -> list:
-        """Candidates of the block, tile by tile: [(row, col, value)] for the rows'
-        queries and, with `lo_cols` (the transposed block), [(col, row, value)] for the
-        columns' queries, in block coordinates."""
-        self.sim = self.row_max = self.run_max = None  # first blocks are over: free them
-        self._sim = self._row_max = self._run_max = None
-        rows, tile = len(q), self.tile
-        sim = self._tile[:rows]
-        row_max, col_max = self._tile_rows[:rows], self._tile_cols[: rows // SEGMENT]
-        th_rows = _threshold_bits(lo_rows, sim.dtype)[:, None]
-        th_cols = None if lo_cols is None else _threshold_bits(lo_cols, sim.dtype)
-        found_rows, found_cols = [], []
-        for start in range(0, len(g), tile):
-            torch.mm(q, g[start : start + tile].T, out=sim)
-            bits = _sortable_bits(sim)
-            torch.amax(bits.view(rows, tile // SEGMENT, SEGMENT), 2, out=row_max)
-            r, k = (row_max >= th_rows).nonzero(as_tuple=True)
-            vals = sim.view(-1, SEGMENT).index_select(0, r * (tile // SEGMENT) + k).float()
-            keep = vals >= lo_rows.index_select(0, r)[:, None]
-            cols = (start + k * SEGMENT)[:, None] + self.run
-            found_rows.append((r[:, None].expand_as(cols)[keep], cols[keep], vals[keep]))
-            if th_cols is None:
-                continue
-            torch.amax(bits.view(rows // SEGMENT, SEGMENT, tile), 1, out=col_max)
-            k, c = (col_max >= th_cols[start : start + tile]).nonzero(as_tuple=True)
-            run_rows = k[:, None] * SEGMENT + self.run  # strided runs: take
-            vals = torch.take(sim, run_rows * tile + c[:, None]).float()
-            col = start + c
-            keep = vals >= lo_cols.index_select(0, col)[:, None]
-            found_cols.append((col[:, None].expand_as(run_rows)[keep], run_rows[keep], vals[keep]))
-        out = [tuple(torch.cat(parts) for parts in zip(*found_rows))]
-        if found_cols:
-            out.append(tuple(torch.cat(parts) for parts in zip(*found_cols)))
+        """Candidates of the block: [(row, col, value)] for the rows' queries and, with
+        `lo_cols` (the transposed block), [(col, row, value)] for the columns' queries,
+        in block coordinates. `lo_rows` / `lo_cols`: callables giving the thresholds,
+        read after the GEMMs (lo only rises, so a later snapshot is tighter)."""
+        self.compute(q, g, cols=lo_cols is not None, runs=False)
+        out = [self.row_candidates(lo_rows())]
+        if lo_cols is not None:
+            out.append(self.col_candidates(lo_cols()))
         return out
 
-    def compute(self, q: torch.Tensor, g: torch.Tensor) -> None:
-        """The whole block, with maxima over `run_width`-wide column runs for
-        `least_of_best`."""
+    def compute(self, q: torch.Tensor, g: torch.Tensor, cols: bool = False, runs=True) -> None:
+        """The whole block with its run maxima (and, with `runs`, maxima over
+        `run_width`-wide column runs for `least_of_best`)."""
         rows, tile, run = len(q), self.tile, self.run_width
-        if self._sim is None:
-            (full_rows, cols), device = self.shape, self._tile.device
-            self._sim = torch.empty(full_rows * cols, dtype=self.dtype, device=device)
-            self._row_max = torch.empty(full_rows * cols // SEGMENT, dtype=self.bits, device=device)
-            if run != SEGMENT:  # narrower runs for `least_of_best`
-                shape = (cols // tile, full_rows, tile // run)
-                self._run_max = torch.empty(shape, dtype=self.bits, device=device)
+        runs = runs and run != SEGMENT
+        if runs and self._run_max is None:
+            (full_rows, full_cols), device = self.shape, self._sim.device
+            shape = (full_cols // tile, full_rows, tile // run)
+            self._run_max = torch.empty(shape, dtype=self.bits, device=device)
         tiles = len(g) // tile
         n = tiles * rows * tile
         self.sim = self._sim[:n].view(tiles, rows, tile)
         self.row_max = self._row_max[: n // SEGMENT].view(tiles, rows, tile // SEGMENT)
+        self.col_max = self._col_max[: n // COLUMN_RUN].view(tiles, rows // COLUMN_RUN, tile)
         for t in range(tiles):
             torch.mm(q, g[t * tile : (t + 1) * tile].T, out=self.sim[t])
             bits = _sortable_bits(self.sim[t])
             torch.amax(bits.view(rows, tile // SEGMENT, SEGMENT), 2, out=self.row_max[t])
-            if run != SEGMENT:
+            if cols:
+                column_runs = bits.view(rows // COLUMN_RUN, COLUMN_RUN, tile)
+                torch.amax(column_runs, 1, out=self.col_max[t])
+            if runs:
                 self._run_max[t, :rows] = bits.view(rows, tile // run, run).amax(2)
-        if run != SEGMENT:
-            self.run_max = self._run_max[:tiles, :rows]
+        self.run_max = self._run_max[:tiles, :rows] if runs else None
 
     def row_candidates(self, lo: torch.Tensor):
         """(row, col, value) of the entries with value >= lo[row]."""
         tiles, rows, tile = self.sim.shape
         th = _threshold_bits(lo, self.sim.dtype)
         t, r, k = (self.row_max >= th[None, :, None]).nonzero(as_tuple=True)
-        first = t * tile + k * SEGMENT  # block column of the run's first entry
         run_id = (t * rows + r) * (tile // SEGMENT) + k  # runs are contiguous in `sim`
-        vals = self.sim.view(-1, SEGMENT).index_select(0, run_id).float()
-        keep = vals >= lo.index_select(0, r)[:, None]
-        cols = first[:, None] + self.run
-        return r[:, None].expand_as(cols)[keep], cols[keep], vals[keep]
+        runs = _sortable_bits(self.sim).view(-1, SEGMENT).index_select(0, run_id)
+        # the runs' bits against the threshold's bits (a superset), one nonzero; values
+        # only for the few that pass
+        i, off = (runs >= th.index_select(0, r)[:, None]).nonzero(as_tuple=True)
+        r, col = r[i], t[i] * tile + k[i] * SEGMENT + off
+        vals = _bits_value(runs[i, off], self.sim.dtype)
+        keep = vals >= lo.index_select(0, r)
+        return r[keep], col[keep], vals[keep]
+
+    def col_candidates(self, lo: torch.Tensor):
+        """(col, row, value) of the entries with value >= lo[col] (`compute(cols=True)`)."""
+        tiles, rows, tile = self.sim.shape
+        th = _threshold_bits(lo, self.sim.dtype)
+        t, k, c = (self.col_max >= th.view(tiles, 1, tile)).nonzero(as_tuple=True)
+        col = t * tile + c
+        run = self.run[:COLUMN_RUN]
+        at = ((t * rows)[:, None] + k[:, None] * COLUMN_RUN + run) * tile + c[:, None]
+        runs = torch.take(_sortable_bits(self.sim), at)  # strided runs: take
+        i, off = (runs >= th.index_select(0, col)[:, None]).nonzero(as_tuple=True)
+        col, row = col[i], k[i] * COLUMN_RUN + off
+        vals = _bits_value(runs[i, off], self.sim.dtype)
+        keep = vals >= lo.index_select(0, col)
+        return col[keep], row[keep], vals[keep]
 
     def least_of_best(self, need: torch.Tensor, real_cols: int) -> torch.Tensor:
         """Per row (the first len(need)): the largest value v >= 0 such that `need` of its
@@ -813,10 +824,10 @@ def _rank_positives(
                 blk.compute(qc[i : i + rows], gc[j : j + block])
                 done, blk = blk, None
                 return done
-            # lo only rises: a snapshot taken now is a valid (looser) threshold
+            # lo only rises: a snapshot is a valid (looser) threshold
             g = gc[j : j + block]
-            lo_cols = lo[j : j + len(g)].clone() if both_sides else None
-            found = blk.stream(qc[i : i + rows], g, lo[i : i + rows].clone(), lo_cols)
+            lo_cols = (lambda: lo[j : j + len(g)].clone()) if both_sides else None
+            found = blk.stream(qc[i : i + rows], g, lambda: lo[i : i + rows].clone(), lo_cols)
             return _in_dataset(found, i, j, n_g)
         finally:
             if blk is not None:
