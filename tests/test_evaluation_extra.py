@@ -26,6 +26,17 @@ def ours(x, y, ks, g=None, gl=None, block=64, **kw):
 LAYOUTS = [(64, None, 1), (128, 64, 1), (192, 64, 3), (64, None, 2)]
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_worker_threads_run_under_the_callers_inference_mode(workers):
+    """Lightning evaluates under torch.inference_mode, which is thread-local: the block
+    buffers made in it must be written by worker threads in it too (the demo crashed)."""
+    x, y = clustered(60, (1, 4, 12), 24, noise=1.1, seed=0)
+    plain = rank_positives(x, y, block=64, workers=workers)
+    with torch.inference_mode():
+        inside = rank_positives(x, y, block=64, workers=workers)
+    assert torch.equal(plain.negatives_above, inside.negatives_above)
+
+
 @pytest.mark.parametrize("block, tile, workers", LAYOUTS)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_many_blocks_with_retired_positives_match_float64(seed, block, tile, workers):

@@ -877,13 +877,21 @@ def _in_order(work, jobs, workers: int):
     if workers <= 1:
         yield from map(work, jobs)
         return
+    # inference mode is thread-local, and the caller's buffers (Lightning evaluates under
+    # it) may only be written in it: every worker runs in the caller's mode
+    inference = torch.is_inference_mode_enabled()
+
+    def in_callers_mode(job):
+        with torch.inference_mode(inference):
+            return work(job)
+
     pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
     try:
         pending: collections.deque = collections.deque()
         for job in jobs:
             if len(pending) > workers:
                 yield pending.popleft().result()
-            pending.append(pool.submit(work, job))
+            pending.append(pool.submit(in_callers_mode, job))
         while pending:
             yield pending.popleft().result()
     finally:  # on an error (or an abandoned generator) run nothing more
