@@ -35,6 +35,7 @@ def test_cli_run_dir_and_metrics(tmp_path: Path):
         ("data.batch_size=7", "not a multiple of samples_per_class"),
         ("model.backbone.weights=/nonexistent/vit.safetensors", "model.backbone.weights"),
         ("model.proxy.kind=banana", "model.proxy.kind"),
+        ("model.backbone.name=resnet18", "not a timm VisionTransformer"),
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path: Path, override: str, expected: str):

@@ -291,6 +291,26 @@ def _mismatch_message(name, path, own, state, missing, unexpected, mis_shaped) -
     )
 
 
+# (key pattern, what a state dict holding it is), checked in order after the ViT test
+KEY_SIGNATURES = (
+    (
+        r"(^|\.)encoder\.layer\.0\.attention\.",
+        "a Hugging Face transformers model ('encoder.layer.0.attention'), whose key names "
+        "timm does not read",
+    ),
+    (r"transformer\.resblocks\.0\.", "an OpenAI CLIP model ('transformer.resblocks')"),
+    (r"Transformer/encoderblock_0/", "a JAX ViT (.npz 'Transformer/encoderblock_0')"),
+    (r"(^|/)block1/unit01/|resnet/root_block", "a BiT ResNet (.npz 'block1/unit01')"),
+    (r"(^|\.)features\.denseblock", "a DenseNet ('features.denseblockN')"),
+    (r"(^|\.)conv_stem\.", "an EfficientNet/MobileNet ('conv_stem')"),
+    (
+        r"(^|\.)features\.\d+\.",
+        "a torchvision CNN such as VGG/MobileNet/EfficientNet ('features.N')",
+    ),
+    (r"(^|\.)stages\.0\.", "a staged CNN such as RegNet ('stages.N')"),
+)
+
+
 def describe_architecture(state: Mapping[str, Any]) -> str:
     """A guess at the architecture a state dict (or .npz key list) belongs to, from key names."""
     keys = list(state)
@@ -307,25 +327,9 @@ def describe_architecture(state: Mapping[str, Any]) -> str:
         return "a ConvNeXt ('stages.N ... conv_dw')"
     if has(r"(^|\.)blocks\.0\.attn\."):
         return _describe_vit(state, keys)
-    if has(r"(^|\.)encoder\.layer\.0\.attention\."):
-        return (
-            "a Hugging Face transformers model ('encoder.layer.0.attention'), whose key names "
-            "timm does not read"
-        )
-    if has(r"transformer\.resblocks\.0\."):
-        return "an OpenAI CLIP model ('transformer.resblocks')"
-    if has(r"Transformer/encoderblock_0/"):
-        return "a JAX ViT (.npz 'Transformer/encoderblock_0')"
-    if has(r"(^|/)block1/unit01/|resnet/root_block"):
-        return "a BiT ResNet (.npz 'block1/unit01')"
-    if has(r"(^|\.)features\.denseblock"):
-        return "a DenseNet ('features.denseblockN')"
-    if has(r"(^|\.)conv_stem\."):
-        return "an EfficientNet/MobileNet ('conv_stem')"
-    if has(r"(^|\.)features\.\d+\."):
-        return "a torchvision CNN such as VGG/MobileNet/EfficientNet ('features.N')"
-    if has(r"(^|\.)stages\.0\."):
-        return "a staged CNN such as RegNet ('stages.N')"
+    for pattern, what in KEY_SIGNATURES:
+        if has(pattern):
+            return what
     return f"an unrecognised architecture (first keys: {', '.join(keys[:2]) or 'none'})"
 
 
