@@ -28,11 +28,23 @@ def fake_run(
         "metrics": {"recall@1": recall1, "recall@2": recall1 + 0.1},
         "provenance": {"overrides": overrides, "parameters": {"all": {"tuned_pct": tuned_pct}}},
     }
-    if before is not None:
-        result["before"] = before
+    if before is not None:  # as vpt_dml.results writes it
+        result["before"] = {"split": "test", "metrics": before}
     if cost is not None:
         result["cost"] = cost
     (folder / "metrics.json").write_text(json.dumps(result))
+
+
+def test_interrupted_runs_are_left_out_with_a_note(tmp_path: Path, capsys) -> None:
+    sweep = tmp_path / "sweep"
+    fake_run(sweep / "0", ["seed=0"], 0.5, 1.0)
+    fake_run(sweep / "1", ["seed=1"], 0.7, 1.0)
+    stopped = json.loads((sweep / "1" / "metrics.json").read_text())
+    (sweep / "1" / "metrics.json").write_text(json.dumps({**stopped, "status": "interrupted"}))
+    assert main([str(sweep)]) == 0
+    _, rows = read_csv(sweep / "report.csv")
+    assert [(r["n"], r["recall@1"]) for r in rows] == [("1", "50.00")]
+    assert "left out (interrupted" in capsys.readouterr().err
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:

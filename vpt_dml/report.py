@@ -101,7 +101,10 @@ def read_run(f: Path) -> Run:
     params = prov.get("parameters") or {}
     # the inference-time share is the paper's "tuned %"; older runs only have "all"
     tuned = (params.get("inference") or params.get("all") or {}).get("tuned_pct")
-    before = _numbers(result.get("before"), "before/")
+    before = result.get("before")
+    if isinstance(before, dict) and isinstance(before.get("metrics"), dict):
+        before = before["metrics"]  # metrics.json: {"split": ..., "metrics": {...}}
+    before = _numbers(before, "before/")
     metrics = _numbers(result.get("metrics"))
     if before:  # the zero-shot row replaces the flat "<metric>_before" entries
         metrics = {k: v for k, v in metrics.items() if not k.endswith("_before")}
@@ -184,9 +187,22 @@ def group_runs(runs: list[Run]) -> list[Group]:
     return list(groups.values())  # first-run order: the runs come naturally sorted
 
 
+def interrupted(f: Path) -> bool:
+    """A run stopped by SIGTERM has no final metrics: left out of the table, with a note."""
+    try:
+        stopped = json.loads(f.read_text()).get("status") == "interrupted"
+    except (OSError, ValueError, AttributeError):
+        return False  # read_run says what is wrong with the file
+    if stopped:
+        print(f"left out (interrupted, resume it with ckpt_path=...): {f.parent}", file=sys.stderr)
+    return stopped
+
+
 def collect(files: list[Path]) -> tuple[list[Group], list[str], list[str], list[str]]:
     """Groups, the override columns (those that vary), the metric and cost columns."""
-    runs = [read_run(f) for f in files]
+    runs = [read_run(f) for f in files if not interrupted(f)]
+    if not runs:
+        raise UserError("every run under the folders was interrupted (SIGTERM); resume them first")
     groups = group_runs(runs)
     keys: list[str] = []
     for g in groups:
