@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from test_evaluation import brute_force, clustered, tied
+from test_retrieval import brute_force, clustered, tied
 
 from vpt_dml.errors import UserError
 from vpt_dml.evaluation import clustering_metrics, retrieval_metrics

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_evaluation import metrics_from_similarity
+from test_retrieval import metrics_from_similarity
 
 from vpt_dml.evaluation import retrieval_metrics
 from vpt_dml.evaluation.knn import exact_dot, rank_positives, unit_rows
