@@ -352,62 +352,65 @@ def _probe_class():
 
             return timed
 
-        def _h2d_timed(self, fn):
-            """Events on the bank's copy stream around `_to_device`; never breaks the call."""
-            store = self.store
+        def _event_timed(self, fn, kind, stream_of, nbytes_of):
+            """CUDA events on `stream_of(args, kwargs)`'s stream around `fn`; never breaks
+            the call (measuring must not change the run)."""
 
             def timed(*args, **kwargs):
-                start = stream = None
-                device = next(
-                    (a for a in (*args, *kwargs.values()) if isinstance(a, torch.device)), None
-                )
-                if device is not None and device.type == "cuda" and hasattr(store, "_copy_stream"):
-                    try:
-                        if store._copy_stream is None:  # as _to_device would make it
-                            store._copy_stream = torch.cuda.Stream(device)
-                        stream = store._copy_stream
-                        # the copies wait for the compute stream: start timing after that
-                        stream.wait_stream(torch.cuda.current_stream(device))
-                        start = torch.cuda.Event(enable_timing=True)
-                        start.record(stream)
-                    except Exception:  # noqa: BLE001 (measuring must not change the run)
-                        start = None
-                out = fn(*args, **kwargs)
-                if start is not None:
-                    try:
-                        end = torch.cuda.Event(enable_timing=True)
-                        end.record(stream)
-                        self.copies.append((self.probe.steps, "h2d", start, end, _nbytes(out)))
-                    except Exception:  # noqa: BLE001
-                        pass
-                return out
-
-            return timed
-
-        def _d2h_timed(self, fn):
-            """Events on the compute stream around `_to_host` (its write-backs queue there)."""
-
-            def timed(*args, **kwargs):
-                rows = args[2] if len(args) > 2 else kwargs.get("rows")
                 start = stream = None
                 try:
-                    if rows and torch.is_tensor(rows[0]) and rows[0].device.type == "cuda":
-                        stream = torch.cuda.current_stream(rows[0].device)
+                    stream = stream_of(args, kwargs)
+                    if stream is not None:
                         start = torch.cuda.Event(enable_timing=True)
                         start.record(stream)
-                except Exception:  # noqa: BLE001 (measuring must not change the run)
+                except Exception:  # noqa: BLE001
                     start = None
                 out = fn(*args, **kwargs)
                 if start is not None:
                     try:
                         end = torch.cuda.Event(enable_timing=True)
                         end.record(stream)
-                        self.copies.append((self.probe.steps, "d2h", start, end, _nbytes(rows)))
+                        nbytes = nbytes_of(args, kwargs, out)
+                        self.copies.append((self.probe.steps, kind, start, end, nbytes))
                     except Exception:  # noqa: BLE001
                         pass
                 return out
 
             return timed
+
+        def _h2d_timed(self, fn):
+            """Events on the bank's copy stream around `_to_device`."""
+            store = self.store
+
+            def copy_stream(args, kwargs):
+                device = next(
+                    (a for a in (*args, *kwargs.values()) if isinstance(a, torch.device)), None
+                )
+                if device is None or device.type != "cuda" or not hasattr(store, "_copy_stream"):
+                    return None
+                if store._copy_stream is None:  # as _to_device would make it
+                    store._copy_stream = torch.cuda.Stream(device)
+                # the copies wait for the compute stream: start timing after that
+                store._copy_stream.wait_stream(torch.cuda.current_stream(device))
+                return store._copy_stream
+
+            return self._event_timed(fn, "h2d", copy_stream, lambda a, k, out: _nbytes(out))
+
+        def _d2h_timed(self, fn):
+            """Events on the compute stream around `_to_host` (its write-backs queue there)."""
+
+            def rows_of(args, kwargs):
+                return args[2] if len(args) > 2 else kwargs.get("rows")
+
+            def compute_stream(args, kwargs):
+                rows = rows_of(args, kwargs)
+                if rows and torch.is_tensor(rows[0]) and rows[0].device.type == "cuda":
+                    return torch.cuda.current_stream(rows[0].device)
+                return None
+
+            return self._event_timed(
+                fn, "d2h", compute_stream, lambda a, k, out: _nbytes(rows_of(a, k))
+            )
 
         def report(self, warmup: int, timed_steps: int) -> dict:
             if torch.cuda.is_available():
@@ -924,18 +927,7 @@ def run_preset(name: str, layout: Layout, work: Path, args, deadline: float) -> 
     out = {"overrides": overrides, "steps": steps, "warmup": warmup, "failures": []}
     print(f"[{name}] {steps} steps (batch {batch}), warm-up {warmup}: {' '.join(overrides)}")
     t = time.perf_counter()
-    try:
-        with log_path.open("w") as log:
-            rc = subprocess.run(
-                cmd,
-                cwd=REPO,
-                env=child_env(args.cpu),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                timeout=max(deadline - time.monotonic(), 1),
-            ).returncode
-    except subprocess.TimeoutExpired:
-        rc = "timeout"
+    rc = run_logged(cmd, log_path, args.cpu, deadline - time.monotonic())
     out["run_wall_s"] = round(time.perf_counter() - t, 2)
     out["rc"] = rc
     out["log"] = str(log_path)
@@ -1050,13 +1042,11 @@ def describe(name: str, r: dict) -> str:
     return "\n".join(lines)
 
 
-def run_bench(label: str, cmd: list[str], work: Path, cpu: bool, timeout: float) -> dict:
-    log_path = work / f"{label}.log"
-    print(f"[{label}] {' '.join(cmd[1:])}")
-    t = time.perf_counter()
+def run_logged(cmd: list[str], log_path: Path, cpu: bool, timeout: float) -> int | str:
+    """`cmd` in the repo with its output in `log_path`: the exit code, or "timeout"."""
     try:
         with log_path.open("w") as log:
-            rc = subprocess.run(
+            return subprocess.run(
                 cmd,
                 cwd=REPO,
                 env=child_env(cpu),
@@ -1065,7 +1055,14 @@ def run_bench(label: str, cmd: list[str], work: Path, cpu: bool, timeout: float)
                 timeout=max(timeout, 1),
             ).returncode
     except subprocess.TimeoutExpired:
-        rc = "timeout"
+        return "timeout"
+
+
+def run_bench(label: str, cmd: list[str], work: Path, cpu: bool, timeout: float) -> dict:
+    log_path = work / f"{label}.log"
+    print(f"[{label}] {' '.join(cmd[1:])}")
+    t = time.perf_counter()
+    rc = run_logged(cmd, log_path, cpu, timeout)
     out = {"cmd": " ".join(cmd[1:]), "rc": rc, "wall_s": round(time.perf_counter() - t, 1)}
     out["log"] = str(log_path)
     lines = log_path.read_text(errors="replace").strip().splitlines() if log_path.is_file() else []

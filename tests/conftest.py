@@ -106,3 +106,20 @@ def resolved(cfg: DictConfig) -> dict:
     from vpt_dml.run import cfg_without_hydra
 
     return OmegaConf.to_container(cfg_without_hydra(cfg), resolve=True)
+
+
+def bare_trainer(tmp_path: Path, **settings):
+    """A Lightning Trainer on CPU with nothing around the loop (no logger, checkpoints,
+    model summary or sanity check); `settings` add or override Trainer arguments."""
+    import lightning as L
+
+    base = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    return L.Trainer(**{**base, **settings})

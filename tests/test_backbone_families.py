@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import REPO, bare_trainer, run_cli, tiny_overrides
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -91,16 +91,7 @@ def test_one_training_step_through_the_lightning_module(name, tmp_path):
     images, labels = batch()
     data = DataLoader(TensorDataset(images, labels, torch.arange(8)), batch_size=8)
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    trainer = L.Trainer(
-        max_steps=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = bare_trainer(tmp_path, max_steps=1, limit_val_batches=0)
     trainer.fit(module, train_dataloaders=data)
     assert trainer.global_step == 1
     assert torch.isfinite(trainer.callback_metrics["train/loss"])

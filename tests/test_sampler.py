@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from conftest import bare_trainer
 from torch.utils.data.distributed import DistributedSampler
 
 from tests.fake_layouts import fake_sop
@@ -125,17 +126,8 @@ def test_a_plain_trainer_gets_new_batches_every_epoch(tmp_path: Path):
     )
     dm.set_preprocessing(16, (0.5,) * 3, (0.5,) * 3)
     module = _Recorder()
-    trainer = L.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,
-        default_root_dir=tmp_path,
+    trainer = bare_trainer(
+        tmp_path, max_epochs=3, limit_val_batches=0, use_distributed_sampler=False
     )
     trainer.fit(module, datamodule=dm)
     reference = ClassBalancedBatchSampler(dm.train_set.records.labels, 4, 2, seed=5)

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from rich.table import Table
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, bare_trainer, tiny_overrides
 from vpt_dml.callbacks.text_progress import (
     RichProgressBarWithRunLog,
     RunLogLines,
@@ -99,14 +99,11 @@ class _Tiny(L.LightningModule):
 def test_lines_have_step_epoch_loss_speed_eta_and_metrics(root_handlers, tmp_path: Path) -> None:
     console, run_log = root_handlers
     data = DataLoader(TensorDataset(torch.randn(24, 4)), batch_size=4)  # 6 steps an epoch
-    trainer = L.Trainer(
+    # the progress bar is the callback under test: enable_progress_bar stays on
+    trainer = bare_trainer(
+        tmp_path,
         max_epochs=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
+        enable_progress_bar=True,
         callbacks=[TextProgressBar(every_n_steps=3)],
     )
     trainer.fit(_Tiny(), data, data)
