@@ -28,9 +28,9 @@ from vpt_dml.errors import UserError
 from vpt_dml.models.backbone import data_config
 from vpt_dml.models.build import build_embedder
 from vpt_dml.models.embedder import Embedder
+from vpt_dml.models.params import IMAGE_BRANCH
 
 FORMAT = "vpt_dml.export/1"
-PREFIX = "embedder."
 # How many frozen tensors the checksum covers: enough to tell two checkpoints apart.
 CHECKSUM_TENSORS = 4
 
@@ -140,7 +140,9 @@ def export_run(run_dir: Path, out: Path, which: str = "last") -> dict:
     # weights_only=True: a checkpoint from elsewhere cannot run code; anything else is refused
     ckpt = load_checkpoint(ckpt_path, key="--checkpoint")
     state = {
-        k.removeprefix(PREFIX): v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)
+        k.removeprefix(IMAGE_BRANCH): v
+        for k, v in ckpt["state_dict"].items()
+        if k.startswith(IMAGE_BRANCH)
     }
 
     # requires_grad decides what was tuned; build the same structure without weights

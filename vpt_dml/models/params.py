@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+# the image branch (the inference model, what vpt_dml.export ships) lives under this prefix
+IMAGE_BRANCH = "embedder."
+
 # (name prefix, component), first match wins
 _PREFIXES = (
     ("embedder.backbone.prompts.", "prompts"),
