@@ -42,8 +42,8 @@ from vpt_dml.models.method_summary import (
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 # folders of conf/ whose files are not options of one config node
 NOT_OPTIONS = {"hydra", "experiment", "hparams_search"}
-# keys the code reads that no option file spells, with their types (debug / overwrite:
-# the robust helper's root switches, harmless here once train.yaml spells them)
+# keys the code reads that no option file spells, with their types (debug / overwrite are
+# also in train.yaml; listing them keeps the check independent of it)
 CODE_KEYS: dict[str, set[str]] = {
     "debug": {"bool"},
     "overwrite": {"bool"},

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 import vpt_dml
 
@@ -39,3 +40,8 @@ def environment() -> dict:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def cfg_without_hydra(cfg: DictConfig) -> DictConfig:
+    """The run's config without the `hydra` node (it needs a live Hydra job to resolve)."""
+    return OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"})

@@ -41,7 +41,7 @@ from vpt_dml.models.backbone import data_config, weights_report
 from vpt_dml.models.build import prepare_backbone
 from vpt_dml.models.method_summary import effective_method
 from vpt_dml.module import VPTDMLModule
-from vpt_dml.provenance import environment
+from vpt_dml.provenance import cfg_without_hydra
 from vpt_dml.results import build_result, run_provenance
 from vpt_dml.summary import print_summary
 
@@ -138,10 +138,6 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def cfg_without_hydra(cfg: DictConfig) -> DictConfig:
-    return OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"})
-
-
 def backbone_provenance(b: DictConfig, vit=None) -> dict:
     """Which backbone, and where its weights came from (file size, SHA-256, key counts)."""
     out = {
@@ -154,6 +150,10 @@ def backbone_provenance(b: DictConfig, vit=None) -> dict:
     if vit is not None and weights_report(vit) is not None:
         out["weights_file"] = weights_report(vit)
     return out
+
+
+def provenance_of(cfg: DictConfig, module) -> dict:
+    return backbone_provenance(cfg.model.backbone, module.embedder.backbone.vit)
 
 
 def refuse_ddp_sweep(cfg: DictConfig) -> None:
@@ -181,7 +181,7 @@ def start_run(cfg: DictConfig) -> dict | None:
     return load_checkpoint(ckpt_path) if ckpt_path else None
 
 
-def record_interrupted(cfg: DictConfig, trainer: L.Trainer, before: dict) -> str:
+def record_interrupted(cfg: DictConfig, trainer: L.Trainer, module, dm, before: dict) -> str:
     """metrics.json of a run stopped by SIGTERM; returns the line that says what is left."""
     resume = next((c for c in trainer.callbacks if isinstance(c, ExactResume)), None)
     info = dict((resume.interrupted if resume else None) or {"signal": "SIGTERM"})
@@ -199,15 +199,7 @@ def record_interrupted(cfg: DictConfig, trainer: L.Trainer, before: dict) -> str
         "status": "interrupted",
         "interrupted": info,
         "metrics": metrics,
-        "provenance": {
-            **environment(),
-            "seed": cfg.get("seed"),
-            "task_name": cfg.get("task_name"),
-            "overrides": task_overrides(),
-            "epochs": trainer.current_epoch,
-            "global_step": trainer.global_step,
-            "world_size": trainer.world_size,
-        },
+        "provenance": run_provenance(cfg, trainer, module, dm, provenance_of(cfg, module)),
     }
     if not trainer.is_global_zero:
         return f"[rank {trainer.global_rank}] stopped by SIGTERM; rank 0 says what was saved"
@@ -223,7 +215,7 @@ def record_interrupted(cfg: DictConfig, trainer: L.Trainer, before: dict) -> str
     return f'SIGTERM after {done} completed epoch(s): {saved}; metrics.json says "status": "interrupted"'
 
 
-@run_folder.owns_run_folder  # robust: lock, writable, config_resolved.yaml; released after
+@run_folder.owns_run_folder  # lock, writable check, config_resolved.yaml; released after
 def train(cfg: DictConfig) -> dict:
     check_config(cfg)  # typos, wrong types, self-contradictory methods: before anything runs
     resume = start_run(cfg)  # ckpt_path is a checkpoint that loads safely
@@ -234,7 +226,7 @@ def train(cfg: DictConfig) -> dict:
     dm = build_datamodule(cfg)
     splits = dm.load()
     module = build_module(cfg, splits.train.num_classes, dm.recall_ks)
-    if resume is not None:  # robust: the checkpoint fits this model, before any evaluation
+    if resume is not None:  # the checkpoint fits this model, before any evaluation
         check_resumable(resume, module, cfg.ckpt_path, task_overrides())
         resume = None  # memory-mapped; Lightning loads it again
     # Preprocessing follows the backbone's own pretrained config (size, mean, std).
@@ -252,12 +244,13 @@ def train(cfg: DictConfig) -> dict:
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     except SIGTERMException:  # preemption, docker stop (ExactResume kept a last.ckpt)
-        raise Interrupted(record_interrupted(cfg, trainer, before)) from None
+        raise Interrupted(record_interrupted(cfg, trainer, module, dm, before)) from None
     return finish(cfg, trainer, module, dm, out_dir)
 
 
 def finish(cfg: DictConfig, trainer: L.Trainer, module: VPTDMLModule, dm, out_dir: Path) -> dict:
-    """Test, then write metrics.json and config_resolved.yaml; returns the flat metrics."""
+    """Test, then write metrics.json (config_resolved.yaml was written at start by
+    run_folder); returns the flat metrics."""
     held_out = bool(dm.val_classes)
     selector = selection_checkpoint(trainer.callbacks)
     best_path = (selector.best_model_path or None) if selector else None
@@ -275,22 +268,13 @@ def finish(cfg: DictConfig, trainer: L.Trainer, module: VPTDMLModule, dm, out_di
         best_checkpoint=best_path,
         schedule={"start_epoch": schedule.start_epoch, "every_n_epochs": schedule.every_n_epochs},
         cost=cost.summary(module),
-        provenance=run_provenance(
-            cfg,
-            trainer,
-            module,
-            dm,
-            backbone_provenance(cfg.model.backbone, module.embedder.backbone.vit),
-        ),
+        provenance=run_provenance(cfg, trainer, module, dm, provenance_of(cfg, module)),
     )
     # what actually trained, read from the built model rather than the config's names
     result["method"] = effective_method(module)
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out_dir / "config_resolved.yaml").write_text(
-            OmegaConf.to_yaml(cfg_without_hydra(cfg), resolve=True)
-        )
         print_summary(result, out_dir)
     return result["metrics"]
 

@@ -39,6 +39,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
 from vpt_dml.errors import UserError
+from vpt_dml.provenance import cfg_without_hydra
 
 LOCK = "run.lock"
 KEY = "hydra.run.dir"
@@ -274,19 +275,14 @@ def claim(
 
 
 # -- at the top of train() ----------------------------------------------------------------
-def plain_config(cfg: DictConfig) -> str:
-    """The run's config as resolved YAML, the `hydra` node left out."""
-    return OmegaConf.to_yaml(
-        OmegaConf.create({k: v for k, v in cfg.items() if k != "hydra"}), resolve=True
-    )
-
-
 def prepare(cfg: DictConfig) -> Path:
     """Claim cfg.paths.output_dir and write config_resolved.yaml into it; returns the folder."""
     folder = Path(cfg.paths.output_dir)
     claim(folder, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
     if is_global_zero():
-        (folder / "config_resolved.yaml").write_text(plain_config(cfg))
+        (folder / "config_resolved.yaml").write_text(
+            OmegaConf.to_yaml(cfg_without_hydra(cfg), resolve=True)
+        )
     return folder
 
 
