@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e ".[dev,wandb,peft]"
+	$(PY) -m pip install -q -e ".[dev,wandb,peft,slurm,onnx]"
 	touch $(STAMP)
 
 # overwrite=true: a run folder belongs to one run, and `make demo` replaces its own last one
