@@ -268,3 +268,21 @@ def test_step_count_option_reaches_the_host_store_and_is_checked():
     for where in ("host", "device"):
         with pytest.raises(UserError, match="class_prompt_step"):
             SemanticProxies(C, D, 3, COUNTS, class_prompt_store=where, class_prompt_step="row")
+
+
+def test_host_store_checkpoint_passes_the_resume_check_and_another_class_count_is_named():
+    """The bank's tables live in a dict (extra state): the resume check compares them as
+    tensors (a sop_deep resume crashed on the dict; another class count went unnoticed)."""
+    from vpt_dml.checkpoints import state_differences
+
+    host = semantic(0, "host")
+    assert state_differences(semantic(1, "host").state_dict(), host.state_dict()) == []
+    # a trained bank holds optimizer moments a freshly built one creates at its first step
+    prompts = [p for p in host.class_prompts.gather(torch.tensor([1, 2])) if p is not None]
+    sum(p.sum() for p in prompts).backward()
+    host.class_prompts.store.step({"lr": 0.1}, "adamw")
+    assert state_differences(semantic(1, "host").state_dict(), host.state_dict()) == []
+    torch.manual_seed(0)
+    bigger = SemanticProxies(C + 1, D, 3, COUNTS, class_prompt_store="host")
+    diffs = state_differences(bigger.state_dict(), host.state_dict())
+    assert any("_extra_state" in name and found[0] == C for name, found, _ in diffs if found)

@@ -126,17 +126,61 @@ def test_tiny_layouts_parse_with_the_real_loaders(tmp_path):
 
 
 # -- the whole tiny run -------------------------------------------------------------------
-@pytest.mark.slow
-def test_cpu_tiny_run_trains_both_presets_and_projects(tmp_path):
-    env = {
+def _env() -> dict:
+    return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
         "HF_HUB_OFFLINE": "1",
         "WANDB_MODE": "disabled",
     }
+
+
+def _gpu_check(tmp_path: Path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "gpu_check.py"), "--cpu", "--tiny", *flags]
+        + ["--workdir", str(tmp_path)],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return proc, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_smoke_phase_runs_every_path_once_then_stops(tmp_path):
+    """--smoke-only: per preset train (evaluation before, 2 epochs, test), resume from
+    last.ckpt to a third epoch, export -> embed -> retrieve; no measured run starts."""
+    proc, summary = _gpu_check(tmp_path, "--smoke-only")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert summary["ok"] and summary["smoke"]["failures"] == []
+    assert "presets" not in summary  # the measured runs did not start
+    for name in ("sop_deep", "cub_deep"):
+        r = summary["smoke"]["presets"][name]
+        assert list(r["steps"]) == ["train", "resume", "export", "embed", "retrieve"]
+        assert all(step["rc"] == 0 for step in r["steps"].values())
+        assert r["train"]["final_epoch"] == 1 and r["resume"]["final_epoch"] == 2
+        assert r["train"]["status"] == r["resume"]["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_a_failing_smoke_phase_keeps_the_measured_runs_from_starting(tmp_path):
+    proc, summary = _gpu_check(
+        tmp_path, "--presets", "cub_deep", "--override", "model.embed_dim=abc"
+    )
+    assert proc.returncode == 1
+    assert not summary["ok"] and "presets" not in summary
+    assert any("smoke cub_deep_train" in f and "embed_dim" in f for f in summary["failures"])
+    assert "the smoke phase failed" in proc.stdout
+
+
+@pytest.mark.slow
+def test_cpu_tiny_run_trains_both_presets_and_projects(tmp_path):
+    env = _env()
     proc = subprocess.run(
         [sys.executable, str(REPO / "experiments" / "gpu_check.py"), "--cpu", "--tiny"]
-        + ["--workdir", str(tmp_path), "--out", str(tmp_path / "out")],
+        + ["--skip-smoke", "--workdir", str(tmp_path), "--out", str(tmp_path / "out")],
         cwd=REPO,
         env=env,
         capture_output=True,

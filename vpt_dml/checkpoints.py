@@ -159,17 +159,41 @@ def _shape(t) -> str:
     return "absent" if t is None else str(list(t))
 
 
+def tensor_leaves(state: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a state dict by dotted name, also those inside a module's extra
+    state (the host class-prompt bank keeps its tables in `..._extra_state`, a dict)."""
+    out: dict[str, torch.Tensor] = {}
+    items = state.items() if isinstance(state, Mapping) else enumerate(state)
+    for key, value in items:
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            out[name] = value
+        elif isinstance(value, (Mapping, list, tuple)):
+            out.update(tensor_leaves(value, f"{name}."))
+    return out
+
+
 def state_differences(
     expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor]
 ) -> list[tuple[str, tuple | None, tuple | None]]:
     """(name, shape in `found`, shape in `expected`) of every tensor that differs, model order."""
+    expected, found = tensor_leaves(expected), tensor_leaves(found)
+
+    def optional(name: str) -> bool:  # extra state grows lazily (optimizer moments at step 1)
+        return "_extra_state." in name
+
     diffs = []
     for name, t in expected.items():
         if name not in found:
-            diffs.append((name, None, tuple(t.shape)))
+            if not optional(name):
+                diffs.append((name, None, tuple(t.shape)))
         elif tuple(found[name].shape) != tuple(t.shape):
             diffs.append((name, tuple(found[name].shape), tuple(t.shape)))
-    diffs += [(name, tuple(t.shape), None) for name, t in found.items() if name not in expected]
+    diffs += [
+        (name, tuple(t.shape), None)
+        for name, t in found.items()
+        if name not in expected and not optional(name)
+    ]
     return diffs
 
 
