@@ -16,7 +16,35 @@ Memory (each variant alone): on CUDA torch.cuda.max_memory_allocated over a step
 every device also an estimate that needs no allocator: bytes of the tensors autograd
 keeps for backward at the end of forward (saved_tensors_hooks, de-duplicated by storage,
 parameters excluded) + parameters + gradients + optimizer state.
+FLOPs: each variant's forward + backward is counted once by torch's FlopCounterMode
+(GEMMs, convolutions and scaled-dot-product attention; on CPU the attention kernel is
+registered here, torch counts it only on CUDA), so `flops_vs_full_ft` is the arithmetic
+floor of the time ratio, and `time_vs_flop_floor` the overhead beyond it.
 Imports only torch, timm and vpt_dml.models / vpt_dml.losses (no hydra, lightning, ...).
+
+The hand count the counter is checked against (tests/test_flop_count.py), in
+multiply-adds per image (x2 for FLOPs), for a ViT of L blocks, width d, MLP ratio r,
+T = N patches + k prefix tokens, patch p, c channels; P_l prompts at block l:
+
+    linear(T)      = (4 + 2r) d^2 T             qkv 3, proj 1, MLP 2r (timm's Block)
+    attention(T,S) = 2 T S d                    q k^T and a v, T queries over S keys
+    embed          = N c p^2 d                  the patch convolution
+
+  full fine-tuning: forward sum_l [linear(T) + attention(T, T)] + embed; backward 2x the
+    linears (input and weight gradients), 2.5x attention (the flash kernels' backward
+    recomputes q k^T: torch's own formula), 1x embed (weight gradient only):
+        3 sum_l linear(T) + 3.5 sum_l attention(T, T) + 2 embed
+  one prompted branch of the fused pass (PromptedViT._branch_block): prompts only join
+    the keys and values, and the last block computes only the k prefix tokens' outputs:
+        F_l = (2 + 2r) d^2 T_l + 2 d^2 (T + P_l) + attention(T_l, T + P_l),
+        T_l = T for l < L - 1, T_{L-1} = k;
+    frozen weights: backward 1x the linears (input gradients only), 2.5x attention.
+  VPTSP-G (fused): two such branches (image prompts P, class prompts Q) over one shared
+    embedding, no backward through the embedding:
+        sum_branches sum_l [2 lin_l + 3.5 att_l] + embed
+  Heads, GRU, proxies and the loss are left out (under 1% on the ViTs benchmarked).
+  P = 10, Q = 3 on every block, 224 px: VPTSP-G / full fine-tuning = 1.30 (ViT-S/16) and
+  1.28 (ViT-B/16): the floor under the measured time ratio (1.87 on an H200, issue 8).
 """
 
 from __future__ import annotations
@@ -33,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,8 +70,8 @@ from vpt_dml.models.build import build_model  # noqa: E402
 from vpt_dml.optim import device_step_kwargs  # noqa: E402
 
 NUM_CLASSES = 100  # CUB's training classes
-PROMPTS = {"num": 10, "depth": 12, "step": 0}  # CUB ViT-S preset: P
-CLASS_PROMPTS = {"num": 3, "depth": 12, "step": 0}  # and Q
+PROMPTS = {"num": 10, "depth": "all", "step": 0}  # CUB ViT-S preset: P (12 blocks)
+CLASS_PROMPTS = {"num": 3, "depth": "all", "step": 0}  # and Q
 NO_PROMPTS = {"num": 0, "depth": 0, "step": 0}
 
 
@@ -56,6 +85,7 @@ class Variant:
     frozen_bf16: bool = False  # frozen weights stored in bf16 once (models/precision.py)
     compile: bool = False
     trainable: int = 0
+    flops: int = 0  # forward + backward of one batch (FlopCounterMode)
     built: dict = field(default_factory=dict)
 
 
@@ -86,7 +116,12 @@ def build(v: Variant, args) -> None:
     proxy = {"kind": "semantic_gru", "bias_ratio": 0.5, "class_prompts": CLASS_PROMPTS}
     cfg = {
         "model": {
-            "backbone": {"name": args.model, "pretrained": False, "weights": None, "kwargs": {}},
+            "backbone": {
+                "name": args.model,
+                "pretrained": False,
+                "weights": None,
+                "kwargs": dict(getattr(args, "model_kwargs", None) or {}),
+            },
             "peft": v.peft,
             "embed_dim": args.embed_dim,
             "proxy": proxy if v.semantic else {"kind": "learned"},
@@ -198,6 +233,54 @@ def measure_memory(v: Variant, args, batch) -> dict:
     return out
 
 
+def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _sdpa_cpu_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# torch's FlopCounterMode counts the CUDA attention kernels only
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
+}
+
+
+def count_flops(v: Variant, batch) -> int:
+    """FLOPs of one forward + backward of the variant (the optimizer step has no GEMM)."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        v.built["forward"](*batch).backward()
+    for p in v.built["opt"].param_groups[0]["params"]:
+        p.grad = None
+    return int(counter.get_total_flops())
+
+
+def hand_flops(vit, prompts: list[int], branches: list[list[int]] | None) -> int:
+    """The docstring's count for one image: full fine-tuning (`branches` None, `prompts`
+    ignored) or the fused pass over `branches` (per-block prompt counts of each)."""
+    L = len(vit.blocks)
+    d = vit.embed_dim
+    r = vit.blocks[0].mlp.fc1.out_features / d
+    k = vit.num_prefix_tokens
+    n = vit.patch_embed.num_patches
+    t = n + k
+    conv = vit.patch_embed.proj
+    embed = n * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * d
+    if branches is None:
+        lin = (4 + 2 * r) * d * d * t
+        att = 2 * t * t * d
+        return int(2 * (L * (3 * lin + 3.5 * att) + 2 * embed))
+    macs = embed
+    for counts in branches:
+        for layer, p in enumerate(counts):
+            t_out = k if layer == L - 1 else t
+            lin = (2 + 2 * r) * d * d * t_out + 2 * d * d * (t + p)
+            macs += 2 * lin + 3.5 * 2 * t_out * (t + p) * d
+    return int(2 * macs)
+
+
 def count_syncs(step: Callable, batch) -> int:
     """Synchronising CUDA calls in one step (torch's sync debug mode warns on each)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -217,6 +300,7 @@ def run(args) -> dict:
     for v in vs:  # memory: one variant on the device at a time
         build(v, args)
         memory[v.name] = measure_memory(v, args, batches[0])
+        v.flops = count_flops(v, batches[0])
         v.trainable = v.built["trainable"]
         v.built = {}
         if args.device.startswith("cuda"):
@@ -246,6 +330,7 @@ def run(args) -> dict:
 
 def report(vs, times, memory, args) -> dict:
     base_t = statistics.median(times["full_ft"])
+    base_f = next(v.flops for v in vs if v.name == "full_ft")
     mem_key = "cuda_peak_mb" if args.device.startswith("cuda") else "estimate_mb"
     base_m = memory["full_ft"][mem_key]
     rows = {}
@@ -256,17 +341,23 @@ def report(vs, times, memory, args) -> dict:
             "step_s_all_rounds": [round(x, 4) for x in times[v.name]],
             "images_per_s": round(args.batch / t, 2),
             "time_vs_full_ft": round(t / base_t, 3),
+            "gflops_per_step": round(v.flops / 1e9, 3),
+            "flops_vs_full_ft": round(v.flops / base_f, 3),
+            # measured time ratio over the arithmetic one: 1.0 = at the FLOP floor
+            "time_vs_flop_floor": round((t / base_t) / (v.flops / base_f), 3),
             "memory_mb": round(memory[v.name][mem_key], 1),
             "memory_vs_full_ft": round(memory[v.name][mem_key] / base_m, 3),
             "trainable_params": v.trainable,
             **{k: round(x, 1) for k, x in memory[v.name].items()},
         }
     print(
-        f"\n{'variant':22s} {'img/s':>8s} {'x time':>7s} {'mem MB':>9s} {'x mem':>6s} {'trainable':>11s}"
+        f"\n{'variant':22s} {'img/s':>8s} {'x time':>7s} {'x flops':>8s} {'/floor':>7s} "
+        f"{'mem MB':>9s} {'x mem':>6s} {'trainable':>11s}"
     )
     for name, r in rows.items():
         print(
-            f"{name:22s} {r['images_per_s']:8.2f} {r['time_vs_full_ft']:7.3f} {r['memory_mb']:9.1f} "
+            f"{name:22s} {r['images_per_s']:8.2f} {r['time_vs_full_ft']:7.3f} "
+            f"{r['flops_vs_full_ft']:8.3f} {r['time_vs_flop_floor']:7.3f} {r['memory_mb']:9.1f} "
             f"{r['memory_vs_full_ft']:6.3f} {r['trainable_params']:11d}"
         )
     g = rows["vptsp_g"]
