@@ -201,9 +201,11 @@ def extract(
     members: list[Member],
     progress: bool = True,
     after_member: Callable[[int], None] | None = None,
+    dest: Path | None = None,
 ) -> None:
-    """Extract a checked archive into root, resumably; `record` is stored in its marker.
-    `after_member(n)` is called after the n-th member is written (tests interrupt here)."""
+    """Extract a checked archive into `dest` (default root), resumably; the temp folder and
+    the marker (holding `record`) live in root. `after_member(n)` is called after the n-th
+    member is written (tests interrupt here)."""
     tmp = root / PARTIAL / archive.name
     if tmp.exists():
         shutil.rmtree(tmp)  # left by an interrupted run: start this archive again
@@ -217,7 +219,7 @@ def extract(
             bar.update(sizes.get(name, 0))
             if after_member is not None:
                 after_member(n)
-    move_tree(tmp, root)
+    move_tree(tmp, dest or root)
     shutil.rmtree(tmp)
     write_marker(root, archive.name, record)
 
