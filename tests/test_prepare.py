@@ -213,3 +213,26 @@ def test_an_interrupted_extraction_finishes_the_same_without_redoing_finished_ar
     (src / "cars_train.tgz").unlink()  # finished before the interruption: not needed again
     assert prepare("cars", src, root, progress=False) == []
     assert tree(root) == tree(tmp_path / "straight")
+
+
+def test_members_far_beyond_the_archives_size_are_refused(tmp_path, monkeypatch):
+    src, root = tmp_path / "archives", tmp_path / "data"
+    src.mkdir()
+    archive = src / "CUB_200_2011.tgz"
+    with tarfile.open(archive, "w:gz") as t:
+        big = tarfile.TarInfo("CUB_200_2011/images.txt")
+        big.size = 80 << 20  # zeros: 80 MiB out of a ~80 KiB archive
+        t.addfile(big, io.BytesIO(bytes(big.size)))
+    listed_as(monkeypatch, tmp_path, [archive])
+    with pytest.raises(UserError, match=r"add up to 83,886,080 bytes, over 50x the archive's size"):
+        prepare("cub", src, root, progress=False)
+    assert not any(root.rglob("*"))
+
+
+def test_a_missing_archive_lists_what_the_dataset_needs(tmp_path, capsys):
+    (tmp_path / "archives").mkdir()
+    assert main(["cars", "--archives", str(tmp_path / "archives"), "--root", str(tmp_path / "d")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "car_ims.tgz, cars_annos.mat not found in" in line
+    assert "cars_train.tgz + cars_test.tgz + car_devkit.tgz + cars_test_annos_withlabels.mat" in line
+    assert '"Getting the datasets"' in line
