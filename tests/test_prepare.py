@@ -236,3 +236,17 @@ def test_a_missing_archive_lists_what_the_dataset_needs(tmp_path, capsys):
     assert "car_ims.tgz, cars_annos.mat not found in" in line
     assert "cars_train.tgz + cars_test.tgz + car_devkit.tgz + cars_test_annos_withlabels.mat" in line
     assert '"Getting the datasets"' in line
+
+
+def test_an_unsafe_later_archive_leaves_the_root_untouched(tmp_path, monkeypatch):
+    layouts = fake_cars_archives(tmp_path / "src")
+    src = tmp_path / "src" / "classification"
+    with tarfile.open(src / "cars_test.tgz", "w:gz") as t:
+        bad = tarfile.TarInfo("cars_test/../../evil.jpg")
+        bad.size = 1
+        t.addfile(bad, io.BytesIO(b"x"))
+    listed_as(monkeypatch, tmp_path, layouts["classification"])
+    root = tmp_path / "data"
+    with pytest.raises(UserError, match="cars_test.tgz: member 'cars_test/../../evil.jpg' is a '..' path"):
+        prepare("cars", src, root, progress=False)
+    assert not any(root.rglob("*"))  # cars_train.tgz, checked first and fine, not extracted either

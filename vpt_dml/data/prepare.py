@@ -123,31 +123,34 @@ def prepare(
     src, root = Path(src).expanduser(), Path(root).expanduser()
     layout = choose_layout(name, layouts(name, inshop_images), src, root, download)
     root.mkdir(parents=True, exist_ok=True)
-    records = []
+    # every archive is fetched, hashed and its members checked before any is extracted:
+    # a refusal leaves --root as it was
+    todo = []
     for file in layout.files:
-        record = archives.done(root, file)
-        if record is None:
-            path = src / file
-            entry = listed(file)
-            if not path.is_file():
-                fetch(entry, path, progress)
-            seen = archives.file_hashes(path, progress)
-            ok = archives.check_listed(path, entry, seen, accept_unlisted)
-            record = {
-                "file": file, "size": seen.size, "md5": seen.md5, "sha256": seen.sha256,
-                "checked": "matches the table" if ok else (
-                    "differs from the table: accepted with --accept-unlisted"
-                    if entry.published else "no published checksum: recorded as seen"
-                ),
-            }  # fmt: skip
-            dest = root / layout.into
-            if file in layout.copy_to:
-                archives.copy_file(path, dest / layout.copy_to[file])
-                archives.write_marker(root, file, record)
-            else:
-                members = archives.check_members(path, entry.size)
-                archives.extract(path, root, record, members, progress, after_member, dest)
-        records.append(record)
+        if archives.done(root, file) is not None:
+            continue
+        path, entry = src / file, listed(file)
+        if not path.is_file():
+            fetch(entry, path, progress)
+        seen = archives.file_hashes(path, progress)
+        ok = archives.check_listed(path, entry, seen, accept_unlisted)
+        record = {
+            "file": file, "size": seen.size, "md5": seen.md5, "sha256": seen.sha256,
+            "checked": "matches the table" if ok else (
+                "differs from the table: accepted with --accept-unlisted"
+                if entry.published else "no published checksum: recorded as seen"
+            ),
+        }  # fmt: skip
+        members = None if file in layout.copy_to else archives.check_members(path, entry.size)
+        todo.append((path, record, members))
+    dest = root / layout.into
+    for path, record, members in todo:
+        if members is None:
+            archives.copy_file(path, dest / layout.copy_to[path.name])
+            archives.write_marker(root, path.name, record)
+        else:
+            archives.extract(path, root, record, members, progress, after_member, dest)
+    records = [archives.done(root, file) for file in layout.files]
     if layout.finish is not None and archives.done(root, "finish") is None:
         layout.finish(root)
         archives.write_marker(root, "finish", {"layout": layout.label})
