@@ -204,7 +204,10 @@ def fake_cars_archives(out: Path, per_class: tuple[int, ...] = (1, 2)) -> dict[s
                      "test": im["test"]})  # fmt: skip
     _mat(dml / "cars_annos.mat", rows, {"class_names": names})
     (out / "dml").mkdir(parents=True, exist_ok=True)
-    dml_files = [pack(out / "dml" / "car_ims.tgz", dml, ["car_ims"]), out / "dml" / "cars_annos.mat"]
+    dml_files = [
+        pack(out / "dml" / "car_ims.tgz", dml, ["car_ims"]),
+        out / "dml" / "cars_annos.mat",
+    ]
     (out / "dml" / "cars_annos.mat").write_bytes((dml / "cars_annos.mat").read_bytes())
 
     cls = out / "cls_src"
@@ -215,7 +218,9 @@ def fake_cars_archives(out: Path, per_class: tuple[int, ...] = (1, 2)) -> dict[s
         folder = "cars_test" if im["test"] else "cars_train"
         fname = f"{len(parts[im['test']]) + 1:05d}.jpg"
         put(cls / folder / fname, im["data"])
-        parts[im["test"]].append({**dict(zip(box, im["bbox"])), "class": im["class"], "fname": fname})
+        parts[im["test"]].append(
+            {**dict(zip(box, im["bbox"])), "class": im["class"], "fname": fname}
+        )
     _mat(cls / "devkit" / "cars_train_annos.mat", parts[0])
     _mat(cls / "cars_test_annos_withlabels.mat", parts[1])
     from scipy.io import savemat

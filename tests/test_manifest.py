@@ -37,7 +37,9 @@ def with_lonely_query(root: Path) -> Path:
     for j in (1, 2):
         rel = f"img/WOMEN/Dresses/id_00000013/{j:02d}_1_front.jpg"
         (root / "Img" / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(root / "Img" / "img/WOMEN/Dresses/id_00000001/01_1_front.jpg", root / "Img" / rel)
+        shutil.copy(
+            root / "Img" / "img/WOMEN/Dresses/id_00000001/01_1_front.jpg", root / "Img" / rel
+        )
         lines.append(f"{rel} id_00000013 query")
     lines[0] = str(len(lines) - 2)
     part.write_text("\n".join(lines) + "\n")
@@ -84,7 +86,11 @@ def test_a_runs_metrics_json_carries_the_manifests_hash(tmp_path: Path):
     result = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     dataset = result["provenance"]["dataset"]
     written = json.loads((root / "split.json").read_text())  # by the loader: it was absent
-    assert dataset["split_sha256"] == written["sha256"] == split_sha256(load_splits("inshop", str(root))[0])
+    assert (
+        dataset["split_sha256"]
+        == written["sha256"]
+        == split_sha256(load_splits("inshop", str(root))[0])
+    )
     assert written["counts"]["test"] == {"images": 6, "classes": 3}
     assert dataset["inshop_images"] == "img" and dataset["decode"] == "torchvision"
     assert dataset["queries_without_gallery"] == 2

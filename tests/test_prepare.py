@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_layouts import checksum_table, fake_archives, fake_cars_archives, jpeg_bytes, pack
+from tests.fake_layouts import checksum_table, fake_archives, fake_cars_archives
 from vpt_dml.data import registry
 from vpt_dml.data.checksums import ENV
 from vpt_dml.data.manifest import split_sha256
@@ -26,8 +26,13 @@ from vpt_dml.errors import UserError
 FAKE_COUNTS = {
     "cub": {"train_images": 4, "train_classes": 2, "test_images": 4, "test_classes": 2},
     "sop": {"train_images": 4, "train_classes": 2, "test_images": 4, "test_classes": 2},
-    "inshop": {"train_images": 6, "train_classes": 3, "test_images": 4, "test_classes": 3,
-               "gallery_images": 3},  # fmt: skip
+    "inshop": {
+        "train_images": 6,
+        "train_classes": 3,
+        "test_images": 4,
+        "test_classes": 3,
+        "gallery_images": 3,
+    },  # fmt: skip
     "inat": {"train_images": 6, "train_classes": 2, "test_images": 3, "test_classes": 1},
     "cars": {"train_images": 147, "train_classes": 98, "test_images": 147, "test_classes": 98},
 }
@@ -132,7 +137,11 @@ def test_a_wrong_byte_is_refused_in_one_line_and_accept_unlisted_records_it(
     assert main(["sop", "--archives", str(other.parent), "--root", str(root), "--no-progress",
                  "--accept-unlisted"]) == 0  # fmt: skip
     (record,) = json.loads((root / "prepared.json").read_text())["archives"]
-    assert record["sha256"] == hashlib.sha256(other.read_bytes()).hexdigest() != hashlib.sha256(zipped).hexdigest()
+    assert (
+        record["sha256"]
+        == hashlib.sha256(other.read_bytes()).hexdigest()
+        != hashlib.sha256(zipped).hexdigest()
+    )
     assert record["checked"].startswith("differs from the table")
 
 
@@ -169,7 +178,9 @@ def _info(name: str, **kw) -> tarfile.TarInfo:
         ("zip-dotdot", None, "a '..' path"),
     ],
 )  # fmt: skip
-def test_each_unsafe_member_kind_is_refused_with_nothing_written(kind, member, why, tmp_path, monkeypatch):
+def test_each_unsafe_member_kind_is_refused_with_nothing_written(
+    kind, member, why, tmp_path, monkeypatch
+):
     src, root = tmp_path / "archives", tmp_path / "data"
     src.mkdir()
     if member is None:
@@ -231,10 +242,14 @@ def test_members_far_beyond_the_archives_size_are_refused(tmp_path, monkeypatch)
 
 def test_a_missing_archive_lists_what_the_dataset_needs(tmp_path, capsys):
     (tmp_path / "archives").mkdir()
-    assert main(["cars", "--archives", str(tmp_path / "archives"), "--root", str(tmp_path / "d")]) == 2
+    assert (
+        main(["cars", "--archives", str(tmp_path / "archives"), "--root", str(tmp_path / "d")]) == 2
+    )
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "car_ims.tgz, cars_annos.mat not found in" in line
-    assert "cars_train.tgz + cars_test.tgz + car_devkit.tgz + cars_test_annos_withlabels.mat" in line
+    assert (
+        "cars_train.tgz + cars_test.tgz + car_devkit.tgz + cars_test_annos_withlabels.mat" in line
+    )
     assert '"Getting the datasets"' in line
 
 
@@ -247,6 +262,8 @@ def test_an_unsafe_later_archive_leaves_the_root_untouched(tmp_path, monkeypatch
         t.addfile(bad, io.BytesIO(b"x"))
     listed_as(monkeypatch, tmp_path, layouts["classification"])
     root = tmp_path / "data"
-    with pytest.raises(UserError, match="cars_test.tgz: member 'cars_test/../../evil.jpg' is a '..' path"):
+    with pytest.raises(
+        UserError, match="cars_test.tgz: member 'cars_test/../../evil.jpg' is a '..' path"
+    ):
         prepare("cars", src, root, progress=False)
     assert not any(root.rglob("*"))  # cars_train.tgz, checked first and fine, not extracted either

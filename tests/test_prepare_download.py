@@ -35,7 +35,9 @@ class Server:
                 if rng:
                     start = int(rng.removeprefix("bytes=").split("-")[0])
                     self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(outer.body) - 1}/{len(outer.body)}")
+                    self.send_header(
+                        "Content-Range", f"bytes {start}-{len(outer.body) - 1}/{len(outer.body)}"
+                    )
                 else:
                     self.send_response(200)
                 self.send_header("Content-Length", str(len(outer.body) - start))

@@ -48,9 +48,12 @@ def file_hashes(path: Path, progress: bool = True) -> Hashes:
     """MD5 and SHA-256 in one streamed pass (multi-GB archives never held in memory)."""
     md5, sha = hashlib.md5(), hashlib.sha256()
     size = path.stat().st_size
-    with path.open("rb") as f, tqdm(
-        total=size, unit="B", unit_scale=True, desc=f"hash {path.name}", disable=not progress
-    ) as bar:
+    with (
+        path.open("rb") as f,
+        tqdm(
+            total=size, unit="B", unit_scale=True, desc=f"hash {path.name}", disable=not progress
+        ) as bar,
+    ):
         while block := f.read(BLOCK):
             md5.update(block)
             sha.update(block)
@@ -69,12 +72,16 @@ def check_listed(path: Path, entry: Listed, seen: Hashes, accept_unlisted: bool)
         if want is not None and want != got and not accept_unlisted:
             raise ArchiveError(
                 f"{path}: {what} expected {want}, found {got}: the file is damaged, truncated or "
-                "another version; download it again (README, \"Getting the datasets\"), or pass "
+                'another version; download it again (README, "Getting the datasets"), or pass '
                 "--accept-unlisted to prepare it anyway and record the hash seen"
             )
     return entry.published and all(
         want is None or want == got
-        for want, got in ((entry.size, seen.size), (entry.md5, seen.md5), (entry.sha256, seen.sha256))
+        for want, got in (
+            (entry.size, seen.size),
+            (entry.md5, seen.md5),
+            (entry.sha256, seen.sha256),
+        )
     )
 
 

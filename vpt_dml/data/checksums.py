@@ -95,7 +95,9 @@ def listed(name: str) -> Listed:
     try:
         table = json.loads(Path(extra).read_text())
     except (OSError, ValueError) as e:
-        raise UserError(f"${ENV}={extra} is not a readable JSON table ({e}); fix or unset it") from None
+        raise UserError(
+            f"${ENV}={extra} is not a readable JSON table ({e}); fix or unset it"
+        ) from None
     if name in table:
         given = {k: v for k, v in table[name].items() if k in ("size", "md5", "sha256", "url")}
         entry = replace(entry, **given)

@@ -127,7 +127,10 @@ class RetrievalDataModule(L.LightningDataModule):
             log.warning(
                 "%s/%s was written for another split (%s); this copy's is %s: the files "
                 "changed since it was prepared (delete split.json to accept the copy as it is)",
-                root, MANIFEST, on_disk[:12], out["split_sha256"][:12],
+                root,
+                MANIFEST,
+                on_disk[:12],
+                out["split_sha256"][:12],
             )
             out["split_json_sha256"] = on_disk
         if "images" in splits.info:
@@ -139,7 +142,10 @@ class RetrievalDataModule(L.LightningDataModule):
                 log.warning(
                     "%s: %d of %d queries have no gallery image of their class (first: %s) "
                     "and are left out of every metric",
-                    self.name, int(alone.sum()), len(alone), splits.test.paths[int(np.flatnonzero(alone)[0])],
+                    self.name,
+                    int(alone.sum()),
+                    len(alone),
+                    splits.test.paths[int(np.flatnonzero(alone)[0])],
                 )
         return out
 

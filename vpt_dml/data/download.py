@@ -50,7 +50,9 @@ def download(entry: Listed, dest: Path, progress: bool = True, timeout: float = 
         if e.code == 416 and have:  # nothing left to send: the .part is complete
             pass
         else:
-            raise DownloadError(f"{entry.url}: HTTP {e.code} {e.reason}; the copy may be gone (README, \"Getting the datasets\")") from None
+            raise DownloadError(
+                f'{entry.url}: HTTP {e.code} {e.reason}; the copy may be gone (README, "Getting the datasets")'
+            ) from None
     except (urllib.error.URLError, HTTPException, OSError) as e:
         got = part.stat().st_size if part.exists() else 0
         raise DownloadError(

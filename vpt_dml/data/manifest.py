@@ -57,7 +57,10 @@ def split_sha256(splits: RetrievalSplits) -> str:
 
 def manifest(splits: RetrievalSplits) -> dict:
     body = canonical(splits)
-    counts = {part: {"images": s["images"], "classes": len(s["classes"])} for part, s in body["splits"].items()}
+    counts = {
+        part: {"images": s["images"], "classes": len(s["classes"])}
+        for part, s in body["splits"].items()
+    }
     return {"sha256": _digest(body), "counts": counts, **body}
 
 

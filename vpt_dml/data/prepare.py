@@ -77,7 +77,12 @@ def layouts(name: str, inshop_images: str = "img") -> list[Layout]:
             ),
             Layout(
                 "classification (cars_train + cars_test + devkit + test labels, re-split by class)",
-                ("cars_train.tgz", "cars_test.tgz", "car_devkit.tgz", "cars_test_annos_withlabels.mat"),
+                (
+                    "cars_train.tgz",
+                    "cars_test.tgz",
+                    "car_devkit.tgz",
+                    "cars_test_annos_withlabels.mat",
+                ),
                 {"cars_test_annos_withlabels.mat": "cars_test_annos_withlabels.mat"},
                 CARS_SOURCE,
                 _cars_finish(cars.classification_layout_images),
@@ -86,7 +91,9 @@ def layouts(name: str, inshop_images: str = "img") -> list[Layout]:
     raise UserError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
 
 
-def choose_layout(name: str, options: list[Layout], src: Path, root: Path, download: bool) -> Layout:
+def choose_layout(
+    name: str, options: list[Layout], src: Path, root: Path, download: bool
+) -> Layout:
     def have(f: str) -> bool:
         return (src / f).is_file() or archives.done(root, f) is not None
 
@@ -180,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dataset", choices=sorted(DATASETS))
     parser.add_argument("--archives", required=True, type=Path, help="folder holding the archives")
     parser.add_argument("--root", required=True, type=Path, help="data.root to create")
-    parser.add_argument("--download", action="store_true", help="fetch missing archives that have a public URL")
+    parser.add_argument(
+        "--download", action="store_true", help="fetch missing archives that have a public URL"
+    )
     parser.add_argument("--decode", action="store_true", help="also decode every image (slow)")
     parser.add_argument("--accept-unlisted", action="store_true",
                         help="prepare an archive whose hash differs from the table, recording it")  # fmt: skip
