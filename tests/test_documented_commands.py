@@ -237,6 +237,10 @@ HOW_RUN: dict[str, How] = {
                                              "retrieve"),
     r"^python3? -m vpt_dml\.report\b": How("cli", "on the folder of a tiny sweep run here", "report"),
     r"^python3? -m vpt_dml\.data\.verify\b": How("cli", "on a fake copy of the layout", "data.verify"),
+    r"^python3? -m vpt_dml\.data\.prepare\b":
+        How("delegated", "prepare's CLI on tiny archives in the official formats (hashes through "
+                         "$VPT_DML_CHECKSUMS), for every dataset; --download against 127.0.0.1",
+            "tests/test_prepare.py::test_prepare_gives_the_layout_the_loader_reads_and_verifies"),
     # -- make --
     r"^make demo$": How("expand", "the Makefile recipe's vpt_dml.run line, through this table"),
     r"^make (test|test-fast)$": How("skip", "runs this test suite itself"),

@@ -13,6 +13,8 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from vpt_dml.data.dataset import EvalDataset, ImageDataset
+from vpt_dml.data.manifest import FILE as MANIFEST
+from vpt_dml.data.manifest import read_sha256, split_sha256, write_manifest
 from vpt_dml.data.records import RetrievalSplits
 from vpt_dml.data.registry import count_mismatches, load_splits
 from vpt_dml.data.sampler import ClassBalancedBatchSampler
@@ -44,6 +46,7 @@ class RetrievalDataModule(L.LightningDataModule):
         skip_broken: bool = False,
         check_files: bool = True,
         fast_decode: bool = True,
+        inshop_images: str | None = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -62,6 +65,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self.skip_broken = skip_broken
         self.check_files = check_files
         self.fast_decode = fast_decode
+        self.inshop_images = inshop_images
         self.splits: RetrievalSplits | None = None
         self.count_report: dict = {}
 
@@ -85,10 +89,12 @@ class RetrievalDataModule(L.LightningDataModule):
                 raise DatasetError(
                     f"data.root is not set: point it at your {self.name} download (data.root=/path)"
                 )
-            splits, official = load_splits(self.name, self.root)
+            options = {"images": self.inshop_images} if self.name == "inshop" else {}
+            splits, official = load_splits(self.name, self.root, **options)
         summary = splits.summary()
         problems = count_mismatches(summary, official) if official else []
         self.count_report = {"counts": summary, "official": official, "mismatches": problems}
+        self.count_report.update(self._identity(splits))
         if problems:
             msg = f"{self.name} at {self.root} does not match the official split ({'; '.join(problems)})"
             if self.strict_counts:
@@ -100,6 +106,48 @@ class RetrievalDataModule(L.LightningDataModule):
             splits = self._drop_missing(splits)
         self.splits = self._hold_out_val(splits)
         return self.splits
+
+    def _identity(self, splits: RetrievalSplits) -> dict:
+        """What tells this run's data apart from another's: the split manifest's hash, the
+        decode path, In-Shop's image folder and its queries that no gallery image matches
+        (evaluation leaves those out: counted here so the recall is read correctly)."""
+        out = {
+            "split_sha256": split_sha256(splits),
+            "decode": "fast" if self.fast_decode else "torchvision",
+        }
+        root = splits.info.get("root")
+        on_disk = read_sha256(root) if root else None
+        if root and on_disk is None and rank_zero_only.rank == 0:
+            try:
+                write_manifest(root, splits)
+                on_disk = out["split_sha256"]
+            except OSError as e:  # a read-only dataset folder is common: the hash is kept here
+                log.warning("cannot write %s/%s (%s)", root, MANIFEST, e)
+        if on_disk is not None and on_disk != out["split_sha256"]:
+            log.warning(
+                "%s/%s was written for another split (%s); this copy's is %s: the files "
+                "changed since it was prepared (delete split.json to accept the copy as it is)",
+                root,
+                MANIFEST,
+                on_disk[:12],
+                out["split_sha256"][:12],
+            )
+            out["split_json_sha256"] = on_disk
+        if "images" in splits.info:
+            out["inshop_images"] = splits.info["images"]
+        if splits.gallery is not None:
+            alone = ~np.isin(splits.test.labels, splits.gallery.labels)
+            out["queries_without_gallery"] = int(alone.sum())
+            if alone.any():
+                log.warning(
+                    "%s: %d of %d queries have no gallery image of their class (first: %s) "
+                    "and are left out of every metric",
+                    self.name,
+                    int(alone.sum()),
+                    len(alone),
+                    splits.test.paths[int(np.flatnonzero(alone)[0])],
+                )
+        return out
 
     def _drop_missing(self, splits: RetrievalSplits) -> RetrievalSplits:
         """Every listed file must exist; with data.skip_broken they are dropped and counted."""

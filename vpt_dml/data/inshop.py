@@ -6,7 +6,9 @@
     img/...                   the paths in column 1 are relative to the folder holding img/
 
 Found at <root>/ or <root>/Eval/; images at <root>/img or <root>/Img/img. Test queries are
-ranked against the gallery only (METHOD.md §5).
+ranked against the gallery only (METHOD.md §5). `images="img_highres"` reads the same list
+from img_highres/ (the high-resolution copy, same names); None: img/ when present, else
+img_highres/. The choice is kept in `splits.info["images"]`: papers rarely say which.
 """
 
 from __future__ import annotations
@@ -28,10 +30,20 @@ SOURCE = "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html
 EXPECTED = "<root>/list_eval_partition.txt (or <root>/Eval/) and <root>/img/ (or <root>/Img/img/)"
 
 
-def load_inshop(root: str | Path) -> RetrievalSplits:
+IMAGE_FOLDERS = ("img", "img_highres")
+
+
+def load_inshop(root: str | Path, images: str | None = None) -> RetrievalSplits:
     meta = find_base(root, "list_eval_partition.txt", ["Eval"], "In-Shop", EXPECTED, SOURCE)
     root = Path(root).expanduser()
-    image_base = next((b for b in (root, root / "Img", meta) if (b / "img").is_dir()), root)
+    bases = (root, root / "Img", meta)
+    if images is None:
+        images = next((f for f in IMAGE_FOLDERS if any((b / f).is_dir() for b in bases)), "img")
+    if images not in IMAGE_FOLDERS:
+        raise DatasetError(
+            f"In-Shop images {images!r}: choose img or img_highres (data.inshop_images=img)"
+        )
+    image_base = next((b for b in bases if (b / images).is_dir()), root)
     path = meta / "list_eval_partition.txt"
     rows = read_rows(path, columns=3, skip=2)
     declared = path.read_text().split(maxsplit=1)[0]
@@ -47,6 +59,8 @@ def load_inshop(root: str | Path) -> RetrievalSplits:
             raise DatasetError(
                 f"{path}: unknown evaluation_status {status!r} for {name}; expected train, query or gallery"
             )
+        if images != "img" and name.startswith("img/"):
+            name = images + name[3:]
         by_status[status][0].append(str(image_base / name))
         by_status[status][1].append(int(item.removeprefix("id_")))
     train_paths, train_ids = by_status["train"]
@@ -57,4 +71,4 @@ def load_inshop(root: str | Path) -> RetrievalSplits:
     query = ImageRecords(q_paths, test.labels[: len(q_ids)], test.class_names)
     gallery = ImageRecords(g_paths, test.labels[len(q_ids) :], test.class_names)
     train = named_records(train_paths, train_ids, item_names)
-    return RetrievalSplits("inshop", train, query, gallery)
+    return RetrievalSplits("inshop", train, query, gallery, info={"images": images})

@@ -73,6 +73,8 @@ class RetrievalSplits:
     test: ImageRecords
     gallery: ImageRecords | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    # how the copy was read: "root" (data.root, the manifest's base), "images" (In-Shop)
+    info: dict = field(default_factory=dict)
 
     def summary(self) -> dict[str, int]:
         out = {

@@ -45,7 +45,13 @@ def dataset_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
-def load_splits(name: str, root: str) -> tuple[RetrievalSplits, dict[str, int]]:
+def load_splits(name: str, root: str, **options) -> tuple[RetrievalSplits, dict[str, int]]:
+    splits, official = _load(name, root, **options)
+    splits.info.setdefault("root", str(root))
+    return splits, official
+
+
+def _load(name: str, root: str, **options) -> tuple[RetrievalSplits, dict[str, int]]:
     spec = dataset_spec(name)
     if spec.class_folders_ok and spec.locate is not None:
         try:
@@ -61,7 +67,7 @@ def load_splits(name: str, root: str) -> tuple[RetrievalSplits, dict[str, int]]:
                 f"Fix the folder, or download it from {official.source} and set data.root "
                 "to the folder that holds it"
             ) from None
-    return spec.load(root), spec.official
+    return spec.load(root, **options), spec.official
 
 
 def count_mismatches(summary: dict[str, int], official: dict[str, int]) -> list[str]:

@@ -1,0 +1,96 @@
+"""split.json and its hash: the identity of a split (not of the folder it sits in), carried
+into metrics.json with the decode path, In-Shop's image folder and the In-Shop queries that
+no gallery image matches (issue 19, finding 11: they were left out uncounted)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_BACKBONE, TINY_TRAINER, compose_config
+from tests.fake_layouts import distinct_images, fake_cub, fake_inshop
+from vpt_dml.data.datamodule import RetrievalDataModule
+from vpt_dml.data.manifest import split_sha256
+from vpt_dml.data.registry import load_splits
+
+
+def test_the_hash_follows_the_split_not_the_folder(tmp_path: Path):
+    a = distinct_images(fake_cub(tmp_path / "a", classes=4, per_class=2))
+    b = tmp_path / "elsewhere" / "b"
+    shutil.copytree(a, b)
+    sha = split_sha256(load_splits("cub", str(a))[0])
+    assert sha == split_sha256(load_splits("cub", str(b))[0])
+    # one image moved to another class: same files, another split
+    labels = b / "CUB_200_2011" / "image_class_labels.txt"
+    labels.write_text(labels.read_text().replace("\n3 2\n", "\n3 1\n", 1))
+    assert split_sha256(load_splits("cub", str(b))[0]) != sha
+
+
+def with_lonely_query(root: Path) -> Path:
+    """fake_inshop plus item 13: two query images, no gallery image."""
+    fake_inshop(root)
+    part = root / "Eval" / "list_eval_partition.txt"
+    lines = part.read_text().splitlines()
+    for j in (1, 2):
+        rel = f"img/WOMEN/Dresses/id_00000013/{j:02d}_1_front.jpg"
+        (root / "Img" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(
+            root / "Img" / "img/WOMEN/Dresses/id_00000001/01_1_front.jpg", root / "Img" / rel
+        )
+        lines.append(f"{rel} id_00000013 query")
+    lines[0] = str(len(lines) - 2)
+    part.write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_inshop_queries_without_a_gallery_image_are_counted(tmp_path: Path):
+    dm = RetrievalDataModule(name="inshop", root=str(with_lonely_query(tmp_path)),
+                             num_workers=0, strict_counts=False)  # fmt: skip
+    dm.load()
+    assert dm.count_report["queries_without_gallery"] == 2
+    plain = RetrievalDataModule(name="inshop", root=str(fake_inshop(tmp_path / "plain")),
+                                num_workers=0, strict_counts=False)  # fmt: skip
+    plain.load()
+    assert plain.count_report["queries_without_gallery"] == 0
+
+
+def test_inshop_image_folder_is_recorded_and_changes_the_split(tmp_path: Path):
+    low = fake_inshop(tmp_path / "low")
+    high = tmp_path / "high"
+    shutil.copytree(low / "Eval", high / "Eval")
+    shutil.copytree(low / "Img" / "img", high / "img_highres")
+    reports = []
+    for root, images in ((low, None), (high, None), (low, "img")):
+        dm = RetrievalDataModule(name="inshop", root=str(root), num_workers=0,
+                                 strict_counts=False, inshop_images=images)  # fmt: skip
+        dm.load()
+        reports.append(dm.count_report)
+    assert [r["inshop_images"] for r in reports] == ["img", "img_highres", "img"]
+    assert reports[0]["split_sha256"] == reports[2]["split_sha256"] != reports[1]["split_sha256"]
+    with pytest.raises(Exception, match="choose img or img_highres"):
+        RetrievalDataModule(name="inshop", root=str(low), inshop_images="large").load()
+
+
+def test_a_runs_metrics_json_carries_the_manifests_hash(tmp_path: Path):
+    from vpt_dml.run import train
+
+    root = with_lonely_query(tmp_path / "inshop")
+    data = ["data=inshop", f"data.root={root}", "data.strict_counts=false", "data.num_workers=0",
+            "data.batch_size=4", "data.samples_per_class=2", "data.eval_batch_size=64",
+            "data.recall_ks=[1,2]"]  # fmt: skip
+    cfg = compose_config(TINY_BACKBONE + TINY_TRAINER + data, tmp_path)
+    train(cfg)
+    result = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    dataset = result["provenance"]["dataset"]
+    written = json.loads((root / "split.json").read_text())  # by the loader: it was absent
+    assert (
+        dataset["split_sha256"]
+        == written["sha256"]
+        == split_sha256(load_splits("inshop", str(root))[0])
+    )
+    assert written["counts"]["test"] == {"images": 6, "classes": 3}
+    assert dataset["inshop_images"] == "img" and dataset["decode"] == "torchvision"
+    assert dataset["queries_without_gallery"] == 2
