@@ -6,6 +6,11 @@ of the frozen backbone. Loading rebuilds the backbone from timm by name (pretrai
 in the config, or from a local weights file), checks the fingerprint and refuses a
 different backbone. Class prompts, GRU, H and the proxy bias are training aids and are
 left out (inference uses the image branch only).
+
+A run on a random-init backbone (`pretrained=false`, no weights file) cannot be rebuilt
+by name: timm's init differs on every build. Its frozen tensors are written too
+(metadata `frozen_included`), so the file loads back on its own; `--onnx` writes the
+whole inference-time embedder for another runtime (serving/onnx_export.py).
 """
 
 from __future__ import annotations
@@ -156,6 +161,8 @@ def export_run(run_dir: Path, out: Path, which: str = "last") -> dict:
             "export the checkpoint of that same run"
         )
     tensors = {name: state[name].contiguous() for name in sorted(tuned)}
+    frozen = [] if rebuildable(model_cfg) else sorted(set(state) - tuned)
+    tensors.update({name: state[name].contiguous() for name in frozen})
     image = data_config(reference.backbone.vit)
     metadata = {
         "format": FORMAT,
@@ -164,6 +171,7 @@ def export_run(run_dir: Path, out: Path, which: str = "last") -> dict:
         "fingerprint": json.dumps(fingerprint(model_cfg, state, tuned)),
         "preprocessing": json.dumps(image),
         "source": str(ckpt_path),
+        "frozen_included": json.dumps(frozen),
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -172,9 +180,16 @@ def export_run(run_dir: Path, out: Path, which: str = "last") -> dict:
         "checkpoint": str(ckpt_path),
         "checkpoint_bytes": ckpt_path.stat().st_size,
         "export_bytes": out.stat().st_size,
-        "tuned_tensors": len(tensors),
-        "tuned_parameters": sum(t.numel() for t in tensors.values()),
+        "tuned_tensors": len(tensors) - len(frozen),
+        "tuned_parameters": sum(t.numel() for n, t in tensors.items() if n in tuned),
+        "frozen_included": len(frozen),
     }
+
+
+def rebuildable(model_cfg: Mapping) -> bool:
+    """Whether the frozen backbone can be rebuilt from the config (hub or weights file)."""
+    backbone = model_cfg["backbone"]
+    return bool(backbone.get("weights")) or bool(backbone.get("pretrained"))
 
 
 class ExportedModel:
@@ -220,15 +235,23 @@ def load_exported(
     tensors, meta = read_export(path)
     model_cfg = json.loads(meta["model"])
     expected = json.loads(meta["fingerprint"])
+    frozen = set(json.loads(meta.get("frozen_included", "[]")))
+    if frozen and backbone_weights is None:
+        # the file holds the backbone itself: build the structure, load every tensor
+        model_cfg = structure_only(model_cfg)
+    else:
+        tensors = {k: v for k, v in tensors.items() if k not in frozen}
     backbone = model_cfg["backbone"]
     if backbone_weights is not None:
         backbone.update(weights=str(backbone_weights), pretrained=True)
         backbone.pop("synthetic_pretraining", None)
-    if pretrained is not None:
+    if pretrained is not None and not (frozen and backbone_weights is None):
         backbone["pretrained"] = pretrained
     embedder = build_embedder(model_cfg)
+    if frozen and backbone_weights is None:
+        embedder.load_state_dict(tensors, strict=False)
     state = embedder.state_dict()
-    tuned = set(tensors)
+    tuned = set(tensors) - frozen
     found = fingerprint(model_cfg, state, tuned)
     fix = "load it with the backbone it was tuned on (--backbone-weights PATH for a local copy)"
     if (
@@ -249,7 +272,7 @@ def load_exported(
         raise UserError(
             f"{path} holds tensors the model lacks ({sorted(missing)[:3]}); re-export the run"
         )
-    embedder.load_state_dict(tensors, strict=False)
+    embedder.load_state_dict({k: v for k, v in tensors.items() if k in tuned}, strict=False)
     return ExportedModel(embedder, json.loads(meta["preprocessing"]), model_cfg)
 
 
@@ -277,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {args.out}: {report['tuned_parameters']:,} tuned parameters, "
         f"{report['export_bytes'] / 1e6:.2f} MB ({ratio:.0f}x smaller than {report['checkpoint']})"
     )
+    if report["frozen_included"]:
+        print(
+            f"the run's backbone is a random init (no hub weights, no weights file): its "
+            f"{report['frozen_included']} frozen tensors are in {args.out} too, so it loads back"
+        )
     return 0
 
 
