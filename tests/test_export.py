@@ -171,3 +171,23 @@ def test_export_refuses_an_unsafe_pickle_in_one_line(exported, tmp_path: Path, c
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "posix.system" in err
     assert not out.exists()
+
+
+def test_export_onnx_of_a_run_equals_the_exported_model(exported, tmp_path: Path, capsys) -> None:
+    from vpt_dml.serving.onnx_export import run_onnx
+
+    out = tmp_path / "model.onnx"
+    assert main([str(exported["run_dir"]), "--onnx", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "max abs diff" in printed
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    model = load_exported(exported["file"], backbone_weights=str(exported["weights"]))
+    expected = model(images).numpy()
+    torch.testing.assert_close(
+        torch.from_numpy(run_onnx(out, images.numpy())),
+        torch.from_numpy(expected),
+        rtol=0,
+        atol=1e-4,
+    )
+    assert main([str(exported["run_dir"])]) == 2  # neither output named
+    assert "--onnx" in capsys.readouterr().err

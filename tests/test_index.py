@@ -18,7 +18,7 @@ from vpt_dml import embed, index, retrieve
 from vpt_dml.evaluation.knn import exact_dot, unit_rows
 from vpt_dml.evaluation.retrieval import retrieval_metrics
 from vpt_dml.export import export_run
-from vpt_dml.serving.index import Params, build, exact_search, read
+from vpt_dml.serving.index import Params, SavedIndex, build, read
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,8 @@ def test_equal_similarities_rank_the_lower_gallery_index_first(demo) -> None:
     n = len(x)
     gallery = np.concatenate([x, x, x])  # every row three times: exact ties
     idx, _ = build(gallery, Params())
-    _, ids = exact_search(gallery, x, 6, idx)
+    saved = SavedIndex(idx, {"kind": "flat", "dim": x.shape[1], "count": 3 * n}, Path("g"))
+    _, ids = saved.search(x, 6)
     np.testing.assert_array_equal(ids, reference_order(gallery, x)[:, :6])
     np.testing.assert_array_equal(ids[:, :3], np.arange(n)[:, None] + [0, n, 2 * n])
     # the data decides: faiss's own order among the ties is not the rule's
