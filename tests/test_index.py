@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import csv
-import os
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -144,8 +144,9 @@ def test_retrieve_through_an_index_csv_and_contact_sheet(demo, tmp_path: Path, c
     assert retrieve.main([*args[:2], str(demo["emb"]), "--top-k", "4", "--out", str(tmp_path / "e.json"), "--no-progress"]) == 0  # fmt: skip
     exact = json.loads((tmp_path / "e.json").read_text())
     assert [h["path"] for r in exact for h in r["neighbours"]] == [r["gallery_path"] for r in rows]
-    for r, h in zip(rows, [h for r in exact for h in r["neighbours"]]):
-        assert float(r["score"]) == pytest.approx(h["similarity"], abs=1e-7)
+    hits = [h for q in exact for h in q["neighbours"]]
+    for row, hit in zip(rows, hits):
+        assert float(row["score"]) == pytest.approx(hit["similarity"], abs=1e-7)
     with Image.open(sheet) as im:  # a row per query, the query + 4 neighbours per row
         assert im.size == (5 * 130, 2 * 130)
 
