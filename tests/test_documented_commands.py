@@ -235,6 +235,9 @@ HOW_RUN: dict[str, How] = {
     r"^python3? -m vpt_dml\.embed\b": How("cli", "the tiny export on a folder of JPEGs", "embed"),
     r"^python3? -m vpt_dml\.retrieve\b": How("cli", "the tiny export, a JPEG, the embedded folder",
                                              "retrieve"),
+    r"^python3? -m vpt_dml\.index build\b": How("cli", "on the tiny export's embedded folder", "index"),
+    r"^python3? -m vpt_dml\.evaluate\b": How("cli", "the tiny export on the JPEGs split into two "
+                                                 "labelled folders", "evaluate"),
     r"^python3? -m vpt_dml\.report\b": How("cli", "on the folder of a tiny sweep run here", "report"),
     r"^python3? -m vpt_dml\.data\.verify\b": How("cli", "on a fake copy of the layout", "data.verify"),
     r"^python3? -m vpt_dml\.data\.prepare\b":
@@ -625,18 +628,34 @@ def cli_argv(cmd: str, tool: str, ctx: Ctx, out: Path) -> list[str]:
         "embed": [ctx.export, ctx.images, out / "emb"],
         "retrieve": [ctx.export, ctx.query, ctx.emb],
         "report": [sweep_folder(ctx)] * 8,
+        "index": ["build", ctx.emb, out / "gallery.faiss"],
+        "evaluate": [ctx.export],
     }
+    if tool == "retrieve" and any(w.endswith(".faiss") for w in words):  # a saved index
+        from vpt_dml.index import main as index_main
+
+        assert index_main(["build", str(ctx.emb), str(out / "gallery.faiss")]) == 0
+        roles["retrieve"][2] = out / "gallery.faiss"
+    values = ("--top-k", "--checkpoint", "--batch-size", "--chunk-size", "--device", "--kind")
+    values += ("--nlist", "--nprobe", "--m", "--ef-search", "--ef-construction", "--ks")
     argv, pos, i = [], 0, 0
     while i < len(words):
         w = words[i]
         if w.startswith("--"):
             argv.append(w)
-            if w in ("--top-k", "--checkpoint", "--batch-size", "--chunk-size", "--device"):
+            if w in values:
                 i += 1
                 argv.append("cpu" if w == "--device" else words[i])
-            elif w in ("--out", "--backbone-weights"):
+            elif w in ("--out", "--backbone-weights", "--onnx", "--gallery-png"):
                 i += 1
-                argv.append(str(out / "out" if w == "--out" else ctx.weights))
+                suffix = Path(words[i]).suffix  # .csv / .json: the format retrieve writes
+                path = {"--onnx": out / "model.onnx", "--gallery-png": out / "sheet.png"}.get(
+                    w, out / f"out{suffix}"
+                )
+                argv.append(str(ctx.weights if w == "--backbone-weights" else path))
+            elif w in ("--queries", "--gallery"):
+                i += 1
+                argv.append(str(labelled_folders(ctx)[w == "--gallery"]))
         elif tool == "data.verify":
             dataset = w if pos == 0 and w in ("cub", "cars", "sop", "inshop", "inat") else "cub"
             argv.append(dataset if pos == 0 else str(ctx.data_dir / argv[0]))
@@ -647,9 +666,20 @@ def cli_argv(cmd: str, tool: str, ctx: Ctx, out: Path) -> list[str]:
         i += 1
     if tool == "retrieve" and "--out" not in argv:
         argv += ["--out", str(out / "retrieval.json")]
-    if tool in ("embed", "retrieve"):
+    if tool in ("embed", "retrieve", "evaluate"):
         argv.append("--no-progress")
     return argv
+
+
+def labelled_folders(ctx: Ctx) -> tuple[Path, Path]:
+    """The JPEGs as two classes (even / odd), the first of each class a query."""
+    q, g = ctx.root / "labelled" / "queries", ctx.root / "labelled" / "gallery"
+    if not q.is_dir():
+        for i, f in enumerate(sorted(ctx.images.glob("*.jpg"))):
+            dest = (q if i < 2 else g) / f"class{i % 2}" / f.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(f.read_bytes())
+    return q, g
 
 
 def sweep_folder(ctx: Ctx) -> Path:
@@ -674,10 +704,28 @@ def check_cli(cmd: str, tool: str, ctx: Ctx, out: Path, capsys) -> None:
         assert not problems and f"{argv[0]} at {argv[1]}" in stdout, stdout
         return
     assert rc == 0, (argv, stdout, stderr)
-    if tool == "export":
+    if tool == "export" and "--onnx" in argv:
+        from vpt_dml.serving.onnx_export import run_onnx
+
+        got = run_onnx(Path(argv[argv.index("--onnx") + 1]), np.zeros((2, 3, 32, 32), np.float32))
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    elif tool == "export":
         from vpt_dml.export import load_exported
 
         assert load_exported(Path(argv[1])).embedder is not None
+    elif tool == "index":
+        from vpt_dml.serving.index import read
+
+        assert read(Path(argv[2])).index.ntotal == len(list(ctx.images.glob("*.jpg")))
+    elif tool == "evaluate":
+        assert "recall@1" in stdout, stdout
+    elif tool == "retrieve" and argv[argv.index("--out") + 1].endswith(".csv"):
+        import csv
+
+        with open(argv[argv.index("--out") + 1]) as f:
+            rows = list(csv.DictReader(f))
+        k = int(argv[argv.index("--top-k") + 1]) if "--top-k" in argv else 5
+        assert [r["rank"] for r in rows] == [str(r) for r in range(1, min(k, 8) + 1)], rows
     elif tool == "embed":
         emb = np.load(Path(argv[2]) / "embeddings.npy")
         assert emb.shape[0] == len(list(ctx.images.glob("*.jpg")))

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from omegaconf import OmegaConf, open_dict
 from safetensors import safe_open
@@ -26,14 +27,28 @@ EXPORT_BACKBONE = [
 ]
 
 
-def train_run(root: Path) -> Path:
-    cfg = compose_config(tiny_overrides(*EXPORT_BACKBONE, "eval_before_training=false"), root)
+EXPORT_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3}
+
+
+def vit_weights_file(out: Path, seed: int = 0) -> Path:
+    """A ViT of EXPORT_VIT's shape as a local weights file (what a download would be)."""
+    torch.manual_seed(seed)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **EXPORT_VIT)
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(out))
+    return out
+
+
+def train_run(root: Path, weights: Path | None = None, *extra: str) -> Path:
+    """A tiny run on the backbone file `weights` (None: a random-init backbone)."""
+    backbone = [f"model.backbone.weights={weights}"] if weights else []
+    overrides = tiny_overrides(*EXPORT_BACKBONE, *backbone, "eval_before_training=false", *extra)
+    cfg = compose_config(overrides, root)
     train(cfg)
     return Path(cfg.paths.output_dir)
 
 
 def backbone_weights_file(run_dir: Path, out: Path) -> Path:
-    """The run's random-init backbone as a local weights file (what a download would be)."""
+    """The run's backbone as a local weights file, read back from its last.ckpt."""
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     prefix = "embedder.backbone.vit."
     vit = {
@@ -64,15 +79,11 @@ def trained_embedder(run_dir: Path):
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("export")
-    run_dir = train_run(root)
+    weights = vit_weights_file(root / "backbone.safetensors")
+    run_dir = train_run(root, weights)
     out = root / "model.safetensors"
     report = export_run(run_dir, out)
-    return {
-        "run_dir": run_dir,
-        "file": out,
-        "report": report,
-        "weights": backbone_weights_file(run_dir, root / "backbone.safetensors"),
-    }
+    return {"run_dir": run_dir, "file": out, "report": report, "weights": weights}
 
 
 def test_export_holds_only_tuned_tensors_and_is_small(exported) -> None:
@@ -96,10 +107,26 @@ def test_exported_embeddings_equal_trained_model(exported) -> None:
     torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-6)
 
 
-def test_load_refuses_other_backbone(exported) -> None:
-    # random init: same name and shapes, other frozen weights
+def test_load_refuses_other_backbone(exported, tmp_path: Path) -> None:
+    # same name and shapes, other frozen weights
+    other = vit_weights_file(tmp_path / "other.safetensors", seed=1)
     with pytest.raises(UserError, match="checksum mismatch"):
-        load_exported(exported["file"], pretrained=False)
+        load_exported(exported["file"], backbone_weights=str(other))
+
+
+def test_export_of_a_random_init_run_loads_back(tmp_path: Path, capsys) -> None:
+    """Issue 19 finding 11: the backbone of a random-init run cannot be rebuilt by name,
+    so the export carries it; loading needs no other file and gives the run's embeddings."""
+    run_dir = train_run(tmp_path)  # pretrained=false, weights=null
+    out = tmp_path / "model.safetensors"
+    assert main([str(run_dir), str(out)]) == 0
+    torch.manual_seed(123)  # another init than the run's, should anything rebuild one
+    model = load_exported(out)
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = trained_embedder(run_dir)(images)
+    torch.testing.assert_close(model(images), expected, rtol=0, atol=1e-6)
+    assert "frozen tensors are in" in capsys.readouterr().out  # and says why it is larger
 
 
 def test_cli_reports_error_in_one_line(tmp_path: Path, capsys) -> None:
@@ -144,3 +171,23 @@ def test_export_refuses_an_unsafe_pickle_in_one_line(exported, tmp_path: Path, c
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "posix.system" in err
     assert not out.exists()
+
+
+def test_export_onnx_of_a_run_equals_the_exported_model(exported, tmp_path: Path, capsys) -> None:
+    from vpt_dml.serving.onnx_export import run_onnx
+
+    out = tmp_path / "model.onnx"
+    assert main([str(exported["run_dir"]), "--onnx", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out}" in printed and "max abs diff" in printed
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    model = load_exported(exported["file"], backbone_weights=str(exported["weights"]))
+    expected = model(images).numpy()
+    torch.testing.assert_close(
+        torch.from_numpy(run_onnx(out, images.numpy())),
+        torch.from_numpy(expected),
+        rtol=0,
+        atol=1e-4,
+    )
+    assert main([str(exported["run_dir"])]) == 2  # neither output named
+    assert "--onnx" in capsys.readouterr().err

@@ -6,6 +6,11 @@ of the frozen backbone. Loading rebuilds the backbone from timm by name (pretrai
 in the config, or from a local weights file), checks the fingerprint and refuses a
 different backbone. Class prompts, GRU, H and the proxy bias are training aids and are
 left out (inference uses the image branch only).
+
+A run on a random-init backbone (`pretrained=false`, no weights file) cannot be rebuilt
+by name: timm's init differs on every build. Its frozen tensors are written too
+(metadata `frozen_included`), so the file loads back on its own; `--onnx` writes the
+whole inference-time embedder for another runtime (serving/onnx_export.py).
 """
 
 from __future__ import annotations
@@ -128,8 +133,9 @@ def fingerprint(model_cfg: Mapping, state: Mapping[str, torch.Tensor], tuned: se
     }
 
 
-def export_run(run_dir: Path, out: Path, which: str = "last") -> dict:
-    """Write OUT.safetensors from a run folder; returns a small report (sizes, counts)."""
+def run_model(run_dir: Path, which: str = "last") -> tuple[dict, Path, dict, Embedder]:
+    """(model config, checkpoint, image-branch state, the embedder built without weights)
+    of a run folder; refuses a checkpoint that does not fit the run's model."""
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config_resolved.yaml"
     if not cfg_path.is_file():
@@ -144,10 +150,8 @@ def export_run(run_dir: Path, out: Path, which: str = "last") -> dict:
         for k, v in ckpt["state_dict"].items()
         if k.startswith(IMAGE_BRANCH)
     }
-
     # requires_grad decides what was tuned; build the same structure without weights
     reference = build_embedder(structure_only(model_cfg))
-    tuned = {name for name, p in reference.named_parameters() if p.requires_grad}
     diffs = state_differences(reference.state_dict(), state)
     if diffs:
         raise UserError(
@@ -155,7 +159,16 @@ def export_run(run_dir: Path, out: Path, which: str = "last") -> dict:
             f"{describe_difference(diffs, 'the checkpoint')} (made with {made_with(ckpt)}); "
             "export the checkpoint of that same run"
         )
+    return model_cfg, ckpt_path, state, reference
+
+
+def export_run(run_dir: Path, out: Path, which: str = "last") -> dict:
+    """Write OUT.safetensors from a run folder; returns a small report (sizes, counts)."""
+    model_cfg, ckpt_path, state, reference = run_model(run_dir, which)
+    tuned = {name for name, p in reference.named_parameters() if p.requires_grad}
     tensors = {name: state[name].contiguous() for name in sorted(tuned)}
+    frozen = [] if rebuildable(model_cfg) else sorted(set(state) - tuned)
+    tensors.update({name: state[name].contiguous() for name in frozen})
     image = data_config(reference.backbone.vit)
     metadata = {
         "format": FORMAT,
@@ -164,6 +177,7 @@ def export_run(run_dir: Path, out: Path, which: str = "last") -> dict:
         "fingerprint": json.dumps(fingerprint(model_cfg, state, tuned)),
         "preprocessing": json.dumps(image),
         "source": str(ckpt_path),
+        "frozen_included": json.dumps(frozen),
     }
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -172,9 +186,30 @@ def export_run(run_dir: Path, out: Path, which: str = "last") -> dict:
         "checkpoint": str(ckpt_path),
         "checkpoint_bytes": ckpt_path.stat().st_size,
         "export_bytes": out.stat().st_size,
-        "tuned_tensors": len(tensors),
-        "tuned_parameters": sum(t.numel() for t in tensors.values()),
+        "tuned_tensors": len(tensors) - len(frozen),
+        "tuned_parameters": sum(t.numel() for n, t in tensors.items() if n in tuned),
+        "frozen_included": len(frozen),
     }
+
+
+def export_run_onnx(
+    run_dir: Path, out: Path, which: str = "last", exporter: str = "tracer"
+) -> dict:
+    """The run's inference-time embedder as ONNX, checked with onnxruntime (see
+    serving/onnx_export.py); the checkpoint holds every weight, so no backbone download."""
+    from vpt_dml.serving.onnx_export import export_onnx, peft_method
+
+    model_cfg, ckpt_path, state, embedder = run_model(run_dir, which)
+    embedder.load_state_dict(state)
+    size = data_config(embedder.backbone.vit)["image_size"]
+    report = export_onnx(embedder, size, out, peft_method(model_cfg), exporter)
+    return {**report, "checkpoint": str(ckpt_path), "image_size": size}
+
+
+def rebuildable(model_cfg: Mapping) -> bool:
+    """Whether the frozen backbone can be rebuilt from the config (hub or weights file)."""
+    backbone = model_cfg["backbone"]
+    return bool(backbone.get("weights")) or bool(backbone.get("pretrained"))
 
 
 class ExportedModel:
@@ -220,15 +255,23 @@ def load_exported(
     tensors, meta = read_export(path)
     model_cfg = json.loads(meta["model"])
     expected = json.loads(meta["fingerprint"])
+    frozen = set(json.loads(meta.get("frozen_included", "[]")))
+    if frozen and backbone_weights is None:
+        # the file holds the backbone itself: build the structure, load every tensor
+        model_cfg = structure_only(model_cfg)
+    else:
+        tensors = {k: v for k, v in tensors.items() if k not in frozen}
     backbone = model_cfg["backbone"]
     if backbone_weights is not None:
         backbone.update(weights=str(backbone_weights), pretrained=True)
         backbone.pop("synthetic_pretraining", None)
-    if pretrained is not None:
+    if pretrained is not None and not (frozen and backbone_weights is None):
         backbone["pretrained"] = pretrained
     embedder = build_embedder(model_cfg)
+    if frozen and backbone_weights is None:
+        embedder.load_state_dict(tensors, strict=False)
     state = embedder.state_dict()
-    tuned = set(tensors)
+    tuned = set(tensors) - frozen
     found = fingerprint(model_cfg, state, tuned)
     fix = "load it with the backbone it was tuned on (--backbone-weights PATH for a local copy)"
     if (
@@ -249,7 +292,7 @@ def load_exported(
         raise UserError(
             f"{path} holds tensors the model lacks ({sorted(missing)[:3]}); re-export the run"
         )
-    embedder.load_state_dict(tensors, strict=False)
+    embedder.load_state_dict({k: v for k, v in tensors.items() if k in tuned}, strict=False)
     return ExportedModel(embedder, json.loads(meta["preprocessing"]), model_cfg)
 
 
@@ -260,23 +303,54 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "run_dir", type=Path, help="run folder of vpt_dml.run (holds config_resolved.yaml)"
     )
-    parser.add_argument("out", type=Path, help="output .safetensors file")
+    parser.add_argument("out", type=Path, nargs="?", help="output .safetensors file")
     parser.add_argument(
         "--checkpoint",
         default="last",
         help="last (default), best (the one the run's metrics.json names), or a .ckpt path",
     )
+    parser.add_argument(
+        "--onnx", type=Path, help="also (or only) write the embedder as ONNX to this file"
+    )
+    parser.add_argument(
+        "--onnx-exporter",
+        default="tracer",
+        choices=("tracer", "dynamo"),
+        help="torch.onnx's TorchScript tracer (default) or its dynamo exporter",
+    )
     args = parser.parse_args(argv)
     try:
-        report = export_run(args.run_dir, args.out, args.checkpoint)
+        if args.out is None and args.onnx is None:
+            raise UserError("give OUT.safetensors, --onnx OUT.onnx, or both")
+        report = export_run(args.run_dir, args.out, args.checkpoint) if args.out else None
+        onnx = (
+            export_run_onnx(args.run_dir, args.onnx, args.checkpoint, args.onnx_exporter)
+            if args.onnx
+            else None
+        )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ratio = report["checkpoint_bytes"] / report["export_bytes"]
-    print(
-        f"wrote {args.out}: {report['tuned_parameters']:,} tuned parameters, "
-        f"{report['export_bytes'] / 1e6:.2f} MB ({ratio:.0f}x smaller than {report['checkpoint']})"
-    )
+    if report:
+        ratio = report["checkpoint_bytes"] / report["export_bytes"]
+        print(
+            f"wrote {args.out}: {report['tuned_parameters']:,} tuned parameters, "
+            f"{report['export_bytes'] / 1e6:.2f} MB ({ratio:.0f}x smaller than "
+            f"{report['checkpoint']})"
+        )
+        if report["frozen_included"]:
+            print(
+                f"the run's backbone is a random init (no hub weights, no weights file): its "
+                f"{report['frozen_included']} frozen tensors are in {args.out} too, so it "
+                "loads back"
+            )
+    if onnx:
+        print(
+            f"wrote {args.onnx} ({onnx['method']}, {onnx['bytes'] / 1e6:.2f} MB, input "
+            f"(batch, 3, {onnx['image_size']}, {onnx['image_size']})): onnxruntime vs PyTorch "
+            f"on {onnx['check_batch']} images, max abs diff {onnx['max_abs_diff']:.2e} "
+            f"(bound {onnx['atol']:.0e})"
+        )
     return 0
 
 

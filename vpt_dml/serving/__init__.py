@@ -1,0 +1,1 @@
+"""Serving: a saved faiss index over embeddings, ONNX export of the embedder."""
