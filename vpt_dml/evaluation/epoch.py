@@ -11,7 +11,8 @@ Embedding health (`embedding_health`): a collapsed model (every image on one poi
 after `optim.lr=1e6`) still gets retrieval numbers (ties ranked by index), and they look
 like chance or better. Each evaluation therefore also counts, on the L2-normalised
 embeddings the cosine ranking sees:
-- `distinct`: distinct rows (exactly equal rows cannot be ranked apart);
+- `distinct`: distinct rows, unit rows compared at DISTINCT_DECIMALS decimals (rows equal
+  up to float rounding, e.g. one direction at several lengths, are ties for the ranking);
 - `effective_rank`: exp of the entropy of the normalised singular values of the centred
   embeddings (Roy & Vetterli 2007): ~D for a spread over D directions, 1 for one
   direction, 0 when the rows' RMS distance to their mean is below SPREAD_TOL (one point,
@@ -58,6 +59,8 @@ def gather_embeddings(buffer: Sequence[Batch], strategy, world_size: int) -> Bat
     return emb[first], labels[first], index
 
 
+# far above float32 rounding of a unit vector (~1e-7), far below a meaningful difference
+DISTINCT_DECIMALS = 5
 # RMS distance of unit rows to their mean below this: one point (float32 rounding is ~1e-7)
 SPREAD_TOL = 1e-4
 # collapsed: fewer distinct rows than this fraction, or spread along less than ~1.5 directions
@@ -69,7 +72,8 @@ def embedding_health(emb: torch.Tensor) -> dict:
     """{"rows", "dim", "distinct", "effective_rank"} of one evaluation's embeddings."""
     x = F.normalize(emb.float(), dim=1)
     rows, dim = x.shape
-    distinct = len(torch.unique(x, dim=0)) if rows else 0
+    scale = 10.0**DISTINCT_DECIMALS
+    distinct = len(torch.unique(torch.round(x * scale), dim=0)) if rows else 0
     centred = x - x.mean(0, keepdim=True)
     # singular values from the D x D Gram matrix: cheap for N >> D (SOP: 60k x 512)
     gram = (centred.T @ centred).double()
