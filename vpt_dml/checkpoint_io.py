@@ -36,6 +36,10 @@ log = logging.getLogger("vpt_dml")
 # best + last on disk, and a new one being written before the old one is replaced
 KEPT_AT_ONCE = 3
 FULL = {errno.ENOSPC, errno.EDQUOT}
+# torch's zip format: each tensor is a record (headers, 64-byte alignment): ~380 bytes seen
+PER_TENSOR_BYTES = 512
+# the pickled rest: hyper-parameters, loop and callback states, RNG states
+FIXED_BYTES = 16 * 2**10
 
 
 class DiskFull(UserError):
@@ -59,8 +63,10 @@ def tensors(obj: Any, prefix: str = ""):
 
 
 def checkpoint_bytes(checkpoint: Mapping) -> int:
-    """What torch.save writes, near enough: the tensors' bytes (pickled extras are small)."""
-    return sum(t.numel() * t.element_size() for _, t in tensors(checkpoint))
+    """What torch.save writes, from above: the tensors' bytes and their records."""
+    found = [t for _, t in tensors(checkpoint)]
+    data = sum(t.numel() * t.element_size() for t in found)
+    return data + PER_TENSOR_BYTES * len(found) + FIXED_BYTES
 
 
 def first_non_finite(checkpoint: Mapping) -> str | None:
@@ -93,18 +99,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as e:
+        except BaseException as e:
             tmp.unlink(missing_ok=True)
-            if e.errno in FULL:
+            # torch.save reports a failed write as RuntimeError, the OSError in its context
+            if _disk_full(e):
                 raise DiskFull(no_space_message(path, checkpoint_bytes(checkpoint))) from None
-            raise
-        except BaseException:
-            tmp.unlink(missing_ok=True)
             raise
         _sync_folder(path.parent)
 
     def remove_checkpoint(self, path) -> None:
         Path(path).unlink(missing_ok=True)
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, OSError) and e.errno in FULL:
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def _sync_folder(folder: Path) -> None:
@@ -136,9 +149,11 @@ def no_space_message(path: Path, need: int) -> str:
 def estimated_checkpoint_bytes(module: torch.nn.Module) -> int:
     """The module's state plus two optimizer moments per trainable value (AdamW; SGD with
     momentum keeps one): an upper estimate before any checkpoint exists."""
-    state = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    trainable = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-    return state + 2 * trainable
+    state = list(module.state_dict().values())
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    data = sum(t.numel() * t.element_size() for t in state)
+    data += 2 * sum(p.numel() * p.element_size() for p in trainable)
+    return data + PER_TENSOR_BYTES * (len(state) + 2 * len(trainable)) + FIXED_BYTES
 
 
 class DiskSpaceCheck(L.Callback):
