@@ -18,11 +18,11 @@ from vpt_dml.run import train
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 600 KiB file system (tmpfs): room for about two tiny checkpoints."""
+    """A real 400 KiB file system (tmpfs): room for one tiny checkpoint (~240 KiB), not two."""
     mount = tmp_path / "disk"
     mount.mkdir()
     res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)],
+        ["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)],
         capture_output=True,
         text=True,
     )
