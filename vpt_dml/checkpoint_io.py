@@ -149,7 +149,7 @@ def no_space_message(path: Path, need: int) -> str:
 def estimated_checkpoint_bytes(module: torch.nn.Module) -> int:
     """The module's state plus two optimizer moments per trainable value (AdamW; SGD with
     momentum keeps one): an upper estimate before any checkpoint exists."""
-    state = list(module.state_dict().values())
+    state = [t for _, t in tensors(module.state_dict())]  # extra states may be dicts
     trainable = [p for p in module.parameters() if p.requires_grad]
     data = sum(t.numel() * t.element_size() for t in state)
     data += 2 * sum(p.numel() * p.element_size() for p in trainable)
