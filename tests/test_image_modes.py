@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from tests.fake_layouts import fake_sop
+from tests.test_data_transforms import photo_like
 from vpt_dml.data.transforms import build_transforms
 from vpt_dml.data.verify import main as verify_main
 
@@ -159,3 +160,22 @@ def test_verify_decode_counts_converted_modes(tmp_path, capsys):
         "converted to displayed RGB: 4 image(s) (EXIF-rotated 1, I;16 2, RGBA+transparency 1)"
         in out
     )
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_exif_rotated_large_jpeg_fast_path_with_draft_matches_torchvision(train):
+    stored = np.asarray(Image.open(photo_like(1200, 900)))
+    for seed in range(3):
+        image = exif_jpeg(stored, 6)
+        fast = model_input(image, True, train, seed=seed, size=64)
+        assert image.size[0] < 1200  # decoded at a reduced JPEG scale
+        plain = model_input(exif_jpeg(stored, 6), False, train, seed=seed, size=64)
+        assert (fast - plain).abs().mean() < 0.05, seed
+
+
+def test_exif_rotated_jpeg_is_drafted_in_its_stored_frame():
+    # displayed 400 x 1600: the eval resize needs 73 x 292, i.e. 292 x 73 stored: a quarter
+    # scale (400 x 100) covers it; asked in the displayed frame, only the full size would
+    image = exif_jpeg(np.asarray(Image.open(photo_like(1600, 400))), 6)
+    model_input(image, True, size=64)
+    assert image.size == (400, 100)
