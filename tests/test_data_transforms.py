@@ -74,7 +74,9 @@ def test_fast_train_same_crop_and_flip_under_same_seed(size):
 def test_fast_handles_grayscale_and_png():
     for mode, fmt in (("L", "JPEG"), ("RGB", "PNG"), ("RGBA", "PNG")):
         buf = io.BytesIO()
-        Image.new(mode, (90, 70), 128 if mode == "L" else (128,) * len(mode)).save(buf, fmt)
+        # opaque: transparency is composited onto white (tests/test_image_modes.py)
+        color = 128 if mode == "L" else (128, 128, 128, 255)[: len(mode)]
+        Image.new(mode, (90, 70), color).save(buf, fmt)
         buf.seek(0)
         out = build_transforms(32, (0.5,) * 3, (0.5,) * 3, train=True)(Image.open(buf))
         assert out.shape == (3, 32, 32) and out.dtype == torch.float32

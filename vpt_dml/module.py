@@ -61,6 +61,8 @@ class VPTDMLModule(L.LightningModule):
         self.clustering_every_epoch = clustering_every_epoch
         self.eval_label: str | None = None  # overrides "val" in the logged keys
         self._eval_buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        # one {"stage", "epoch", rows, distinct, effective_rank} per evaluation (epoch.py)
+        self.embedding_health_log: list[dict] = []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedder(images)
@@ -180,11 +182,29 @@ class VPTDMLModule(L.LightningModule):
         # k-means over thousands of classes is slow (SOP: minutes): test stage only, unless
         # eval.clustering_every_epoch is set
         clustering = stage == "test" or self.clustering_every_epoch
-        metrics = epoch_metrics(buffer, self.trainer, stage, self.eval_ks, clustering)
+        health: dict = {}
+        metrics = epoch_metrics(buffer, self.trainer, stage, self.eval_ks, clustering, health)
+        # the epoch as MetricHistory records it: set for fit's evaluations only
+        fitting = self.trainer.state.fn == "fit"
+        epoch = self.trainer.current_epoch if fitting else None
+        self.embedding_health_log.append({"stage": label, "epoch": epoch, **health})
         for key, value in metrics.items():
             # identical on every rank already: no sync needed
             self.log(f"{label}/{key}", value, prog_bar=key == "recall@1", rank_zero_only=False)
         return metrics
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["embedding_health"] = [dict(r) for r in self.embedding_health_log]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # resume: the earlier epochs' records; testing a checkpoint keeps the later ones
+        have = {(r["stage"], r["epoch"]) for r in self.embedding_health_log}
+        saved = [
+            dict(r)
+            for r in checkpoint.get("embedding_health") or []
+            if (r["stage"], r["epoch"]) not in have
+        ]
+        self.embedding_health_log = saved + self.embedding_health_log
 
     def on_validation_epoch_end(self) -> None:
         self._evaluate("val", self.eval_label or "val")

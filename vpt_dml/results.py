@@ -19,6 +19,11 @@ Layout (all metric values are fractions in [0, 1]):
 - `test_evaluations`: how many times the test split was evaluated (every evaluation,
   whatever its stage, when data.val_classes=0; exactly 1 otherwise).
 - `history`: every evaluation in order; `eval`: the schedule; `cost`; `provenance`.
+- `embedding_health`: for `before`, `final` and `best`, the evaluated embeddings' rows,
+  distinct rows and effective rank (evaluation/epoch.py defines them); `warnings`: why
+  numbers may mean nothing (e.g. collapsed embeddings), also shown by summary.py. A
+  collapsed run keeps "status": "finished": it finished, its numbers are what they are.
+- `status`: "finished", "interrupted" (SIGTERM) or "diverged" (callbacks/divergence.py).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from vpt_dml.callbacks.metric_history import MetricHistory
 from vpt_dml.evaluation import candidate_dtype_report
+from vpt_dml.evaluation.epoch import collapsed
 from vpt_dml.provenance import environment
 
 SELECTION_TEST = "test split (as the paper; not a held-out protocol)"
@@ -122,6 +128,41 @@ def build_result(
         ],
         "provenance": provenance,
     }
+
+
+def add_embedding_health(result: dict, log: list[dict]) -> None:
+    """`embedding_health` per section of `result`, and a warning per collapsed one."""
+
+    def last(stage: str, epoch=None, any_epoch: bool = False) -> dict | None:
+        found = [r for r in log if r["stage"] == stage and (any_epoch or r["epoch"] == epoch)]
+        return found[-1] if found else None
+
+    held_out = result.get("selection") == SELECTION_HELD_OUT
+    final, best = result.get("final"), result.get("best")
+    records = {"before": last("before", any_epoch=True)}
+    if final:
+        records["final"] = last("val", final["epoch"]) if held_out else last("test")
+    if best:
+        records["best"] = last("test") if held_out else last("val", best["epoch"])
+    section = {}
+    for name, record in records.items():
+        if record is None:
+            continue
+        part = result.get(name) or {}
+        health = {k: v for k, v in record.items() if k not in ("stage", "epoch")}
+        section[name] = {"epoch": part.get("epoch"), "split": part.get("split"), **health}
+    if not section:
+        return
+    result["embedding_health"] = section
+    for name, health in section.items():
+        why = collapsed(health)
+        if why:
+            epoch = f", epoch {health['epoch']}" if health["epoch"] is not None else ""
+            result.setdefault("warnings", []).append(
+                f"{name} ({health['split']}{epoch}): the embeddings collapsed ({why}): its "
+                "retrieval metrics rank ties, not learned similarity, and mean nothing; "
+                "lower optim.lr or check the data"
+            )
 
 
 def run_provenance(cfg, trainer, module, dm, backbone: dict) -> dict:

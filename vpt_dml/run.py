@@ -4,7 +4,8 @@ Writes into the run folder (hydra.run.dir): checkpoints/, csv/metrics.csv,
 metrics.json (before / final / best metrics, cost and provenance: vpt_dml/results.py),
 config_resolved.yaml (written at start).
 Bad input ends in one `error:` line and exit 2 (`debug=true` or HYDRA_FULL_ERROR=1 show the
-traceback); SIGTERM ends in exit 143 with metrics.json marked "status": "interrupted".
+traceback); SIGTERM ends in exit 143 with metrics.json marked "status": "interrupted"; a NaN/inf loss
+or weights end in exit 3 with "status": "diverged" (callbacks/divergence.py).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from omegaconf import DictConfig, OmegaConf
 from vpt_dml import run_folder
 from vpt_dml.callbacks import ExactResume
 from vpt_dml.callbacks.cost import CostMonitor
+from vpt_dml.callbacks.divergence import DIVERGED_EXIT, Diverged, DivergenceGuard, write_diverged
 from vpt_dml.callbacks.eval_schedule import EvalSchedule
 from vpt_dml.callbacks.metric_history import MetricHistory
 from vpt_dml.callbacks.wandb_logger import finish_wandb
+from vpt_dml.checkpoint_io import AtomicCheckpointIO, DiskSpaceCheck
 from vpt_dml.checkpoints import check_resumable, load_checkpoint
 from vpt_dml.config_checks import check_config
 from vpt_dml.errors import UserError
@@ -42,7 +45,7 @@ from vpt_dml.models.build import prepare_backbone
 from vpt_dml.models.method_summary import effective_method
 from vpt_dml.module import VPTDMLModule
 from vpt_dml.provenance import cfg_without_hydra
-from vpt_dml.results import build_result, run_provenance
+from vpt_dml.results import add_embedding_health, build_result, run_provenance
 from vpt_dml.summary import print_summary
 
 log = logging.getLogger("vpt_dml")
@@ -90,6 +93,9 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     ev = cfg.get("eval") or {}
     callbacks.append(EvalSchedule(ev.get("start_epoch", 0), ev.get("every_n_epochs", 1)))
     callbacks.append(MetricHistory())
+    # NaN/inf stops the run at that step, before any checkpoint of it (callbacks/divergence.py)
+    callbacks.append(DivergenceGuard(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"))
+    callbacks.append(DiskSpaceCheck())
     if not any(isinstance(c, CostMonitor) for c in callbacks):
         callbacks.append(CostMonitor())
     check_selection(cfg, callbacks)
@@ -97,7 +103,10 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     loggers = [
         lg for c in (cfg.get("logger") or {}).values() if c and (lg := instantiate(c)) is not None
     ]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # checkpoints whole or absent, disk full as one line (checkpoint_io.py)
+    trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger):  # the whole run config, not only the module's part
             lg.log_hyperparams(OmegaConf.to_container(cfg_without_hydra(cfg), resolve=True))
@@ -245,6 +254,10 @@ def train(cfg: DictConfig) -> dict:
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     except SIGTERMException:  # preemption, docker stop (ExactResume kept a last.ckpt)
         raise Interrupted(record_interrupted(cfg, trainer, module, dm, before)) from None
+    except Diverged as e:  # metrics.json "status": "diverged"; last.ckpt stays finite
+        prov = run_provenance(cfg, trainer, module, dm, provenance_of(cfg, module))
+        write_diverged(e, trainer, module, out_dir, bool(dm.val_classes), prov)
+        raise
     return finish(cfg, trainer, module, dm, out_dir)
 
 
@@ -272,6 +285,7 @@ def finish(cfg: DictConfig, trainer: L.Trainer, module: VPTDMLModule, dm, out_di
     )
     # what actually trained, read from the built model rather than the config's names
     result["method"] = effective_method(module)
+    add_embedding_health(result, module.embedding_health_log)  # and a warning if collapsed
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -311,6 +325,9 @@ def main(cfg: DictConfig) -> float | None:
             file=sys.stderr,
         )
         sys.exit(SIGTERM_EXIT)
+    except Diverged as e:  # metrics.json says "status": "diverged" (callbacks/divergence.py)
+        print(f"diverged: {e}", file=sys.stderr)
+        sys.exit(DIVERGED_EXIT)
     except (UserError, InstantiationException) as e:
         if debug:
             raise

@@ -75,3 +75,11 @@ def print_summary(result: dict, out_dir: Path) -> None:
     for line in lines:
         console.print(line)
         to_run_log(line)
+    for warning in warning_lines(result):
+        console.print(warning, style="bold red", markup=False)
+        to_run_log(warning)
+
+
+def warning_lines(result: dict) -> list[str]:
+    """metrics.json's `warnings`, one line each: why the numbers above may mean nothing."""
+    return [f"WARNING: {w}" for w in result.get("warnings") or []]

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vpt_dml.data.images import to_rgb
 from vpt_dml.data.records import ImageRecords
 from vpt_dml.errors import DatasetError
 
@@ -51,7 +52,7 @@ def load_transformed(path: str, transform: Callable | None, hint: str = SKIP_HIN
     try:
         with Image.open(path) as im:
             if transform is None:
-                return im.convert("RGB")
+                return to_rgb(im)  # as displayed (data/images.py)
             return transform(im)
     except FileNotFoundError:
         raise DatasetError(missing_message(path)) from None

@@ -8,6 +8,9 @@ Two implementations of the same preprocessing (METHOD.md §4):
   seed), then asks the JPEG decoder for a DCT-downscaled image (`Image.draft`) whenever the
   crop still has at least the output resolution at that scale, and resizes with torch's
   uint8 antialiased bilinear kernel. Output matches the reference up to resampling noise.
+
+Both paths see the image as displayed (data/images.py: EXIF orientation, 16-bit and float
+scaling, transparency onto white): crops are drawn in the displayed frame.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
+
+from vpt_dml.data.images import SWAPPING, displayed_size, orientation, to_rgb
 
 # the uint8 view of PIL's buffer is only read (every step below allocates a new tensor)
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -51,14 +56,10 @@ def build_transforms(
     normalize = [T.ToTensor(), T.Normalize(mean, std)]
     if train:
         crop = T.RandomResizedCrop(image_size, scale=RRC_SCALE, ratio=RRC_RATIO)
-        return T.Compose([_to_rgb, crop, T.RandomHorizontalFlip(), *normalize])
+        return T.Compose([to_rgb, crop, T.RandomHorizontalFlip(), *normalize])
     return T.Compose(
-        [_to_rgb, T.Resize(eval_resize(image_size)), T.CenterCrop(image_size), *normalize]
+        [to_rgb, T.Resize(eval_resize(image_size)), T.CenterCrop(image_size), *normalize]
     )
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 class _FastTransform:
@@ -74,11 +75,14 @@ class _FastTransform:
         image: Image.Image, need_w: float, need_h: float
     ) -> tuple[torch.Tensor, float, float]:
         """Decode at the smallest JPEG scale that keeps >= need_w x need_h pixels of the full
-        frame; returns a (1, 3, H, W) uint8 view and the scale factors actually used."""
-        full_w, full_h = image.size
+        displayed frame; returns a (1, 3, H, W) uint8 view (displayed orientation) and the
+        scale factors actually used."""
+        full_w, full_h = displayed_size(image)
+        # the decoder works in the stored frame: a rotating orientation swaps the request
+        stored = (need_h, need_w) if orientation(image) in SWAPPING else (need_w, need_h)
         # a no-op for non-JPEG files and for images already decoded
-        image.draft("RGB", (math.ceil(need_w), math.ceil(need_h)))
-        image = _to_rgb(image)
+        image.draft("RGB", (math.ceil(stored[0]), math.ceil(stored[1])))
+        image = to_rgb(image)
         array = np.asarray(image)
         # HWC memory seen as NCHW channels-last: torch's fast uint8 resize path, no copy
         tensor = torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
@@ -95,9 +99,11 @@ class _FastTransform:
 
 class FastTrainTransform(_FastTransform):
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        full_w, full_h = image.size
-        # torchvision's own sampler: identical crop for identical torch RNG state
-        top, left, h, w = T.RandomResizedCrop.get_params(image, RRC_SCALE, RRC_RATIO)
+        full_w, full_h = displayed_size(image)
+        # torchvision's own sampler: identical crop for identical torch RNG state; it reads
+        # only the size, given here as a zero-stride tensor of the displayed frame
+        frame = torch.empty(1, 1, 1, dtype=torch.uint8).expand(1, full_h, full_w)
+        top, left, h, w = T.RandomResizedCrop.get_params(frame, RRC_SCALE, RRC_RATIO)
         flip = torch.rand(1).item() < 0.5
         # the decoded crop must still cover size x size pixels
         shrink = min(w / self.size, h / self.size)
@@ -113,7 +119,7 @@ class FastTrainTransform(_FastTransform):
 
 class FastEvalTransform(_FastTransform):
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        full_w, full_h = image.size
+        full_w, full_h = displayed_size(image)
         short = eval_resize(self.size)
         # torchvision Resize(int): the short side becomes `short`, the long side is truncated
         if full_w <= full_h:

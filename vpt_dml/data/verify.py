@@ -16,9 +16,11 @@ import argparse
 import hashlib
 import os
 import sys
+from collections import Counter
 
 from PIL import Image
 
+from vpt_dml.data.images import conversion, to_rgb
 from vpt_dml.data.records import RetrievalSplits
 from vpt_dml.data.registry import DATASETS, count_mismatches, load_splits
 from vpt_dml.errors import UserError
@@ -36,15 +38,22 @@ def missing_files(splits: RetrievalSplits) -> list[str]:
     return missing
 
 
-def undecodable_files(splits: RetrievalSplits, log_every: int = 0) -> list[tuple[str, str]]:
-    """(path, reason) for every image that PIL cannot fully decode."""
+def undecodable_files(
+    splits: RetrievalSplits, log_every: int = 0, converted: Counter | None = None
+) -> list[tuple[str, str]]:
+    """(path, reason) for every image that PIL cannot fully decode; `converted` counts
+    what data/images.py converts to reach displayed RGB (mode, transparency, EXIF)."""
     bad = []
     done = 0
     for _, records in splits.all_records():
         for path in records.paths:
             try:
                 with Image.open(path) as im:
+                    kind = conversion(im)
                     im.load()
+                    to_rgb(im)  # the conversion training does must work too
+                if kind and converted is not None:
+                    converted[kind] += 1
             except Exception as e:  # noqa: BLE001 - any decoder failure is a finding
                 bad.append((path, str(e).splitlines()[0] if str(e) else type(e).__name__))
             done += 1
@@ -91,7 +100,12 @@ def duplicate_report(splits: RetrievalSplits, examples: int = 5) -> list[str]:
     return lines
 
 
-def verify(splits: RetrievalSplits, official: dict[str, int], decode: bool = False) -> list[str]:
+def verify(
+    splits: RetrievalSplits,
+    official: dict[str, int],
+    decode: bool = False,
+    converted: Counter | None = None,
+) -> list[str]:
     """Every problem found, one line each (empty: the copy matches the official split)."""
     problems = [f"count {p}" for p in count_mismatches(splits.summary(), official)]
     missing = missing_files(splits)
@@ -100,7 +114,7 @@ def verify(splits: RetrievalSplits, official: dict[str, int], decode: bool = Fal
         present = set(missing)
         problems += [
             f"cannot decode: {p} ({why})"
-            for p, why in undecodable_files(splits, 5000)
+            for p, why in undecodable_files(splits, 5000, converted)
             if p not in present
         ]
     return problems
@@ -123,13 +137,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         splits, official = load_splits(args.dataset, args.root)
         print(f"{args.dataset} at {args.root}: {splits.summary()}")
-        problems = verify(splits, official, args.decode)
+        converted: Counter = Counter()
+        problems = verify(splits, official, args.decode, converted)
         duplicates = duplicate_report(splits) if args.duplicates else []
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for line in problems + duplicates:
         print(line)
+    if converted:  # not problems: what reaches the model differs from a plain RGB read
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(converted.items()))
+        print(f"converted to displayed RGB: {sum(converted.values())} image(s) ({kinds})")
     print("OK: matches the official split" if not problems else f"{len(problems)} problem(s) found")
     return 1 if problems else 0
 
