@@ -993,7 +993,7 @@ def smoke_phase(args, work: Path, procs: int) -> dict:
     epoch from last.ckpt; export, embed and retrieve of SMOKE_IMAGES images. Every CUDA path
     the measured runs take (the presets' precision, host bank, workers, device evaluation
     and k-means, fused AdamW, checkpoints) runs here first, in about two minutes."""
-    deadline = time.monotonic() + args.smoke_budget_s
+    deadline = time.monotonic() + (args.smoke_budget_s or (600.0 if args.tiny else 150.0))
     out: dict = {"presets": {}, "failures": []}
     t = time.perf_counter()
     layouts = write_smoke_layouts(work / "smoke_data", args.tiny, procs)
@@ -1365,7 +1365,10 @@ def main() -> int:
     )
     ap.add_argument("--skip-smoke", action="store_true", help="go straight to the measured runs")
     ap.add_argument(
-        "--smoke-budget-s", type=float, default=150.0, help="limit of the smoke phase (150)"
+        "--smoke-budget-s",
+        type=float,
+        default=None,
+        help="limit of the smoke phase (150; tiny 600)",
     )
     ap.add_argument(
         "--override",

@@ -253,3 +253,36 @@ def test_bad_input_is_one_line(setup, tmp_path: Path, capsys) -> None:
     args = [*model_args(setup), str(setup["gallery"]), str(setup["gallery"]), "--top-k", "0"]
     assert retrieve.main(args) == 2
     assert "--top-k" in capsys.readouterr().err
+
+
+def test_a_folder_of_symlinks_embeds_and_retrieves_under_the_links_names(
+    setup, reference, tmp_path: Path, capsys
+) -> None:
+    """A folder of links into a dataset (how one often picks images) used to end in a
+    ValueError traceback: the files were resolved to targets outside the folder."""
+    links = tmp_path / "links"
+    links.mkdir()
+    targets = sorted(setup["gallery"].rglob("*.jpg"))[:5]
+    for i, target in enumerate(targets):
+        (links / f"q{i}.jpg").symlink_to(target)
+    out = tmp_path / "emb"
+    assert embed.main([*model_args(setup), str(links), str(out), "--no-progress"]) == 0
+    names = (out / "files.txt").read_text().splitlines()
+    assert names == [f"q{i}.jpg" for i in range(5)]
+    by_name = rows_by_name(reference)
+    rows = np.load(out / "embeddings.npy")
+    for name, row, target in zip(names, rows, targets):
+        np.testing.assert_allclose(row, by_name[str(target.relative_to(setup["gallery"]))])
+    found = tmp_path / "found.json"
+    args = [
+        *model_args(setup),
+        str(links / "q0.jpg"),
+        str(out),
+        "--top-k",
+        "1",
+        "--out",
+        str(found),
+    ]
+    assert retrieve.main(args) == 0
+    first = json.loads(found.read_text())[0]["neighbours"][0]
+    assert Path(first["path"]) == links / "q0.jpg"

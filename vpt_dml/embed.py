@@ -55,9 +55,14 @@ def list_images(root: Path) -> list[Path]:
 
 
 def image_root(path: Path) -> Path:
-    """The folder that file paths are written relative to (absolute)."""
-    path = Path(path).resolve()
+    """The folder that file paths are written relative to (absolute; links kept as links:
+    a folder of symlinks to a dataset lists the links' names, not their targets)."""
+    path = Path(os.path.abspath(path))
     return path if path.is_dir() else path.parent
+
+
+def relative_name(file: Path | str, root: Path) -> str:
+    return str(Path(os.path.abspath(file)).relative_to(root))
 
 
 def model_fingerprint(weights: Path) -> dict:
@@ -167,7 +172,7 @@ def embed_folder(
         raise UserError(f"--chunk-size {chunk_size} must be at least 1")
     files = list_images(image_dir)
     root = image_root(image_dir)
-    names = [str(f.resolve().relative_to(root)) for f in files]
+    names = [relative_name(f, root) for f in files]
     plan = _plan(fingerprint, root, names, chunk_size)
     chunk_dir = out / CHUNKS
     meta_path = out / META
@@ -221,7 +226,7 @@ def embed_folder(
     emb = np.concatenate(rows)
     kept = np.concatenate([ch["kept"] for ch in chunks])
     skipped = [
-        (str(Path(f).resolve().relative_to(root)), str(r))
+        (relative_name(f, root), str(r))
         for ch in chunks
         for f, r in zip(ch["skipped"], ch["reasons"])
     ]
