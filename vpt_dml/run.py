@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from vpt_dml import run_folder
+from vpt_dml import cluster, run_folder
 from vpt_dml.callbacks import ExactResume
 from vpt_dml.callbacks.cost import CostMonitor
 from vpt_dml.callbacks.eval_schedule import EvalSchedule
@@ -159,6 +159,8 @@ def provenance_of(cfg: DictConfig, module) -> dict:
 def refuse_ddp_sweep(cfg: DictConfig) -> None:
     """`-m` with a multi-device DDP strategy makes every child launch its own sweep."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    if cluster.jobs_are_processes():  # submitit: every job is its own process group
         return
     strategy = str(cfg.trainer.get("strategy", "auto"))
     devices = cfg.trainer.get("devices", 1)
@@ -300,9 +302,16 @@ def one_line(e: Exception) -> str:
 def main(cfg: DictConfig) -> float | None:
     debug = bool(cfg.get("debug", False)) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
+        cluster.continue_in_folder(cfg)  # requeued job, sweep rerun: resume / skip / run
+        cluster.watch_requeue_signals()  # SLURM's warning before the time limit
         metrics = train(cfg)
+    except cluster.Skip as e:
+        print(e, file=sys.stderr)
+        return e.value
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
+        if requeued := cluster.requeue_if_asked():
+            print(requeued, file=sys.stderr)
         sys.exit(SIGTERM_EXIT)
     except SIGTERMException:  # outside fit: the evaluation before training or the final test
         print(
@@ -310,6 +319,8 @@ def main(cfg: DictConfig) -> float | None:
             "metrics.json was not written",
             file=sys.stderr,
         )
+        if requeued := cluster.requeue_if_asked():
+            print(requeued, file=sys.stderr)
         sys.exit(SIGTERM_EXIT)
     except (UserError, InstantiationException) as e:
         if debug:
@@ -323,4 +334,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    cluster.pin_run_stamp()  # torchrun workers / a requeued SLURM job share one run folder
     main()
