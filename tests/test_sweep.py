@@ -117,3 +117,28 @@ def test_rerun_of_an_interrupted_sweep_skips_resumes_and_runs_the_rest(tmp_path:
     assert f"resuming: job 1 continues from {last} (sweep rerun)" in again.stderr
     assert (sweep_dir / "0" / "metrics.json").read_bytes() == finished_0  # not recomputed
     assert status("1") == "finished" and status("2") == "finished"
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_runs_each_job_in_its_own_process_and_folder(tmp_path: Path) -> None:
+    """hydra/launcher=local: submitit starts one process per job; two jobs finish in their
+    own run folders, the third (a bad override) fails alone and says why in its log."""
+    import json
+
+    sweep_dir = tmp_path / "sweep"
+    args = sweep_args(tmp_path, sweep_dir, "hydra/launcher=local", "seed=0,1,oops")
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode != 0  # the sweep reports its failed job
+    results = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
+    assert sorted(results) == ["0", "1"]
+    assert {r["status"] for r in results.values()} == {"finished"}
+    assert [r["provenance"]["seed"] for r in (results["0"], results["1"])] == [0, 1]
+    # three jobs, three processes: each has its own submitit folder and logs
+    job_dirs = sorted(p for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit())
+    assert len(job_dirs) == 3
+    assert not list(sweep_dir.glob("*/run.lock"))
+    failed = [d for d in job_dirs if not list(d.glob("*_result.pkl"))]
+    assert len(failed) == 1
+    last_line = next(failed[0].glob("*_log.err")).read_text().strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and "seed='oops'" in last_line, last_line
+    assert not (sweep_dir / "2" / "metrics.json").exists()
