@@ -121,3 +121,31 @@ def test_run_dir_reads_the_pinned_stamp(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv(cluster.STAMP_ENV)
     cfg = compose_config([], tmp_path)
     assert "slurm" not in str(cfg.hydra.run.dir) and str(cfg.hydra.run.dir).count("-") >= 4
+
+
+@pytest.mark.parametrize(("squeue_says", "taken_over"), [("", True), ("RUNNING", False)])
+def test_a_lock_of_a_job_on_another_node_is_stale_once_squeue_no_longer_lists_it(
+    squeue_says: str, taken_over: bool, tmp_path: Path, monkeypatch
+) -> None:
+    import json
+
+    from vpt_dml import run_folder
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / run_folder.LOCK).write_text(
+        json.dumps({"pid": 12345, "host": "node-17", "slurm_job": "111", "slurm_restart": "0"})
+    )
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text(f'#!/bin/sh\n[ -n "{squeue_says}" ] && echo {squeue_says}\nexit 0\n')
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "222")  # the sweep's rerun, a new job on another node
+    if taken_over:
+        run_folder.claim(folder)
+        assert json.loads((folder / run_folder.LOCK).read_text())["slurm_job"] == "222"
+        run_folder.release(folder)
+    else:
+        with pytest.raises(UserError, match="in use by another run"):
+            run_folder.claim(folder)

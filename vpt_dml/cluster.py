@@ -325,3 +325,20 @@ def _open(cfg: DictConfig):
     from omegaconf import open_dict
 
     return open_dict(cfg)
+
+
+def slurm_job_alive(job: str | None) -> bool | None:
+    """Whether SLURM still runs `job` (`squeue`): True / False, None when it cannot tell."""
+    if not job:
+        return None
+    try:
+        done = subprocess.run(
+            ["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    states = done.stdout.split()
+    if done.returncode != 0:
+        # squeue refuses a job id it no longer knows
+        return False if "Invalid job id" in done.stderr else None
+    return any(s in ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING", "SUSPENDED") for s in states)

@@ -128,7 +128,8 @@ def _alive(rec: dict) -> bool | None:
         if rec.get("slurm_restart") != os.environ.get("SLURM_RESTART_COUNT", "0"):
             return False  # an earlier incarnation of this requeued job
     if rec.get("host") != socket.gethostname() or not isinstance(rec.get("pid"), int):
-        return None
+        # another node: SLURM knows whether the lock's job still runs (a resumed sweep)
+        return cluster.slurm_job_alive(rec.get("slurm_job")) if job else None
     pid = rec["pid"]
     try:
         os.kill(pid, 0)
