@@ -42,7 +42,9 @@ def sbatch_text(cfg, tmp_path: Path, monkeypatch) -> str:
 
 
 def sbatch_options(text: str) -> dict[str, str]:
-    lines = [line[len("#SBATCH --") :] for line in text.splitlines() if line.startswith("#SBATCH --")]
+    lines = [
+        line[len("#SBATCH --") :] for line in text.splitlines() if line.startswith("#SBATCH --")
+    ]
     return dict(line.split("=", 1) if "=" in line else (line, "") for line in lines)
 
 
@@ -92,7 +94,9 @@ def test_slurm_sweep_refuses_a_device_count_it_cannot_ask_for(tmp_path: Path) ->
     ok = compose_config(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=2"], tmp_path)
     cluster.check_launcher_resources(ok)
     # the local launcher runs the processes itself: nothing to ask for
-    cluster.check_launcher_resources(compose_config(["hydra/launcher=local", "trainer=ddp"], tmp_path))
+    cluster.check_launcher_resources(
+        compose_config(["hydra/launcher=local", "trainer=ddp"], tmp_path)
+    )
 
 
 def test_every_process_of_a_job_names_the_same_run_folder() -> None:
@@ -108,9 +112,9 @@ def test_every_process_of_a_job_names_the_same_run_folder() -> None:
     start = 1_700_000_000.0
     from datetime import datetime
 
-    assert cluster.run_stamp(elastic, parent_start=start) == datetime.fromtimestamp(
-        start
-    ).strftime("%Y-%m-%d_%H-%M-%S")
+    assert cluster.run_stamp(elastic, parent_start=start) == datetime.fromtimestamp(start).strftime(
+        "%Y-%m-%d_%H-%M-%S"
+    )
     assert cluster.run_stamp({}) is None
 
 
@@ -138,7 +142,9 @@ def test_a_lock_of_a_job_on_another_node_is_stale_once_squeue_no_longer_lists_it
     )
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "squeue").write_text(f'#!/bin/sh\n[ -n "{squeue_says}" ] && echo {squeue_says}\nexit 0\n')
+    (bin_dir / "squeue").write_text(
+        f'#!/bin/sh\n[ -n "{squeue_says}" ] && echo {squeue_says}\nexit 0\n'
+    )
     (bin_dir / "squeue").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("SLURM_JOB_ID", "222")  # the sweep's rerun, a new job on another node

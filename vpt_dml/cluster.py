@@ -72,7 +72,7 @@ def external_world_size() -> int:
 
 
 def launcher_kind(hydra_cfg: Any) -> str | None:
-    """"slurm" / "local" for hydra-submitit-launcher sweeps, None for Hydra's in-process one."""
+    """The submitit launcher of this sweep ("slurm" or "local"); None for Hydra's own."""
     target = str(OmegaConf.select(hydra_cfg, "launcher._target_", default="") or "")
     if "submitit_launcher" not in target:
         return None
@@ -156,7 +156,9 @@ def check_launcher_resources(config: DictConfig) -> None:
             f"{devices} is not a count: give trainer.devices=N (the GPUs per node)"
         )
     if not (isinstance(nodes, int) and nodes > 0):
-        raise UserError(f"trainer.num_nodes={nodes} is not a count of nodes: give trainer.num_nodes=N")
+        raise UserError(
+            f"trainer.num_nodes={nodes} is not a count of nodes: give trainer.num_nodes=N"
+        )
 
 
 # -- requeue --------------------------------------------------------------------------------
@@ -298,7 +300,10 @@ def continue_in_folder(cfg: DictConfig) -> None:
     status = _status(folder)
     if status is None and not last.is_file():
         return  # never ran (or ran so briefly that nothing is left): run it
-    changed = config_changes(folder, cfg)
+    from vpt_dml.run_folder import is_global_zero
+
+    # rank 0 alone compares (it rewrites config_resolved.yaml as soon as it claims the folder)
+    changed = config_changes(folder, cfg) if is_global_zero() else None
     job = f"job {HydraConfig.get().job.num} " if sweep else ""
     if changed:
         shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
@@ -341,4 +346,6 @@ def slurm_job_alive(job: str | None) -> bool | None:
     if done.returncode != 0:
         # squeue refuses a job id it no longer knows
         return False if "Invalid job id" in done.stderr else None
-    return any(s in ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING", "SUSPENDED") for s in states)
+    return any(
+        s in ("RUNNING", "PENDING", "CONFIGURING", "COMPLETING", "SUSPENDED") for s in states
+    )
