@@ -93,10 +93,12 @@ def test_slurm_sweep_refuses_a_device_count_it_cannot_ask_for(tmp_path: Path) ->
         cluster.check_launcher_resources(cfg)
     ok = compose_config(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=2"], tmp_path)
     cluster.check_launcher_resources(ok)
-    # the local launcher runs the processes itself: nothing to ask for
-    cluster.check_launcher_resources(
-        compose_config(["hydra/launcher=local", "trainer=ddp"], tmp_path)
-    )
+    with pytest.raises(UserError, match=r"hydra/launcher=local starts one task per device"):
+        cluster.check_launcher_resources(
+            compose_config(["hydra/launcher=local", "trainer=ddp"], tmp_path)
+        )
+    # Hydra's own launcher: one process, nothing to derive
+    cluster.check_launcher_resources(compose_config(["trainer=ddp"], tmp_path))
 
 
 def test_every_process_of_a_job_names_the_same_run_folder() -> None:
@@ -155,3 +157,31 @@ def test_a_lock_of_a_job_on_another_node_is_stale_once_squeue_no_longer_lists_it
     else:
         with pytest.raises(UserError, match="in use by another run"):
             run_folder.claim(folder)
+
+
+@pytest.mark.parametrize(
+    ("launcher", "refused"), [("basic", True), ("local", False), ("slurm", False)]
+)
+def test_ddp_sweep_is_refused_only_when_jobs_share_one_process(
+    launcher: str, refused: bool, tmp_path: Path
+) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from vpt_dml.run import refuse_ddp_sweep
+
+    cfg = compose_config(
+        [f"hydra/launcher={launcher}", "trainer=ddp", "trainer.devices=2"], tmp_path
+    )
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+    HydraConfig.instance().set_config(cfg)
+    try:
+        if refused:
+            with pytest.raises(UserError, match="a sweep .-m. cannot run"):
+                refuse_ddp_sweep(cfg)
+        else:
+            refuse_ddp_sweep(cfg)  # submitit: every job is its own process group
+    finally:
+        HydraConfig.instance().cfg = None

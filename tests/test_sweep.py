@@ -142,3 +142,36 @@ def test_submitit_local_sweep_runs_each_job_in_its_own_process_and_folder(tmp_pa
     last_line = next(failed[0].glob("*_log.err")).read_text().strip().splitlines()[-1]
     assert last_line.startswith("error: ") and "seed='oops'" in last_line, last_line
     assert not (sweep_dir / "2" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_ddp_inside_a_local_submitit_job_is_one_two_process_run(tmp_path: Path) -> None:
+    """With a launcher, `-m` and DDP go together: submitit starts one task per device and
+    the two tasks train as one process group (Lightning must not re-launch the job)."""
+    import json
+
+    from conftest import TINY_BACKBONE, TINY_DATA, TINY_TRAINER
+
+    from tests.test_ddp import free_port
+
+    sweep_dir = tmp_path / "sweep"
+    trainer = [o for o in TINY_TRAINER if not o.startswith(("trainer.devices", "trainer.strategy"))]
+    args = [
+        "-m",
+        "hydra/launcher=local",
+        *TINY_BACKBONE,
+        *TINY_DATA,
+        *trainer,
+        "trainer=ddp_cpu",
+        "data.batch_size=4",  # 2 ranks x 2 classes of the 4 training classes
+        "eval_before_training=false",
+        "seed=0",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    proc = run_cli(args, cwd=tmp_path, env={"MASTER_PORT": str(free_port())})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((sweep_dir / "0" / "metrics.json").read_text())
+    assert result["status"] == "finished" and result["provenance"]["world_size"] == 2
+    assert [p.name for p in sweep_dir.iterdir() if p.name.isdigit()] == ["0"]
+    assert not (sweep_dir / "0" / "run.lock").exists()

@@ -144,21 +144,49 @@ if not OmegaConf.has_resolver("vpt_gpus_per_node"):
 
 
 def check_launcher_resources(config: DictConfig) -> None:
-    """Before a SLURM sweep is submitted: the trainer's devices must be a count of devices,
-    since the allocation (tasks and GPUs per node) is derived from it."""
-    if launcher_kind(config.hydra) != "slurm":
+    """Before a submitit sweep starts: the trainer's devices must be a count of devices,
+    since the processes (one task per device) and GPUs per node are derived from it."""
+    kind = launcher_kind(config.hydra)
+    if kind is None:
         return
     devices = OmegaConf.select(config, "trainer.devices")
     nodes = OmegaConf.select(config, "trainer.num_nodes", default=1)
     if not (isinstance(devices, int) and devices > 0):
         raise UserError(
-            f"hydra/launcher=slurm asks SLURM for one task per device, but trainer.devices="
-            f"{devices} is not a count: give trainer.devices=N (the GPUs per node)"
+            f"hydra/launcher={kind} starts one task per device, but trainer.devices="
+            f"{devices} is not a count: give trainer.devices=N (the devices per node)"
         )
     if not (isinstance(nodes, int) and nodes > 0):
         raise UserError(
             f"trainer.num_nodes={nodes} is not a count of nodes: give trainer.num_nodes=N"
         )
+
+
+def export_local_ranks() -> None:
+    """submitit's local executor starts one task per device but says so only in its own
+    variables: export RANK / LOCAL_RANK / WORLD_SIZE / MASTER_* so that Lightning joins the
+    tasks into one process group instead of re-launching the job (it would re-run
+    submitit's `_submit` command line)."""
+    tasks = os.environ.get("SUBMITIT_LOCAL_NTASKS", "1")
+    if "SUBMITIT_LOCAL_JOB_ID" not in os.environ or not tasks.isdigit() or int(tasks) < 2:
+        return
+    if "LOCAL_RANK" in os.environ:
+        return
+    import submitit
+
+    given = {k: os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT") if k in os.environ}
+    submitit.helpers.TorchDistributedEnvironment().export(
+        set_cuda_visible_devices=False, overwrite=True
+    )
+    os.environ.update(given)  # a port the user chose wins over submitit's pick
+
+
+def enter_job(cfg: DictConfig) -> None:
+    """At the top of `vpt_dml.run`'s main: ranks of a local submitit job, the run folder's
+    earlier run (resume / skip / run), and SLURM's warning signal."""
+    export_local_ranks()
+    continue_in_folder(cfg)
+    watch_requeue_signals()
 
 
 # -- requeue --------------------------------------------------------------------------------

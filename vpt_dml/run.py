@@ -169,7 +169,7 @@ def refuse_ddp_sweep(cfg: DictConfig) -> None:
         or (isinstance(devices, int) and devices > 1)
         or (isinstance(devices, str) and "," in devices)
     )
-    if "ddp" in strategy and many:
+    if "ddp" in strategy.lower() and many:  # "ddp", or a DDPStrategy node (trainer=ddp)
         raise UserError(
             f"a sweep (-m) cannot run trainer.strategy={strategy} on devices={devices}: launch one DDP "
             "job per process instead (a shell loop over the values, see the README)"
@@ -302,8 +302,7 @@ def one_line(e: Exception) -> str:
 def main(cfg: DictConfig) -> float | None:
     debug = bool(cfg.get("debug", False)) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
-        cluster.continue_in_folder(cfg)  # requeued job, sweep rerun: resume / skip / run
-        cluster.watch_requeue_signals()  # SLURM's warning before the time limit
+        cluster.enter_job(cfg)  # ranks, requeued job / sweep rerun (resume, skip), SIGUSR
         metrics = train(cfg)
     except cluster.Skip as e:
         print(e, file=sys.stderr)
