@@ -150,8 +150,7 @@ def test_ddp_inside_a_local_submitit_job_is_one_two_process_run(tmp_path: Path) 
     the two tasks train as one process group (Lightning must not re-launch the job)."""
     import json
 
-    from conftest import TINY_BACKBONE, TINY_DATA, TINY_TRAINER
-
+    from tests.conftest import TINY_BACKBONE, TINY_DATA, TINY_TRAINER
     from tests.test_ddp import free_port
 
     sweep_dir = tmp_path / "sweep"
