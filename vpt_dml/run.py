@@ -171,8 +171,9 @@ def refuse_ddp_sweep(cfg: DictConfig) -> None:
     )
     if "ddp" in strategy.lower() and many:  # "ddp", or a DDPStrategy node (trainer=ddp)
         raise UserError(
-            f"a sweep (-m) cannot run trainer.strategy={strategy} on devices={devices}: launch one DDP "
-            "job per process instead (a shell loop over the values, see the README)"
+            f"a sweep (-m) cannot run trainer.strategy={strategy} on devices={devices} in one "
+            "process: add hydra/launcher=local or hydra/launcher=slurm (one process per job), or "
+            'loop over the values in the shell (README "On a cluster")'
         )
 
 
