@@ -198,6 +198,7 @@ RUN = r"^python3? -m vpt_dml\.run\b"
 DDP = r"(?=.* trainer=ddp\b)"
 NO_DDP = r"(?!.* trainer=ddp(\b|_cpu\b))"
 MULTI = r"(?=.* (-m|--multirun)\b)"
+NO_LAUNCHER = r"(?!.* hydra/launcher=)"  # submitit launchers: entries of their own
 NO_MULTI = r"(?!.* (-m|--multirun)\b)"
 
 # fmt: off
@@ -211,7 +212,7 @@ HOW_RUN: dict[str, How] = {
     RUN + NO_DDP + NO_MULTI + r"(?=.* ckpt_path=)":
         How("resume", "ckpt_path= the last.ckpt of a finished tiny run of the same preset; one "
                       "more epoch"),
-    RUN + NO_DDP + MULTI:
+    RUN + NO_DDP + MULTI + NO_LAUNCHER:
         How("sweep", "the sweep's own grid narrowed to its first value per swept key (one job), "
                      "tiny settings, tmp hydra.sweep.dir"),
     RUN + r"(?=.* trainer=ddp_cpu\b)(?!.* (-m|--multirun)\b)(?! trainer=ddp_cpu$)":
@@ -221,9 +222,20 @@ HOW_RUN: dict[str, How] = {
                          "on the demo's classes (2 gloo processes, ~30 s)",
             "tests/test_cli.py::test_ddp_cpu_command_runs_on_the_demo_data"),
     # -- GPU only: composed with the same overrides, so a renamed key or group still fails --
-    RUN + DDP:
+    RUN + DDP + NO_LAUNCHER:
         How("compose", "trainer=ddp is NCCL on GPUs; composed + check_config"),
-    r"^torchrun .* -m vpt_dml\.run\b":
+    # -- submitit sweeps (README "On a cluster") --
+    RUN + MULTI + r"(?=.* hydra/launcher=slurm\b)":
+        How("delegated", "needs a SLURM cluster: that test composes hydra/launcher=slurm with "
+                         "every preset and checks the sbatch file it generates",
+            "tests/test_cluster.py::test_sbatch_file_asks_for_the_trainers_devices_tasks_and_nodes"),
+    RUN + MULTI + r"(?=.* hydra/launcher=local\b)":
+        How("delegated", "that test runs a tiny 3-job local submitit sweep (3 processes)",
+            "tests/test_sweep.py::test_submitit_local_sweep_runs_each_job_in_its_own_process_and_folder"),
+    r"^torchrun (?=.* trainer=ddp_cpu\b).* -m vpt_dml\.run\b":
+        How("delegated", "that test runs it on tiny settings and compares with trainer=ddp_cpu",
+            "tests/test_torchrun.py::test_torchrun_two_processes_equal_lightnings_ddp_cpu_launch"),
+    r"^torchrun (?!.* trainer=ddp_cpu\b).* -m vpt_dml\.run\b":
         How("compose", "multi-node torchrun launch of trainer=ddp (GPUs, several machines); composed"),
     r"^srun python3? -m vpt_dml\.run\b":
         How("compose", "SLURM launch of trainer=ddp (GPUs, a cluster); composed"),

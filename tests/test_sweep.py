@@ -57,3 +57,120 @@ def test_sweep_with_multi_device_ddp_is_refused(tmp_path: Path) -> None:
     proc = run_cli(args, cwd=tmp_path)
     assert proc.returncode == 2
     assert "error: a sweep (-m) cannot run trainer.strategy=ddp" in proc.stderr
+
+
+def sweep_args(tmp_path: Path, sweep_dir: Path, *extra: str) -> list[str]:
+    return [
+        "-m",
+        *tiny_overrides("eval_before_training=false", *extra),
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+
+
+@pytest.mark.slow
+def test_rerun_of_an_interrupted_sweep_skips_resumes_and_runs_the_rest(tmp_path: Path) -> None:
+    """The same `-m` command again: job 0 (finished) is skipped, job 1 (SIGTERM after its
+    first epoch) continues from its last.ckpt, job 2 (never started) runs."""
+    import json
+    import os
+    import signal
+    import time
+
+    sweep_dir = tmp_path / "sweep"
+    args = sweep_args(tmp_path, sweep_dir, "trainer.max_epochs=2", "seed=0,1,2")
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vpt_dml.run", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    last = sweep_dir / "1" / "checkpoints" / "last.ckpt"
+    end = time.monotonic() + 300
+    while not last.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < end, "job 1 never saved an epoch"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    status = lambda job: json.loads((sweep_dir / job / "metrics.json").read_text())["status"]  # noqa: E731
+    assert status("0") == "finished" and status("1") == "interrupted"
+    assert not (sweep_dir / "2" / "metrics.json").exists()
+    finished_0 = (sweep_dir / "0" / "metrics.json").read_bytes()
+
+    # another config into the same sweep folder is refused, naming the key that differs
+    other = run_cli(sweep_args(tmp_path, sweep_dir, "trainer.max_epochs=3", "seed=0,1,2"), tmp_path)
+    assert other.returncode == 2
+    assert [line for line in other.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: job 0 folder {sweep_dir / '0'} holds a run of another config "
+        "(trainer.max_epochs differ); give another hydra.sweep.dir, or replace the earlier "
+        "runs with overwrite=true"
+    ]
+
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"skipped: job 0 finished earlier in {sweep_dir / '0'}" in again.stderr
+    assert f"resuming: job 1 continues from {last} (sweep rerun)" in again.stderr
+    assert (sweep_dir / "0" / "metrics.json").read_bytes() == finished_0  # not recomputed
+    assert status("1") == "finished" and status("2") == "finished"
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_runs_each_job_in_its_own_process_and_folder(tmp_path: Path) -> None:
+    """hydra/launcher=local: submitit starts one process per job; two jobs finish in their
+    own run folders, the third (a bad override) fails alone and says why in its log."""
+    import json
+
+    sweep_dir = tmp_path / "sweep"
+    args = sweep_args(tmp_path, sweep_dir, "hydra/launcher=local", "seed=0,1,oops")
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode != 0  # the sweep reports its failed job
+    results = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
+    assert sorted(results) == ["0", "1"]
+    assert {r["status"] for r in results.values()} == {"finished"}
+    assert [r["provenance"]["seed"] for r in (results["0"], results["1"])] == [0, 1]
+    # three jobs, three processes: each has its own submitit folder and logs
+    job_dirs = sorted(p for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit())
+    assert len(job_dirs) == 3
+    assert not list(sweep_dir.glob("*/run.lock"))
+    failed = [d for d in job_dirs if not list(d.glob("*_result.pkl"))]
+    assert len(failed) == 1
+    last_line = next(failed[0].glob("*_log.err")).read_text().strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and "seed='oops'" in last_line, last_line
+    assert not (sweep_dir / "2" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_ddp_inside_a_local_submitit_job_is_one_two_process_run(tmp_path: Path) -> None:
+    """With a launcher, `-m` and DDP go together: submitit starts one task per device and
+    the two tasks train as one process group (Lightning must not re-launch the job)."""
+    import json
+
+    from tests.conftest import TINY_BACKBONE, TINY_DATA, TINY_TRAINER
+    from tests.test_ddp import free_port
+
+    sweep_dir = tmp_path / "sweep"
+    trainer = [o for o in TINY_TRAINER if not o.startswith(("trainer.devices", "trainer.strategy"))]
+    args = [
+        "-m",
+        "hydra/launcher=local",
+        *TINY_BACKBONE,
+        *TINY_DATA,
+        *trainer,
+        "trainer=ddp_cpu",
+        "data.batch_size=4",  # 2 ranks x 2 classes of the 4 training classes
+        "eval_before_training=false",
+        "seed=0",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    proc = run_cli(args, cwd=tmp_path, env={"MASTER_PORT": str(free_port())})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((sweep_dir / "0" / "metrics.json").read_text())
+    assert result["status"] == "finished" and result["provenance"]["world_size"] == 2
+    assert [p.name for p in sweep_dir.iterdir() if p.name.isdigit()] == ["0"]
+    assert not (sweep_dir / "0" / "run.lock").exists()

@@ -29,7 +29,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from vpt_dml import run_folder
+from vpt_dml import cluster, run_folder
 from vpt_dml.callbacks import ExactResume
 from vpt_dml.callbacks.cost import CostMonitor
 from vpt_dml.callbacks.divergence import DIVERGED_EXIT, Diverged, DivergenceGuard, write_diverged
@@ -169,6 +169,8 @@ def refuse_ddp_sweep(cfg: DictConfig) -> None:
     """`-m` with a multi-device DDP strategy makes every child launch its own sweep."""
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return
+    if cluster.jobs_are_processes():  # submitit: every job is its own process group
+        return
     strategy = str(cfg.trainer.get("strategy", "auto"))
     devices = cfg.trainer.get("devices", 1)
     many = (
@@ -176,10 +178,11 @@ def refuse_ddp_sweep(cfg: DictConfig) -> None:
         or (isinstance(devices, int) and devices > 1)
         or (isinstance(devices, str) and "," in devices)
     )
-    if "ddp" in strategy and many:
+    if "ddp" in strategy.lower() and many:  # "ddp", or a DDPStrategy node (trainer=ddp)
         raise UserError(
-            f"a sweep (-m) cannot run trainer.strategy={strategy} on devices={devices}: launch one DDP "
-            "job per process instead (a shell loop over the values, see the README)"
+            f"a sweep (-m) cannot run trainer.strategy={strategy} on devices={devices} in one "
+            "process: add hydra/launcher=local or hydra/launcher=slurm (one process per job), or "
+            'loop over the values in the shell (README "On a cluster")'
         )
 
 
@@ -314,9 +317,15 @@ def one_line(e: Exception) -> str:
 def main(cfg: DictConfig) -> float | None:
     debug = bool(cfg.get("debug", False)) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
+        cluster.enter_job(cfg)  # ranks, requeued job / sweep rerun (resume, skip), SIGUSR
         metrics = train(cfg)
+    except cluster.Skip as e:
+        print(e, file=sys.stderr)
+        return e.value
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
+        if requeued := cluster.requeue_if_asked():
+            print(requeued, file=sys.stderr)
         sys.exit(SIGTERM_EXIT)
     except SIGTERMException:  # outside fit: the evaluation before training or the final test
         print(
@@ -324,6 +333,8 @@ def main(cfg: DictConfig) -> float | None:
             "metrics.json was not written",
             file=sys.stderr,
         )
+        if requeued := cluster.requeue_if_asked():
+            print(requeued, file=sys.stderr)
         sys.exit(SIGTERM_EXIT)
     except Diverged as e:  # metrics.json says "status": "diverged" (callbacks/divergence.py)
         print(f"diverged: {e}", file=sys.stderr)
@@ -340,4 +351,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    cluster.pin_run_stamp()  # torchrun workers / a requeued SLURM job share one run folder
     main()

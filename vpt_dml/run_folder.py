@@ -9,8 +9,11 @@ in-process use too; the lock is released when `train()` ends):
   run into a folder whose lock is held stops; a stale lock (its PID no longer runs on this
   host, or an earlier incarnation of the same requeued SLURM job) is taken over with a warning;
 - a folder that holds an earlier run's `metrics.json` or checkpoints is refused, unless this
-  run resumes it (`ckpt_path` inside the folder, or Lightning's SLURM `hpc_ckpt_*.ckpt`) or
-  `overwrite=true` (the earlier run's results are then deleted first).
+  run resumes it (`ckpt_path` inside the folder, or a requeued SLURM job finding its
+  `checkpoints/last.ckpt`) or `overwrite=true` (the earlier run's results are deleted first);
+- only rank zero claims (RANK / LOCAL_RANK / NODE_RANK / GROUP_RANK / SLURM_PROCID, as set by
+  Lightning's DDP children, torchrun and srun); the other ranks write nothing here;
+- a sweep folder is continued job by job (vpt_dml/cluster.py `continue_in_folder`).
 
 `config_resolved.yaml` is written at start, so a killed run can still be exported, and the
 CSV history (`csv/metrics.csv`) is appended to when a run resumes in its own folder.
@@ -38,6 +41,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
+from vpt_dml import cluster
 from vpt_dml.errors import UserError
 from vpt_dml.provenance import cfg_without_hydra
 
@@ -124,7 +128,8 @@ def _alive(rec: dict) -> bool | None:
         if rec.get("slurm_restart") != os.environ.get("SLURM_RESTART_COUNT", "0"):
             return False  # an earlier incarnation of this requeued job
     if rec.get("host") != socket.gethostname() or not isinstance(rec.get("pid"), int):
-        return None
+        # another node: SLURM knows whether the lock's job still runs (a resumed sweep)
+        return cluster.slurm_job_alive(rec.get("slurm_job")) if job else None
     pid = rec["pid"]
     try:
         os.kill(pid, 0)
@@ -229,14 +234,16 @@ def earlier_run(folder: Path) -> str | None:
 
 
 def resumes_here(folder: Path, ckpt_path: str | None) -> bool:
-    """This run continues the folder's own run: its checkpoint, or Lightning's SLURM requeue."""
+    """This run continues the folder's own run: its checkpoint, or a requeued SLURM job's
+    last.ckpt (the one resume path: vpt_dml/cluster.py)."""
     if ckpt_path:
         try:
             Path(ckpt_path).expanduser().resolve().relative_to(folder.resolve())
             return True
         except ValueError:
             return False
-    return bool(os.environ.get("SLURM_JOB_ID")) and any(folder.glob("hpc_ckpt_*.ckpt"))
+    requeued = cluster.in_slurm_job() and cluster.restart_count() > 0
+    return requeued and (folder / "checkpoints" / "last.ckpt").is_file()
 
 
 def clear_results(folder: Path) -> None:
@@ -325,16 +332,13 @@ class ClaimRunFolder(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_global_zero():
             return
+        # A sweep folder with earlier results is continued, job by job (cluster.py: a
+        # finished job of the same config is skipped, an interrupted one resumes).
         key = "hydra.sweep.dir"
         sweep = Path(os.path.abspath(str(config.hydra.sweep.dir)))
         try:
             make_folder(sweep, key)
-            finished = sorted(sweep.glob("*/metrics.json"))
-            if finished and not config.get("overwrite", False):
-                raise UserError(
-                    f"{key}={sweep} already holds the results of {len(finished)} jobs "
-                    f"(e.g. {finished[0]}); give another {key}, or replace them with overwrite=true"
-                )
+            cluster.check_launcher_resources(config)
         except UserError as e:
             _stop(config, e)
 
