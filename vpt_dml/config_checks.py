@@ -56,10 +56,7 @@ CODE_KEYS: dict[str, set[str]] = {
     "model.peft.adapter.num_blocks": {"int"},
 }
 # values that take more types than the option files show
-EXTRA_TYPES: dict[str, set[str]] = {
-    "model.grad_checkpointing": {"float"},
-    "trainer.fast_dev_run": {"int"},  # true or a number of batches
-}
+EXTRA_TYPES: dict[str, set[str]] = {"model.grad_checkpointing": {"float"}}
 # passed through to a library as they are: children not checked
 OPEN = {"model.backbone.kwargs"}
 # may gain new entries (each its own `_target_`, checked against that target)
