@@ -83,7 +83,10 @@ def test_resume_with_fewer_epochs_than_done_is_refused(tmp_path: Path):
     # the same number re-runs the final test only (e.g. after a SIGTERM during it)
     again = tiny(tmp_path / "c", "trainer.max_epochs=2", f"ckpt_path={ckpt}")
     train(again)
-    assert result_of(again)["provenance"]["global_step"] == result_of(first)["provenance"]["global_step"]
+    assert (
+        result_of(again)["provenance"]["global_step"]
+        == result_of(first)["provenance"]["global_step"]
+    )
 
 
 def test_fast_dev_run_is_marked_a_smoke_test(tmp_path: Path):

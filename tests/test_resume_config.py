@@ -9,8 +9,8 @@ import csv
 import json
 import os
 import re
-import signal
 import shutil
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -113,13 +113,19 @@ def test_allowed_change_is_applied_and_recorded_with_its_epoch(finished: Path, t
     assert run["config"]["data"]["batch_size"] == 4 and run["changed"] == changed
 
 
-def test_checkpoint_without_a_stored_config_warns_once_and_resumes(finished: Path, tmp_path, capsys):
+def test_checkpoint_without_a_stored_config_warns_once_and_resumes(
+    finished: Path, tmp_path, capsys
+):
     ckpt = torch.load(last(finished), weights_only=True)
     del ckpt["callbacks"]["ExactResume"]["run"]["config"]  # as written before configs were stored
     old = tmp_path / "old.ckpt"
     torch.save(ckpt, old)
     cfg = run_in(
-        tmp_path, "resumed", "trainer.max_epochs=2", f"ckpt_path={old}", data=finished.parent / "data"
+        tmp_path,
+        "resumed",
+        "trainer.max_epochs=2",
+        f"ckpt_path={old}",
+        data=finished.parent / "data",
     )
     train(cfg)
     err = capsys.readouterr().err
@@ -147,7 +153,11 @@ def csv_shape(run_dir: Path) -> list[tuple]:
     with (run_dir / "csv" / "metrics.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     return [
-        (r["epoch"], r["step"], tuple(sorted(k for k, v in r.items() if v and k not in ("epoch", "step"))))
+        (
+            r["epoch"],
+            r["step"],
+            tuple(sorted(k for k, v in r.items() if v and k not in ("epoch", "step"))),
+        )
         for r in rows
     ]
 

@@ -164,9 +164,7 @@ def check_command_line(argv: list[str]) -> None:
         group = key.lstrip("+~")
         if value.strip() in ("null", "~", "None") and group in groups:
             fix = NO_GROUP_FIX.get(group) or f"pick one of {', '.join(groups[group])}"
-            raise UserError(
-                f"{arg}: a config group takes an option name, not null; {fix}"
-            )
+            raise UserError(f"{arg}: a config group takes an option name, not null; {fix}")
         if not _ascii_outside_quotes(arg):
             raise UserError(
                 f"{arg}: Hydra reads characters other than ASCII only inside quotes; quote the "

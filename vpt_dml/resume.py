@@ -134,12 +134,16 @@ def differences(saved: dict, current: dict) -> list[tuple[str, object, object]]:
             continue
         a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
         # 1 and 1.0 are one value; a bool is not a number here
-        same = a == b and type(a) is type(b) or (
-            isinstance(a, (int, float))
-            and isinstance(b, (int, float))
-            and not isinstance(a, bool)
-            and not isinstance(b, bool)
-            and a == b
+        same = (
+            a == b
+            and type(a) is type(b)
+            or (
+                isinstance(a, (int, float))
+                and isinstance(b, (int, float))
+                and not isinstance(a, bool)
+                and not isinstance(b, bool)
+                and a == b
+            )
         )
         if not same:
             out.append((key, a, b))
@@ -200,7 +204,8 @@ def plan_resume(ckpt: Mapping, cfg: DictConfig, path: str | Path) -> ResumePlan:
     refused = [d for d in diffs if not _under(d[0], allowed)]
     if refused:
         shown = "; ".join(
-            f"{k}={_show(new)} here but {_show(old)} in the checkpoint" for k, old, new in refused[:SHOWN]
+            f"{k}={_show(new)} here but {_show(old)} in the checkpoint"
+            for k, old, new in refused[:SHOWN]
         )
         more = f" (+{len(refused) - SHOWN} more)" if len(refused) > SHOWN else ""
         raise UserError(
@@ -210,8 +215,12 @@ def plan_resume(ckpt: Mapping, cfg: DictConfig, path: str | Path) -> ResumePlan:
             "optimizer and RNG state would override them)"
         )
     plan.changed += [
-        {"key": k, "from": None if old is _ABSENT else old, "to": None if new is _ABSENT else new,
-         "at_epoch": done}  # fmt: skip
+        {
+            "key": k,
+            "from": None if old is _ABSENT else old,
+            "to": None if new is _ABSENT else new,
+            "at_epoch": done,
+        }  # fmt: skip
         for k, old, new in diffs
     ]
     return plan

@@ -26,8 +26,7 @@ from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -45,8 +44,8 @@ from vpt_dml.models.build import prepare_backbone
 from vpt_dml.models.method_summary import effective_method
 from vpt_dml.module import VPTDMLModule
 from vpt_dml.provenance import cfg_without_hydra
-from vpt_dml.resume import ResumePlan, plan_resume, run_config, trim_csv_history, warn_uncompared
 from vpt_dml.results import build_result, run_provenance
+from vpt_dml.resume import ResumePlan, plan_resume, run_config, trim_csv_history, warn_uncompared
 from vpt_dml.summary import print_summary
 
 log = logging.getLogger("vpt_dml")
