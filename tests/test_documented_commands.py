@@ -38,7 +38,8 @@ ARTEFACT_PRESET = "cub_deep_small"
 # 1. extraction
 # ----------------------------------------------------------------------------------------
 COMMAND = re.compile(
-    r"(?:python3? -m vpt_dml\.|python3? experiments/|torchrun |srun |make |for \w+ in )"
+    r"(?:python3? -m vpt_dml\.|python3? experiments/|torchrun |srun |make |for \w+ in "
+    r"|eval \"\$\(python3? -m vpt_dml\.)"
 )
 
 
@@ -217,6 +218,10 @@ HOW_RUN: dict[str, How] = {
                      "tiny settings, tmp hydra.sweep.dir"),
     RUN + r"(?=.* trainer=ddp_cpu\b)(?!.* (-m|--multirun)\b)(?! trainer=ddp_cpu$)":
         How("ddp_cpu", "its own subprocess (2 gloo processes re-launch the CLI), tiny settings"),
+    r'^eval "\$\(python3? -m vpt_dml\.run -sc install=bash\)"$':
+        How("delegated", "installs bash completion: that test evals the script in bash and "
+                         "completes python -m vpt_dml.run lines",
+            "tests/test_day_one_options.py::test_shell_completion_install_script_completes_python_m"),
     r"^python -m vpt_dml\.run trainer=ddp_cpu$":
         How("delegated", "conf/trainer/ddp_cpu.yaml's command: that test reads the header and runs it "
                          "on the demo's classes (2 gloo processes, ~30 s)",
@@ -381,6 +386,7 @@ def tiny_run_args(cmd: str, ctx: Ctx, sweep: bool = False) -> tuple[list[str], d
     """The documented overrides with placeholders made real, then the tiny settings for
     every key the command does not set itself. Also returns what to check afterwards."""
     args = [a for a in run_args(cmd) if a not in ("-m", "--multirun")]
+    documented_dir = ""
     preset = preset_of(args)
     info: dict = {"preset": preset, "grid": {}}
     if sweep:
@@ -404,6 +410,7 @@ def tiny_run_args(cmd: str, ctx: Ctx, sweep: bool = False) -> tuple[list[str], d
             a = f"{k}={ctx.root / 'artefact' / preset / 'checkpoints' / 'last.ckpt'}"
             info["resume_from"] = preset
         elif k in ("hydra.run.dir", "hydra.sweep.dir"):
+            documented_dir = v
             continue  # replaced below
         out.append(a)
     twelve = preset != "demo" or "model.backbone.weights" in own
@@ -431,7 +438,12 @@ def tiny_run_args(cmd: str, ctx: Ctx, sweep: bool = False) -> tuple[list[str], d
     full = (["-m"] if sweep else []) + out + tiny
     key = plan_key(full)
     folder = ctx.root / "runs" / key
-    full.append(f"hydra.sweep.dir={folder}" if sweep else f"hydra.run.dir={folder}")
+    value = str(folder)
+    if documented_dir[:1] in ("'", '"'):  # Hydra-quoted (non-ASCII, spaces): kept, and its name
+        quote = documented_dir[0]
+        folder = folder / Path(documented_dir.strip(quote)).name
+        value = f"{quote}{folder}{quote}"
+    full.append(f"hydra.sweep.dir={value}" if sweep else f"hydra.run.dir={value}")
     info.update(key=plan_key(full), folder=folder)
     return full, info
 

@@ -103,9 +103,20 @@ def test_bad_ckpt_path_is_one_line(real_ckpt: Path, tmp_path: Path, kind: str):
     assert str(path) in line
 
 
+def test_checkpoint_of_another_model_is_refused_by_its_config_first(real_ckpt: Path, tmp_path):
+    cfg = compose_config(tiny_overrides("model.embed_dim=8", f"ckpt_path={real_ckpt}"), tmp_path)
+    with pytest.raises(UserError, match="model.embed_dim=8 here but 16 in the checkpoint"):
+        train(cfg)
+
+
 @pytest.mark.slow
 def test_checkpoint_of_another_model_names_tensor_shapes_and_preset(real_ckpt: Path, tmp_path):
-    res = cli(tmp_path, "model.embed_dim=8", f"ckpt_path={real_ckpt}")
+    # a checkpoint without a stored config (older vpt_dml): the built model is the check
+    ckpt = torch.load(real_ckpt, weights_only=True)
+    del ckpt["callbacks"]["ExactResume"]["run"]["config"]
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    res = cli(tmp_path, "model.embed_dim=8", f"ckpt_path={old}")
     line = one_error_line(res, "was made for another model")
     # the head is the first tensor that differs: 16-d in the checkpoint, 8-d here
     assert "embedder.head.fc.weight is [16, 32] in the checkpoint but [8, 32]" in line

@@ -11,7 +11,13 @@
 - a value left at ??? (a shared base file picked as an option);
 - self-contradictory method settings: a `model.peft.name` whose switches are another
   method's (PEFT_METHODS in models/method_summary.py), `model.proxy` keys that the proxy
-  kind does not use, `optim` keys its optimizer and scheduler never read.
+  kind does not use, `optim` keys its optimizer and scheduler never read;
+- values no run can use: a batch size below 1, a negative learning rate or weight decay,
+  `model.embed_dim=0` (no head is spelled `null`), all in POSITIVE / NON_NEGATIVE.
+
+`check_command_line(argv)` runs before Hydra parses the command line, for what Hydra
+itself answers with a traceback or a parser dump: a config group set to null
+(`callbacks=null`) and non-ASCII characters outside quotes (a path such as `outputs/über`).
 """
 
 from __future__ import annotations
@@ -86,6 +92,97 @@ def check_config(cfg: DictConfig) -> None:
         check_proxy(model.proxy)
     if cfg.get("optim") is not None:
         check_optim(cfg.optim)
+    check_values(cfg)
+
+
+# -- values ----------------------------------------------------------------------------
+# key -> how to fix it; null means the code's default here, so it is refused only where
+# no default exists (the batch sizes)
+POSITIVE = {
+    "data.batch_size": "give a multiple of data.samples_per_class, e.g. data.batch_size=64",
+    "data.samples_per_class": "give e.g. data.samples_per_class=2",
+    "data.eval_batch_size": "give e.g. data.eval_batch_size=256",
+    "model.embed_dim": "give e.g. model.embed_dim=384, or model.embed_dim=null for no head "
+    "(the raw pooled feature)",
+}
+NULL_REFUSED = {"data.batch_size", "data.samples_per_class", "data.eval_batch_size"}
+NON_NEGATIVE = {
+    "optim.lr": "e.g. optim.lr=1e-3",
+    "optim.lr_proxy": "e.g. optim.lr_proxy=1e-2",
+    "optim.weight_decay": "e.g. optim.weight_decay=1e-4 (0 turns it off)",
+    "optim.weight_decay_proxy": "e.g. optim.weight_decay_proxy=0",
+}
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Refuse numbers no run can use, before a library fails on them mid-run."""
+    for key, fix in POSITIVE.items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        if value is None:
+            if key in NULL_REFUSED and _has(cfg, key):
+                raise UserError(f"{key}=null: it must be a positive integer; {fix}")
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
+            raise UserError(f"{key}={value} must be a positive integer; {fix}")
+    for key, fix in NON_NEGATIVE.items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise UserError(f"{key}={value} is negative: it must be 0 or more, {fix}")
+
+
+def _has(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return isinstance(node, DictConfig) and leaf in node
+
+
+# -- the command line, before Hydra ------------------------------------------------------
+def config_groups(conf: Path = CONF_DIR) -> dict[str, list[str]]:
+    """Config group (e.g. `callbacks`, `model/peft`) -> its option names."""
+    groups = {}
+    for folder in sorted(p for p in conf.rglob("*") if p.is_dir()):
+        options = sorted(p.stem for p in folder.glob("*.yaml"))
+        if options:
+            groups[str(folder.relative_to(conf))] = options
+    return groups
+
+
+NO_GROUP_FIX = {
+    "callbacks": "callbacks=none runs without the optional callbacks (no checkpoints, images "
+    "or progress lines), ~callbacks.NAME drops one (e.g. ~callbacks.dashboard)",
+    "logger": "logger=none runs without loggers (no csv/metrics.csv); metrics.json is still written",
+}
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Raise a one-line UserError for an override Hydra would answer with a traceback."""
+    groups = config_groups()
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        group = key.lstrip("+~")
+        if value.strip() in ("null", "~", "None") and group in groups:
+            fix = NO_GROUP_FIX.get(group) or f"pick one of {', '.join(groups[group])}"
+            raise UserError(f"{arg}: a config group takes an option name, not null; {fix}")
+        if not _ascii_outside_quotes(arg):
+            raise UserError(
+                f"{arg}: Hydra reads characters other than ASCII only inside quotes; quote the "
+                f"value for Hydra inside the shell's quotes: \"{key}='{value}'\""
+            )
+
+
+def _ascii_outside_quotes(text: str) -> bool:
+    quote = None
+    for ch in text:
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ord(ch) > 127:
+            return False
+    return True
 
 
 # -- method settings --------------------------------------------------------------------

@@ -10,9 +10,11 @@ or weights end in exit 3 with "status": "diverged" (callbacks/divergence.py).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -24,12 +26,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vpt_dml import cluster, run_folder
+from vpt_dml import cluster, completion, run_folder
 from vpt_dml.callbacks import ExactResume
 from vpt_dml.callbacks.cost import CostMonitor
 from vpt_dml.callbacks.divergence import DIVERGED_EXIT, Diverged, DivergenceGuard, write_diverged
@@ -38,7 +40,7 @@ from vpt_dml.callbacks.metric_history import MetricHistory
 from vpt_dml.callbacks.wandb_logger import finish_wandb
 from vpt_dml.checkpoint_io import AtomicCheckpointIO, DiskSpaceCheck
 from vpt_dml.checkpoints import check_resumable, load_checkpoint
-from vpt_dml.config_checks import check_config
+from vpt_dml.config_checks import check_command_line, check_config
 from vpt_dml.errors import UserError
 from vpt_dml.models.backbone import data_config, weights_report
 from vpt_dml.models.build import prepare_backbone
@@ -46,6 +48,7 @@ from vpt_dml.models.method_summary import effective_method
 from vpt_dml.module import VPTDMLModule
 from vpt_dml.provenance import cfg_without_hydra
 from vpt_dml.results import add_embedding_health, build_result, run_provenance
+from vpt_dml.resume import ResumePlan, plan_resume, run_config, trim_csv_history, warn_uncompared
 from vpt_dml.summary import print_summary
 
 log = logging.getLogger("vpt_dml")
@@ -85,7 +88,12 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     # not optional: a resumed run must equal a straight one; SIGTERM leaves a last.ckpt
     callbacks.append(
         ExactResume(
-            run_info={"task_name": cfg.get("task_name"), "overrides": task_overrides()},
+            # the resolved config too: a resume compares it with its own (vpt_dml/resume.py)
+            run_info={
+                "task_name": cfg.get("task_name"),
+                "overrides": task_overrides(),
+                "config": run_config(cfg),
+            },
             interrupt_checkpoint=Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
         )
     )
@@ -103,6 +111,8 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
     loggers = [
         lg for c in (cfg.get("logger") or {}).values() if c and (lg := instantiate(c)) is not None
     ]
+    if not loggers:  # logger=none: Lightning refuses a learning-rate monitor with nowhere to log
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     # checkpoints whole or absent, disk full as one line (checkpoint_io.py)
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
@@ -186,14 +196,64 @@ def refuse_ddp_sweep(cfg: DictConfig) -> None:
         )
 
 
-def start_run(cfg: DictConfig) -> dict | None:
+def start_run(cfg: DictConfig) -> tuple[dict | None, ResumePlan | None]:
     """Before any work: ckpt_path, when given, is a checkpoint that loads safely
-    (checkpoints.py; checked against the built model by check_resumable)."""
+    (checkpoints.py), written with this run's config (resume.py; checked against the built
+    model by check_resumable)."""
     ckpt_path = cfg.get("ckpt_path")
-    return load_checkpoint(ckpt_path) if ckpt_path else None
+    if not ckpt_path:
+        return None, None
+    ckpt = load_checkpoint(ckpt_path)
+    return ckpt, plan_resume(ckpt, cfg, ckpt_path)
 
 
-def record_interrupted(cfg: DictConfig, trainer: L.Trainer, module, dm, before: dict) -> str:
+SEED_ENV = "VPT_DML_DRAWN_SEED"  # the seed drawn for seed=null, inherited by DDP children
+
+
+def before_run_folder(train_fn):
+    """What is settled before the run folder is claimed and its config_resolved.yaml
+    rewritten: seed=null becomes a drawn seed (a resume takes the checkpoint's), so every
+    record names it; a resume whose config differs from its checkpoint's is refused, so
+    the refused command leaves the run folder it points at as it was."""
+
+    @functools.wraps(train_fn)
+    def wrapper(cfg: DictConfig, *args, **kwargs):
+        if "seed" in cfg and cfg.seed is None:
+            seed = null_seed(cfg)
+            with open_dict(cfg):
+                cfg.seed = seed
+        if cfg.get("ckpt_path"):
+            check_config(cfg)
+            start_run(cfg)
+        return train_fn(cfg, *args, **kwargs)
+
+    return wrapper
+
+
+def null_seed(cfg: DictConfig) -> int:
+    if cfg.get("ckpt_path"):
+        from vpt_dml.resume import stored_run
+
+        saved = (stored_run(load_checkpoint(cfg.ckpt_path)).get("config") or {}).get("seed")
+        if isinstance(saved, int):
+            return saved
+    if os.environ.get(SEED_ENV, "").isdigit():  # a DDP child of the process that drew it
+        return int(os.environ[SEED_ENV])
+    if not run_folder.is_global_zero():
+        raise UserError(
+            "seed=null under a multi-process launch (torchrun, srun): each process would draw "
+            "its own seed; give seed=N"
+        )
+    seed = secrets.randbelow(2**31)
+    os.environ[SEED_ENV] = str(seed)
+    print(f"seed=null: drew seed={seed} (recorded in config_resolved.yaml and metrics.json)",
+          file=sys.stderr)  # fmt: skip
+    return seed
+
+
+def record_interrupted(
+    cfg: DictConfig, trainer: L.Trainer, module, dm, before: dict, plan: ResumePlan | None = None
+) -> str:
     """metrics.json of a run stopped by SIGTERM; returns the line that says what is left."""
     resume = next((c for c in trainer.callbacks if isinstance(c, ExactResume)), None)
     info = dict((resume.interrupted if resume else None) or {"signal": "SIGTERM"})
@@ -204,6 +264,10 @@ def record_interrupted(cfg: DictConfig, trainer: L.Trainer, module, dm, before: 
         if isinstance(v, torch.Tensor) and v.numel() == 1
     }
     first = before.get("before/recall@1", before.get("val/recall@1"))
+    history = next((c for c in trainer.callbacks if isinstance(c, MetricHistory)), None)
+    kept = history.last("before") if history and first is None else None  # a resume's
+    if kept is not None:
+        first = kept["metrics"].get("recall@1")
     if first is not None:
         metrics["recall@1_before"] = float(first)
     out_dir = Path(cfg.paths.output_dir)
@@ -213,6 +277,7 @@ def record_interrupted(cfg: DictConfig, trainer: L.Trainer, module, dm, before: 
         "metrics": metrics,
         "provenance": run_provenance(cfg, trainer, module, dm, provenance_of(cfg, module)),
     }
+    record_resume(result, plan)
     if not trainer.is_global_zero:
         return f"[rank {trainer.global_rank}] stopped by SIGTERM; rank 0 says what was saved"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -227,10 +292,12 @@ def record_interrupted(cfg: DictConfig, trainer: L.Trainer, module, dm, before: 
     return f'SIGTERM after {done} completed epoch(s): {saved}; metrics.json says "status": "interrupted"'
 
 
+@before_run_folder
 @run_folder.owns_run_folder  # lock, writable check, config_resolved.yaml; released after
 def train(cfg: DictConfig) -> dict:
     check_config(cfg)  # typos, wrong types, self-contradictory methods: before anything runs
-    resume = start_run(cfg)  # ckpt_path is a checkpoint that loads safely
+    # ckpt_path is a checkpoint that loads safely, written with this config
+    resume, plan = start_run(cfg)
     refuse_ddp_sweep(cfg)
     if cfg.get("seed") is not None:  # seed 0 is a seed
         L.seed_everything(cfg.seed, workers=True)
@@ -245,9 +312,12 @@ def train(cfg: DictConfig) -> dict:
     pre = data_config(module.embedder.backbone.vit)
     dm.set_preprocessing(pre["image_size"], pre["mean"], pre["std"])
     trainer = build_trainer(cfg)
+    if plan is not None:
+        continue_history(trainer, plan, cfg)
 
     before: dict = {}
-    if cfg.get("eval_before_training", True):
+    # a resume keeps the checkpoint's evaluation before training (MetricHistory restores it)
+    if cfg.get("eval_before_training", True) and plan is None:
         module.eval_label = "before"  # logged as before/<metric>, not as an epoch's val/
         try:
             before = trainer.validate(module, datamodule=dm, verbose=False)[0]
@@ -256,15 +326,45 @@ def train(cfg: DictConfig) -> dict:
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     except SIGTERMException:  # preemption, docker stop (ExactResume kept a last.ckpt)
-        raise Interrupted(record_interrupted(cfg, trainer, module, dm, before)) from None
+        raise Interrupted(record_interrupted(cfg, trainer, module, dm, before, plan)) from None
     except Diverged as e:  # metrics.json "status": "diverged"; last.ckpt stays finite
         prov = run_provenance(cfg, trainer, module, dm, provenance_of(cfg, module))
         write_diverged(e, trainer, module, out_dir, bool(dm.val_classes), prov)
         raise
-    return finish(cfg, trainer, module, dm, out_dir)
+    return finish(cfg, trainer, module, dm, out_dir, plan)
 
 
-def finish(cfg: DictConfig, trainer: L.Trainer, module: VPTDMLModule, dm, out_dir: Path) -> dict:
+def continue_history(trainer: L.Trainer, plan: ResumePlan, cfg: DictConfig) -> None:
+    """The resumed run's checkpoints carry every change so far; its CSV history drops what
+    was logged after the checkpoint (the interrupted epoch's partial rows, an earlier final
+    test), which the resumed run logs again."""
+    resume_cb = next(c for c in trainer.callbacks if isinstance(c, ExactResume))
+    resume_cb.run_info["changed"] = list(plan.changed)
+    step = int(load_checkpoint(cfg.ckpt_path).get("global_step", 0))
+    for lg in trainer.loggers:
+        if isinstance(lg, CSVLogger):
+            trim_csv_history(Path(lg.log_dir) / "metrics.csv", step)
+
+
+def record_resume(result: dict, plan: ResumePlan | None) -> None:
+    if plan is None:
+        return
+    result["resume"] = plan.record()
+    if not plan.compared:
+        result.setdefault("warnings", []).append(warn_uncompared(plan))
+
+
+SMOKE_TEST = "smoke test"
+
+
+def finish(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: VPTDMLModule,
+    dm,
+    out_dir: Path,
+    plan: ResumePlan | None = None,
+) -> dict:
     """Test, then write metrics.json (config_resolved.yaml was written at start by
     run_folder); returns the flat metrics."""
     held_out = bool(dm.val_classes)
@@ -289,6 +389,14 @@ def finish(cfg: DictConfig, trainer: L.Trainer, module: VPTDMLModule, dm, out_di
     # what actually trained, read from the built model rather than the config's names
     result["method"] = effective_method(module)
     add_embedding_health(result, module.embedding_health_log)  # and a warning if collapsed
+    record_resume(result, plan)
+    if trainer.fast_dev_run:  # Lightning's smoke test: a batch or a few, nothing to compare
+        batches = 1 if trainer.fast_dev_run is True else int(trainer.fast_dev_run)
+        result["status"] = SMOKE_TEST
+        result.setdefault("warnings", []).append(
+            f"trainer.fast_dev_run: {batches} batch(es) per stage and no checkpoints; the "
+            "numbers only show that the pipeline runs"
+        )
     if trainer.is_global_zero:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -350,6 +458,22 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("recall@1")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m vpt_dml.run`: what Hydra would answer with a traceback or would not
+    complete, answered before it parses the command line."""
+    argv = sys.argv[1:]
+    action = completion.requested(argv)
+    if action:
+        print(completion.script(action), end="")
+        return
+    try:
+        check_command_line(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     cluster.pin_run_stamp()  # torchrun workers / a requeued SLURM job share one run folder
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -5,8 +5,9 @@ counters, but not the random number generators, and it never advances the epoch 
 batch sampler (it only calls `set_epoch` on `batch_sampler.sampler`). Without both, the
 augmentations and the class-balanced batches after a resume differ from the straight run.
 
-Checkpoints also record which run wrote them (task_name, overrides), so a checkpoint given
-to another preset can be named in the error.
+Checkpoints also record which run wrote them (task_name, overrides, the resolved config,
+and the keys earlier resumes changed on purpose): a resume compares its own config with
+it (vpt_dml/resume.py), and a checkpoint given to another preset is named in the error.
 
 On SIGTERM (Lightning turns it into `SIGTERMException` at the next batch boundary) the
 checkpoint to resume from is the last epoch-end `last.ckpt`: the interrupted epoch's
@@ -53,7 +54,8 @@ def set_rng_state(state: dict) -> None:
 class ExactResume(L.Callback):
     """Saves the RNG state with every checkpoint and restores it where the run left off.
 
-    `run_info`: what the checkpoint records about its run (task_name, overrides).
+    `run_info`: what the checkpoint records about its run (task_name, overrides, config,
+    changed).
     `interrupt_checkpoint`: where a SIGTERM leaves the checkpoint to resume from
     (`<run dir>/checkpoints/last.ckpt`); None: SIGTERM saves nothing. After a SIGTERM,
     `interrupted` says what was kept or saved.
