@@ -69,6 +69,10 @@ TILE = 256  # columns per GEMM call on CPU: a BLOCK x TILE output stays in cache
 ENTRY_CHUNK = 1 << 19  # candidate entries compared against the positives at a time
 ROW_CHUNK = 4096  # rows per float64 helper computation
 MAX_WORKERS = 8  # default cap on block threads (each holds a BLOCK x TILE buffer)
+# a block side whose candidate filter passes more than this share of its column runs is
+# counted densely: past it, per-candidate bookkeeping costs more than comparing every entry
+DENSE_SHARE = 1 / 8
+DENSE_CHUNK = 1 << 20  # entries of a dense chunk (rows x gallery columns)
 PAIR_CHUNK = (
     256  # vector pairs gathered at a time for re-scoring (stays in L2: 3x faster than 2048)
 )
@@ -80,8 +84,9 @@ class PositiveRanks:
 
     num_positives: torch.Tensor  # (Q,)
     negatives_above: torch.Tensor  # (Q, R_max) int64; "beyond R + 1" positives hold len(gallery)
-    candidates: int = 0  # candidate entries examined
-    rescored: int = 0  # of those, re-scored exactly (float32, then float64 if needed)
+    candidates: int = 0  # candidate entries examined (dense block sides: every entry)
+    rescored: int = 0  # similarities re-scored beyond the block GEMM (float32 / exact_dot)
+    dense_entries: int = 0  # entries counted by the dense path (`_Counter.add_dense`)
 
 
 # --- candidate dtype: bfloat16 only where the CPU multiplies bfloat16 natively -------------
@@ -472,7 +477,8 @@ class _Counter:
             (len(q64),), -torch.inf, dtype=torch.float64, device=q64.device
         )
         self.lo = torch.full((n_pad,), torch.inf, device=q64.device)  # candidate threshold
-        self.candidates = self.rescored = 0
+        self.candidates = self.rescored = self.dense_entries = 0
+        self._ids = None  # distinct-vector ids (`_distinct_ids`), made on first need
         # every query gets its threshold from its positives before any block is scanned
         self._settle(torch.arange(len(q64), device=q64.device))
 
@@ -579,6 +585,124 @@ class _Counter:
             self.pos_sim[deep] = torch.inf
             self.lo[deep] = torch.inf
 
+    # --- the dense path: cost = a float32 GEMM and a few comparisons per entry ---------
+
+    def add_dense(self, side: _Dense) -> None:
+        """Count queries q0..q1 against every gallery item g0..g1 without candidate lists.
+
+        Per chunk of queries that still have a positive that matters: a float32 GEMM
+        (float64 where float32 matmuls may round inside: TF32 / bfloat16 precision
+        settings), within `eps` of `exact_dot`; the positives' similarities made exact;
+        every negative within eps of a positive that matters re-scored by `exact_dot`
+        (once per distinct pair of vectors: duplicated embeddings cost one); then each
+        positive's count is a comparison of the whole chunk against it with the tie rule.
+        Entries outside every window differ from each positive by more than the error,
+        so comparing their approximate value decides like the exact one.
+        """
+        device = self.q64.device
+        rows = torch.arange(side.q0, side.q1, device=device)
+        rows = rows[self.matters.index_select(0, rows).any(1)]
+        cols = side.g1 - side.g0
+        if len(rows) == 0 or cols <= 0:
+            return
+        self._exact_positives(rows)
+        rows = rows[self.matters.index_select(0, rows).any(1)]  # `_settle` may retire some
+        fp32 = torch.get_float32_matmul_precision() == "highest"
+        g = (self.g32 if fp32 else self.g64)[side.g0 : side.g1]
+        eps = self.eps32 if fp32 else self.tol
+        g_labels = self.gl[side.g0 : side.g1]
+        g_index = torch.arange(side.g0, side.g1, device=device)
+        step = max(1, DENSE_CHUNK // cols)
+        for s in range(0, len(rows), step):
+            r = rows[s : s + step]
+            sim = (self.q32 if fp32 else self.q64).index_select(0, r) @ g.T
+            sim = sim.double()
+            negative = g_labels[None, :] != self.ql.index_select(0, r)[:, None]
+            p_sim, p_idx = self.pos_sim.index_select(0, r), self.pos_idx.index_select(0, r)
+            live = self.matters.index_select(0, r).any(0).nonzero().squeeze(1).tolist()
+            near = torch.zeros_like(negative)
+            for c in live:
+                near |= (sim - p_sim[:, c : c + 1]).abs() <= eps
+            qi, gi = (near & negative).nonzero(as_tuple=True)
+            if len(qi):
+                sim[qi, gi] = self._exact_pairs(r[qi], gi + side.g0)
+            counts = torch.zeros(len(r), self.counts.shape[1], dtype=torch.long, device=device)
+            for c in live:
+                p = p_sim[:, c : c + 1]
+                beats = (sim > p) | ((sim == p) & (g_index[None, :] < p_idx[:, c : c + 1]))
+                counts[:, c] = (beats & negative).sum(1)
+            self.counts.index_add_(0, r, counts)
+            # candidates: the entries the filter would have passed (the work is all of them)
+            lo = self.lo.index_select(0, r).double()[:, None]
+            self.candidates += int((sim >= lo).sum())
+            self.dense_entries += sim.numel()
+            # the best negatives of the chunk tighten L (after counting, as in `add`)
+            width = min(self.best_neg.shape[1], cols)
+            best = sim.masked_fill(~negative, -torch.inf).topk(width, dim=1).values
+            self.learn(r.repeat_interleave(width), (best - eps).view(-1))
+            self._retire_deep(r)
+
+    def _exact_positives(self, rows: torch.Tensor) -> None:
+        """Replace the rows' Gram similarities of positives that matter by `exact_dot`'s
+        (their order is unchanged: Gram values this far apart order as exact ones)."""
+        todo = self.matters.index_select(0, rows) & ~self.pos_is_exact.index_select(0, rows)
+        r, c = todo.nonzero(as_tuple=True)
+        if len(r) == 0:
+            return
+        q = rows[r]
+        self.pos_exact[q, c] = _pair_dots(self.q64, self.g64, q, self.pos_idx[q, c])
+        self.pos_is_exact[q, c] = True
+        self.rescored += len(q)
+        self._settle(rows)
+
+    def _exact_pairs(self, qi: torch.Tensor, gi: torch.Tensor) -> torch.Tensor:
+        """exact_dot(q64[qi], g64[gi]), computed once per distinct pair of vectors."""
+        if self._ids is None:
+            q_ids = _distinct_ids(self.q64)
+            self._ids = (q_ids, q_ids if self.g64 is self.q64 else _distinct_ids(self.g64))
+        (q_id, q_rep), (g_id, g_rep) = self._ids
+        key = q_id.index_select(0, qi) * len(g_rep) + g_id.index_select(0, gi)
+        pairs, where = torch.unique(key, return_inverse=True)
+        self.rescored += len(pairs)
+        values = _pair_dots(
+            self.q64, self.g64, q_rep[pairs // len(g_rep)], g_rep[pairs % len(g_rep)]
+        )
+        return values.index_select(0, where)
+
+
+def _distinct_ids(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(id per row, a representative row per id): rows with equal values share an id,
+    so their `exact_dot` with any vector is equal too. Grouped by an `exact_dot` hash
+    with a fixed random vector, then checked against the group's first row: a row that
+    only collides gets an id of its own (never a wrong merge)."""
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(x.shape[1], generator=gen, dtype=torch.float64).to(x.device)
+    hashes = torch.cat(
+        [exact_dot(x[s : s + ROW_CHUNK], probe) for s in range(0, len(x), ROW_CHUNK)]
+    )
+    _, group = torch.unique(hashes, return_inverse=True)
+    index = torch.arange(len(x), device=x.device)
+    first = torch.full((len(x),), len(x), device=x.device).scatter_reduce(
+        0, group, index, "amin"
+    )
+    rep = first.index_select(0, group)
+    same = torch.cat(
+        [
+            (x[s : s + ROW_CHUNK] == x.index_select(0, rep[s : s + ROW_CHUNK])).all(1)
+            for s in range(0, len(x), ROW_CHUNK)
+        ]
+    )
+    # ids: a group's first row's position among the representatives, loners after them
+    own = ~same
+    keep = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    keep[rep[same]] = True
+    keep |= own
+    reps = index[keep]
+    slot = torch.full((len(x),), -1, device=x.device)
+    slot[reps] = torch.arange(len(reps), device=x.device)
+    ids = torch.where(same, slot.index_select(0, rep), slot)
+    return ids, reps
+
 
 def _sortable_bits(block: torch.Tensor) -> torch.Tensor:
     """A view whose integer order equals the value order for values >= 0.
@@ -633,15 +757,16 @@ class _Block:
         self.run = torch.arange(SEGMENT, device=device)
         self.sim = self.row_max = self.col_max = self.run_max = None
 
-    def stream(self, q, g, lo_rows, lo_cols=None) -> list:
+    def stream(self, q, g, lo_rows, lo_cols=None, dense_share=None) -> list:
         """Candidates of the block: [(row, col, value)] for the rows' queries and, with
         `lo_cols` (the transposed block), [(col, row, value)] for the columns' queries,
         in block coordinates. `lo_rows` / `lo_cols`: callables giving the thresholds,
-        read after the GEMMs (lo only rises, so a later snapshot is tighter)."""
+        read after the GEMMs (lo only rises, so a later snapshot is tighter). A side
+        whose candidates would explode is None (see `row_candidates`)."""
         self.compute(q, g, cols=lo_cols is not None, runs=False)
-        out = [self.row_candidates(lo_rows())]
+        out = [self.row_candidates(lo_rows(), dense_share)]
         if lo_cols is not None:
-            out.append(self.col_candidates(lo_cols()))
+            out.append(self.col_candidates(lo_cols(), dense_share))
         return out
 
     def compute(self, q: torch.Tensor, g: torch.Tensor, cols: bool = False, runs=True) -> None:
@@ -669,11 +794,15 @@ class _Block:
                 self._run_max[t, :rows] = bits.view(rows, tile // run, run).amax(2)
         self.run_max = self._run_max[:tiles, :rows] if runs else None
 
-    def row_candidates(self, lo: torch.Tensor):
-        """(row, col, value) of the entries with value >= lo[row]."""
+    def row_candidates(self, lo: torch.Tensor, dense_share: float | None = None):
+        """(row, col, value) of the entries with value >= lo[row]; None (nothing
+        extracted) when more than `dense_share` of the column runs could hold one: the
+        caller then counts the block densely (`_Counter.add_dense`)."""
         tiles, rows, tile = self.sim.shape
         th = _threshold_bits(lo, self.sim.dtype)
         t, r, k = (self.row_max >= th[None, :, None]).nonzero(as_tuple=True)
+        if dense_share is not None and len(t) > dense_share * self.row_max.numel():
+            return None
         run_id = (t * rows + r) * (tile // SEGMENT) + k  # runs are contiguous in `sim`
         runs = _sortable_bits(self.sim).view(-1, SEGMENT).index_select(0, run_id)
         # the runs' bits against the threshold's bits (a superset), one nonzero; values
@@ -684,11 +813,14 @@ class _Block:
         keep = vals >= lo.index_select(0, r)
         return r[keep], col[keep], vals[keep]
 
-    def col_candidates(self, lo: torch.Tensor):
-        """(col, row, value) of the entries with value >= lo[col] (`compute(cols=True)`)."""
+    def col_candidates(self, lo: torch.Tensor, dense_share: float | None = None):
+        """(col, row, value) of the entries with value >= lo[col] (`compute(cols=True)`);
+        None as in `row_candidates`."""
         tiles, rows, tile = self.sim.shape
         th = _threshold_bits(lo, self.sim.dtype)
         t, k, c = (self.col_max >= th.view(tiles, 1, tile)).nonzero(as_tuple=True)
+        if dense_share is not None and len(t) > dense_share * self.col_max.numel():
+            return None
         col = t * tile + c
         run = self.run[:COLUMN_RUN]
         at = ((t * rows)[:, None] + k[:, None] * COLUMN_RUN + run) * tile + c[:, None]
@@ -764,6 +896,7 @@ def _rank_positives(
     threads: int = 1,
     tile: int | None = None,
     workers: int | None = None,
+    dense: bool | None = None,
 ) -> PositiveRanks:
     """Exact n_j (negatives ranked above each positive) for every query.
 
@@ -774,6 +907,8 @@ def _rank_positives(
     torch's thread count on CPU, 1 on GPU).
     `max_rank` (e.g. the largest Recall@K): a query whose best positive ranks deeper is
     reported as "beyond" for every positive, which bounds the work on poor embeddings.
+    `dense`: None counts a block side densely when its candidates would explode
+    (`DENSE_SHARE`), True always, False never (tests compare the paths).
     """
     same = gallery is None
     device = queries.device
@@ -812,6 +947,7 @@ def _rank_positives(
     free: queue.SimpleQueue[_Block] = queue.SimpleQueue()  # one per job in flight
     for _ in range(workers + 1 if workers > 1 else 1):
         free.put(_Block(block, block, tile, dtype, device, run))
+    share = {None: DENSE_SHARE, True: -1.0, False: None}[dense]
 
     def work(job: tuple[int, int, bool, bool]):
         """Compute one block; extract its candidates unless it is a first block (those
@@ -827,8 +963,9 @@ def _rank_positives(
             # lo only rises: a snapshot is a valid (looser) threshold
             g = gc[j : j + block]
             lo_cols = (lambda: lo[j : j + len(g)].clone()) if both_sides else None
-            found = blk.stream(qc[i : i + rows], g, lambda: lo[i : i + rows].clone(), lo_cols)
-            return _in_dataset(found, i, j, n_g)
+            lo_rows = lambda: lo[i : i + rows].clone()  # noqa: E731
+            found = blk.stream(qc[i : i + rows], g, lo_rows, lo_cols, share)
+            return _in_dataset(found, i, j, n_q, n_g, rows, len(g))
         finally:
             if blk is not None:
                 free.put(blk)
@@ -848,25 +985,50 @@ def _rank_positives(
             q_rows = torch.arange(i, i + real, device=device)
             least = blk.least_of_best(num_pos[i : i + real] + 2, n_g - j)
             counter.floor(q_rows, least - bounds.widest(q_rows))
-            done = _in_dataset([blk.row_candidates(lo[i : i + len(blk.sim[0])])], i, j, n_g)
+            rows = len(blk.sim[0])
+            found = [blk.row_candidates(lo[i : i + rows], share)]
+            done = _in_dataset(found, i, j, n_q, n_g, rows, blk.sim.shape[0] * blk.tile)
             free.put(blk)
-        for q, g, v in done:
-            counter.add(q, g, v)
+        for item in done:
+            if isinstance(item, _Dense):
+                counter.add_dense(item)
+            else:
+                counter.add(*item)
 
     counts = counter.counts.masked_fill(~counter.matters, n_g)
-    return PositiveRanks(num_pos, counts, counter.candidates, counter.rescored)
+    return PositiveRanks(
+        num_pos, counts, counter.candidates, counter.rescored, counter.dense_entries
+    )
 
 
-def _in_dataset(found: list, i: int, j: int, n_g: int) -> list:
+@dataclass
+class _Dense:
+    """A block side to count densely: queries q0..q1 against gallery items g0..g1."""
+
+    q0: int
+    q1: int
+    g0: int
+    g1: int
+
+
+def _in_dataset(found: list, i: int, j: int, n_q: int, n_g: int, rows: int, cols: int) -> list:
     """Block candidates [(row, col, v)] and, if present, [(col, row, v)] as (query,
-    gallery item, v) in dataset indices; padding columns/rows dropped."""
-    r, c, v = found[0]
-    ok = c + j < n_g
-    out = [(r[ok] + i, c[ok] + j, v[ok])]
+    gallery item, v) in dataset indices; padding columns/rows dropped. A side given as
+    None (its candidates exploded) becomes a `_Dense` range."""
+    out = []
+    if found[0] is None:
+        out.append(_Dense(i, min(i + rows, n_q), j, min(j + cols, n_g)))
+    else:
+        r, c, v = found[0]
+        ok = c + j < n_g
+        out.append((r[ok] + i, c[ok] + j, v[ok]))
     if len(found) > 1:  # the transposed block: queries j..., gallery items i...
-        c, r, v = found[1]
-        ok = r + i < n_g
-        out.append((c[ok] + j, r[ok] + i, v[ok]))
+        if found[1] is None:
+            out.append(_Dense(j, min(j + cols, n_q), i, min(i + rows, n_g)))
+        else:
+            c, r, v = found[1]
+            ok = r + i < n_g
+            out.append((c[ok] + j, r[ok] + i, v[ok]))
     return out
 
 
