@@ -594,10 +594,12 @@ class _Counter:
         (float64 where float32 matmuls may round inside: TF32 / bfloat16 precision
         settings), within `eps` of `exact_dot`; the positives' similarities made exact;
         every negative within eps of a positive that matters re-scored by `exact_dot`
-        (once per distinct pair of vectors: duplicated embeddings cost one); then each
-        positive's count is a comparison of the whole chunk against it with the tie rule.
-        Entries outside every window differ from each positive by more than the error,
-        so comparing their approximate value decides like the exact one.
+        (once per distinct pair of vectors: duplicated embeddings cost one). Entries
+        outside every window differ from each positive by more than the error, so their
+        approximate value orders like the exact one. Each entry is then placed among its
+        query's positives by one binary search (`searchsorted`); exact ties with a
+        positive follow the tie rule (lower gallery index first). The cost per entry is
+        the GEMM's and a fixed number of passes, whatever the embeddings look like.
         """
         device = self.q64.device
         rows = torch.arange(side.q0, side.q1, device=device)
@@ -615,32 +617,80 @@ class _Counter:
         step = max(1, DENSE_CHUNK // cols)
         for s in range(0, len(rows), step):
             r = rows[s : s + step]
-            sim = (self.q32 if fp32 else self.q64).index_select(0, r) @ g.T
-            sim = sim.double()
+            sim = ((self.q32 if fp32 else self.q64).index_select(0, r) @ g.T).double()
             negative = g_labels[None, :] != self.ql.index_select(0, r)[:, None]
-            p_sim, p_idx = self.pos_sim.index_select(0, r), self.pos_idx.index_select(0, r)
-            live = self.matters.index_select(0, r).any(0).nonzero().squeeze(1).tolist()
-            near = torch.zeros_like(negative)
-            for c in live:
-                near |= (sim - p_sim[:, c : c + 1]).abs() <= eps
-            qi, gi = (near & negative).nonzero(as_tuple=True)
-            if len(qi):
-                sim[qi, gi] = self._exact_pairs(r[qi], gi + side.g0)
-            counts = torch.zeros(len(r), self.counts.shape[1], dtype=torch.long, device=device)
-            for c in live:
-                p = p_sim[:, c : c + 1]
-                beats = (sim > p) | ((sim == p) & (g_index[None, :] < p_idx[:, c : c + 1]))
-                counts[:, c] = (beats & negative).sum(1)
-            self.counts.index_add_(0, r, counts)
+            sim.masked_fill_(~negative, -torch.inf)  # never counted, never near
+            # the positives that matter, ascending (-inf for the others: never beaten)
+            matters = self.matters.index_select(0, r)
+            pos = torch.where(matters, self.pos_sim.index_select(0, r), -torch.inf)
+            pos, order = pos.sort(dim=1)
+            pos_idx = self.pos_idx.index_select(0, r).gather(1, order)
+            at = torch.searchsorted(pos, sim)
+            width = pos.shape[1]
+            below = pos.gather(1, (at - 1).clamp(min=0)).masked_fill_(at == 0, -torch.inf)
+            above = pos.gather(1, at.clamp(max=width - 1)).masked_fill_(at == width, torch.inf)
+            near = ((sim - below) <= eps) | ((above - sim) <= eps)
+            near &= negative & (pos[:, -1:] > -torch.inf)
+            if bool(near.any()):
+                self._make_exact(sim, near, r, side.g0)
+                at = torch.searchsorted(pos, sim)
+            # an entry beats the positives strictly below it: pos[:, :at]
+            hist = torch.zeros(len(r), width + 1, dtype=torch.long, device=device)
+            hist.scatter_add_(1, at, negative.long())
+            counts = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # counts[m] = #entries with at > m
+            right = torch.searchsorted(pos, sim, right=True)
+            tied = (right > at) & negative
+            if bool(tied.any()):
+                tie_rows = tied.any(1).nonzero().squeeze(1)
+                t_sim, t_pos, t_idx = sim[tie_rows], pos[tie_rows], pos_idx[tie_rows]
+                for m in range(width):  # a tie beats a positive of higher gallery index
+                    hit = (t_sim == t_pos[:, m : m + 1]) & (g_index[None, :] < t_idx[:, m : m + 1])
+                    counts[tie_rows, m] += hit.sum(1)
+            # back to the table's column order
+            self.counts.index_add_(0, r, torch.zeros_like(counts).scatter_(1, order, counts))
             # candidates: the entries the filter would have passed (the work is all of them)
             lo = self.lo.index_select(0, r).double()[:, None]
             self.candidates += int((sim >= lo).sum())
             self.dense_entries += sim.numel()
             # the best negatives of the chunk tighten L (after counting, as in `add`)
-            width = min(self.best_neg.shape[1], cols)
-            best = sim.masked_fill(~negative, -torch.inf).topk(width, dim=1).values
-            self.learn(r.repeat_interleave(width), (best - eps).view(-1))
+            top = min(self.best_neg.shape[1], cols)
+            best = sim.topk(top, dim=1).values
+            self.learn(r.repeat_interleave(top), (best - eps).view(-1))
             self._retire_deep(r)
+
+    def _make_exact(self, sim, near, r, g0: int) -> None:
+        """sim[near] = exact_dot of those pairs (queries r, gallery items g0..). Where the
+        near entries' rows and columns hold few distinct vectors (duplicates, collapse),
+        one exact_dot per distinct pair of vectors, gathered densely; else per entry."""
+        (q_id, _), (g_id, _) = self._distinct()
+        rows_n, cols_n = near.any(1), near.any(0)
+        uq, inv_q = torch.unique(q_id[r[rows_n]], return_inverse=True)
+        cols = cols_n.nonzero().squeeze(1)
+        ug, inv_g = torch.unique(g_id[cols + g0], return_inverse=True)
+        if len(uq) * len(ug) <= int(near.sum()):
+            grid = self._exact_ids(uq.repeat_interleave(len(ug)), ug.repeat(len(uq)))
+            grid = grid.view(len(uq), len(ug))
+            row_at = torch.zeros(len(r), dtype=torch.long, device=r.device)
+            row_at[rows_n] = inv_q
+            col_at = torch.zeros(sim.shape[1], dtype=torch.long, device=r.device)
+            col_at[cols] = inv_g
+            exact = grid.index_select(0, row_at).index_select(1, col_at)
+            torch.where(near, exact, sim, out=sim)
+        else:
+            qi, gi = near.nonzero(as_tuple=True)
+            sim[qi, gi] = self._exact_pairs(r[qi], gi + g0)
+
+    def _distinct(self):
+        if self._ids is None:
+            q_ids = _distinct_ids(self.q64)
+            self._ids = (q_ids, q_ids if self.g64 is self.q64 else _distinct_ids(self.g64))
+        return self._ids
+
+    def _exact_ids(self, qa: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
+        """exact_dot of the representatives of distinct-vector ids qa, ga."""
+        (_, q_rep), (_, g_rep) = self._distinct()
+        self.rescored += len(qa)
+        return _pair_dots(self.q64, self.g64, q_rep[qa], g_rep[ga])
 
     def _exact_positives(self, rows: torch.Tensor) -> None:
         """Replace the rows' Gram similarities of positives that matter by `exact_dot`'s
@@ -657,16 +707,10 @@ class _Counter:
 
     def _exact_pairs(self, qi: torch.Tensor, gi: torch.Tensor) -> torch.Tensor:
         """exact_dot(q64[qi], g64[gi]), computed once per distinct pair of vectors."""
-        if self._ids is None:
-            q_ids = _distinct_ids(self.q64)
-            self._ids = (q_ids, q_ids if self.g64 is self.q64 else _distinct_ids(self.g64))
-        (q_id, q_rep), (g_id, g_rep) = self._ids
+        (q_id, _), (g_id, g_rep) = self._distinct()
         key = q_id.index_select(0, qi) * len(g_rep) + g_id.index_select(0, gi)
         pairs, where = torch.unique(key, return_inverse=True)
-        self.rescored += len(pairs)
-        values = _pair_dots(
-            self.q64, self.g64, q_rep[pairs // len(g_rep)], g_rep[pairs % len(g_rep)]
-        )
+        values = self._exact_ids(pairs // len(g_rep), pairs % len(g_rep))
         return values.index_select(0, where)
 
 
