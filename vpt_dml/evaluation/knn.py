@@ -773,6 +773,12 @@ def _threshold_bits(lo: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(lo > 0, top, torch.iinfo(torch.int16).min).masked_fill(lo.isinf(), 32767)
 
 
+def _explodes(passing: int, lo: torch.Tensor, runs_per_query: int, share: float) -> bool:
+    """Whether `passing` runs exceed `share` of the runs of the queries still counting
+    (finite lo): the dense path's work is those queries' entries."""
+    return passing > share * int(lo.isfinite().sum()) * runs_per_query
+
+
 def _padded(x: torch.Tensor, multiple: int) -> torch.Tensor:
     extra = (-len(x)) % multiple
     return torch.cat([x, x.new_zeros(extra, x.shape[1])]) if extra else x
@@ -840,12 +846,13 @@ class _Block:
 
     def row_candidates(self, lo: torch.Tensor, dense_share: float | None = None):
         """(row, col, value) of the entries with value >= lo[row]; None (nothing
-        extracted) when more than `dense_share` of the column runs could hold one: the
-        caller then counts the block densely (`_Counter.add_dense`)."""
+        extracted) when more than `dense_share` of the runs of the rows still counting
+        could hold one: the caller then counts those rows densely (`_Counter.add_dense`),
+        at a cost per entry of those rows, not per candidate."""
         tiles, rows, tile = self.sim.shape
         th = _threshold_bits(lo, self.sim.dtype)
         t, r, k = (self.row_max >= th[None, :, None]).nonzero(as_tuple=True)
-        if dense_share is not None and len(t) > dense_share * self.row_max.numel():
+        if dense_share is not None and _explodes(len(t), lo, tiles * tile // SEGMENT, dense_share):
             return None
         run_id = (t * rows + r) * (tile // SEGMENT) + k  # runs are contiguous in `sim`
         runs = _sortable_bits(self.sim).view(-1, SEGMENT).index_select(0, run_id)
@@ -863,7 +870,7 @@ class _Block:
         tiles, rows, tile = self.sim.shape
         th = _threshold_bits(lo, self.sim.dtype)
         t, k, c = (self.col_max >= th.view(tiles, 1, tile)).nonzero(as_tuple=True)
-        if dense_share is not None and len(t) > dense_share * self.col_max.numel():
+        if dense_share is not None and _explodes(len(t), lo, rows // COLUMN_RUN, dense_share):
             return None
         col = t * tile + c
         run = self.run[:COLUMN_RUN]
