@@ -13,6 +13,7 @@ from vpt_dml.evaluation.knn import _distinct_ids, exact_dot, rank_positives, uni
 from vpt_dml.evaluation.retrieval import metrics_from_ranks
 
 KS = (1, 2, 4, 8)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def embeddings(kind: str, n: int, seed: int) -> torch.Tensor:
@@ -44,12 +45,14 @@ def metrics(r, same):
 @pytest.mark.parametrize("kind", ["random", "collapsed", "half", "grid"])
 @pytest.mark.parametrize("gallery", [False, True])
 @pytest.mark.parametrize("max_rank", [None, 8])
-def test_dense_and_candidate_paths_equal_a_float64_stable_sort(kind, gallery, max_rank):
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_and_candidate_paths_equal_a_float64_stable_sort(kind, gallery, max_rank, device):
     n = 200
     x = embeddings(kind, n, seed=len(kind))
     y = torch.randint(40, (n,), generator=torch.Generator().manual_seed(3))
+    want = stable_sort_reference(*((x[:90], y[:90], x[90:], y[90:]) if gallery else (x, y)))
+    x, y = x.to(device), y.to(device)
     args = (x[:90], y[:90], x[90:], y[90:]) if gallery else (x, y)
-    want = stable_sort_reference(*args)
     got = {}
     for dense in (False, True, None):  # 130 gallery items: several blocks and tiles
         r = rank_positives(*args, block=64, tile=64, max_rank=max_rank, dense=dense)

@@ -44,8 +44,21 @@ in cache; the candidates are then taken once per block (per-op overhead on small
 cost more than the filter's arithmetic). Blocks run on a few threads that each run
 single-threaded ops (OpenMP's barriers cost more than these GEMMs on a busy machine);
 one thread counts. Memory stays bounded by the block size, whatever the embeddings look
-like; badly separated embeddings (an untrained model) only make more candidates, hence
-slower.
+like.
+
+Badly separated embeddings (an untrained or collapsed model) make candidates explode:
+most entries pass the filter and, when many similarities tie or nearly tie, each is
+re-scored on its own (10,000 identical rows: 10^8 exact re-scores, minutes). So when a
+block side's filter passes more than `DENSE_SHARE` of the runs of its still-counting
+queries, that side is counted densely instead (`_Counter.add_dense`): a float32 GEMM of
+those queries against the block's gallery items (within a proven bound of `exact_dot`),
+`exact_dot` for the entries within that bound of a positive, computed once per distinct
+pair of vectors (equal embeddings share one value, so a collapsed set costs one per
+chunk), and every entry compared with each positive that matters, exact ties by the
+lower gallery index. Its cost is a GEMM and a few passes per entry and positive of the
+still-counting queries, whatever the embeddings look like; only near-ties between
+distinct vectors (closer than ~1e-5, not duplicates) are still re-scored one by one. The
+counts are the same as the candidate path's, bit for bit.
 """
 
 from __future__ import annotations
@@ -596,10 +609,9 @@ class _Counter:
         every negative within eps of a positive that matters re-scored by `exact_dot`
         (once per distinct pair of vectors: duplicated embeddings cost one). Entries
         outside every window differ from each positive by more than the error, so their
-        approximate value orders like the exact one. Each entry is then placed among its
-        query's positives by one binary search (`searchsorted`); exact ties with a
-        positive follow the tie rule (lower gallery index first). The cost per entry is
-        the GEMM's and a fixed number of passes, whatever the embeddings look like.
+        approximate value orders like the exact one; entries inside are compared exactly,
+        ties by the lower gallery index. The cost per entry is the GEMM's and a few
+        comparisons per positive that matters, whatever the embeddings look like.
         """
         device = self.q64.device
         rows = torch.arange(side.q0, side.q1, device=device)
@@ -620,34 +632,26 @@ class _Counter:
             sim = ((self.q32 if fp32 else self.q64).index_select(0, r) @ g.T).double()
             negative = g_labels[None, :] != self.ql.index_select(0, r)[:, None]
             sim.masked_fill_(~negative, -torch.inf)  # never counted, never near
-            # the positives that matter, ascending (-inf for the others: never beaten)
-            matters = self.matters.index_select(0, r)
-            pos = torch.where(matters, self.pos_sim.index_select(0, r), -torch.inf)
-            pos, order = pos.sort(dim=1)
-            pos_idx = self.pos_idx.index_select(0, r).gather(1, order)
-            at = torch.searchsorted(pos, sim)
-            width = pos.shape[1]
-            below = pos.gather(1, (at - 1).clamp(min=0)).masked_fill_(at == 0, -torch.inf)
-            above = pos.gather(1, at.clamp(max=width - 1)).masked_fill_(at == width, torch.inf)
-            near = ((sim - below) <= eps) | ((above - sim) <= eps)
-            near &= negative & (pos[:, -1:] > -torch.inf)
-            if bool(near.any()):
+            p_sim = self.pos_sim.index_select(0, r)  # +inf where a positive does not matter
+            p_idx = self.pos_idx.index_select(0, r)
+            live = self.matters.index_select(0, r).any(0).nonzero().squeeze(1).tolist()
+            counts = torch.zeros(len(r), p_sim.shape[1], dtype=torch.long, device=device)
+            near = torch.zeros_like(negative)
+            for c in live:  # beyond eps above a positive: certainly beats it
+                p = p_sim[:, c : c + 1]
+                counts[:, c] = (sim > p + eps).sum(1)
+                near |= (sim >= p - eps) & (sim <= p + eps)
+            qi, gi = near.nonzero(as_tuple=True)  # negatives only: the others are -inf
+            if len(qi):  # within eps of a positive: decided by exact_dot and the tie rule
+                approx = sim[qi, gi]
                 self._make_exact(sim, near, r, side.g0)
-                at = torch.searchsorted(pos, sim)
-            # an entry beats the positives strictly below it: pos[:, :at]
-            hist = torch.zeros(len(r), width + 1, dtype=torch.long, device=device)
-            hist.scatter_add_(1, at, negative.long())
-            counts = hist.flip(1).cumsum(1).flip(1)[:, 1:]  # counts[m] = #entries with at > m
-            right = torch.searchsorted(pos, sim, right=True)
-            tied = (right > at) & negative
-            if bool(tied.any()):
-                tie_rows = tied.any(1).nonzero().squeeze(1)
-                t_sim, t_pos, t_idx = sim[tie_rows], pos[tie_rows], pos_idx[tie_rows]
-                for m in range(width):  # a tie beats a positive of higher gallery index
-                    hit = (t_sim == t_pos[:, m : m + 1]) & (g_index[None, :] < t_idx[:, m : m + 1])
-                    counts[tie_rows, m] += hit.sum(1)
-            # back to the table's column order
-            self.counts.index_add_(0, r, torch.zeros_like(counts).scatter_(1, order, counts))
+                exact, g_at = sim[qi, gi], gi + side.g0
+                for c in live:
+                    p, pi = p_sim[qi, c], p_idx[qi, c]
+                    window = (approx >= p - eps) & (approx <= p + eps)
+                    beats = window & ((exact > p) | ((exact == p) & (g_at < pi)))
+                    counts[:, c] += torch.bincount(qi[beats], minlength=len(r))
+            self.counts.index_add_(0, r, counts)
             # candidates: the entries the filter would have passed (the work is all of them)
             lo = self.lo.index_select(0, r).double()[:, None]
             self.candidates += int((sim >= lo).sum())
