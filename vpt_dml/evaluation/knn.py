@@ -629,20 +629,38 @@ class _Counter:
         step = max(1, DENSE_CHUNK // cols)
         for s in range(0, len(rows), step):
             r = rows[s : s + step]
-            sim = ((self.q32 if fp32 else self.q64).index_select(0, r) @ g.T).double()
             negative = g_labels[None, :] != self.ql.index_select(0, r)[:, None]
-            sim.masked_fill_(~negative, -torch.inf)  # never counted, never near
             p_sim = self.pos_sim.index_select(0, r)  # +inf where a positive does not matter
             p_idx = self.pos_idx.index_select(0, r)
             live = self.matters.index_select(0, r).any(0).nonzero().squeeze(1).tolist()
             counts = torch.zeros(len(r), p_sim.shape[1], dtype=torch.long, device=device)
+            sim = self._exact_grid(r, side.g0, side.g1)
+            if sim is not None:  # few distinct vectors (collapse): every entry exact, cheaply
+                sim.masked_fill_(~negative, -torch.inf)
+                for c in live:
+                    p, pi = p_sim[:, c : c + 1], p_idx[:, c : c + 1]
+                    beats = (sim > p) | ((sim == p) & (g_index[None, :] < pi))
+                    counts[:, c] = beats.sum(1)
+                self._count_chunk(r, sim, counts, cols, eps)
+                continue
+            sim = ((self.q32 if fp32 else self.q64).index_select(0, r) @ g.T).double()
+            sim.masked_fill_(~negative, -torch.inf)  # never counted, never near
             near = torch.zeros_like(negative)
             for c in live:  # beyond eps above a positive: certainly beats it
                 p = p_sim[:, c : c + 1]
                 counts[:, c] = (sim > p + eps).sum(1)
                 near |= (sim >= p - eps) & (sim <= p + eps)
-            qi, gi = near.nonzero(as_tuple=True)  # negatives only: the others are -inf
-            if len(qi):  # within eps of a positive: decided by exact_dot and the tie rule
+            n_near = int(near.sum())
+            if n_near > sim.numel() // 4:  # mostly ties (collapse): whole-chunk passes
+                approx = sim.clone()
+                self._make_exact(sim, near, r, side.g0)
+                for c in live:
+                    p, pi = p_sim[:, c : c + 1], p_idx[:, c : c + 1]
+                    window = (approx >= p - eps) & (approx <= p + eps)
+                    beats = (sim > p) | ((sim == p) & (g_index[None, :] < pi))
+                    counts[:, c] += (window & beats).sum(1)
+            elif n_near:  # within eps of a positive: decided by exact_dot and the tie rule
+                qi, gi = near.nonzero(as_tuple=True)  # negatives only: the others are -inf
                 approx = sim[qi, gi]
                 self._make_exact(sim, near, r, side.g0)
                 exact, g_at = sim[qi, gi], gi + side.g0
@@ -651,16 +669,30 @@ class _Counter:
                     window = (approx >= p - eps) & (approx <= p + eps)
                     beats = window & ((exact > p) | ((exact == p) & (g_at < pi)))
                     counts[:, c] += torch.bincount(qi[beats], minlength=len(r))
-            self.counts.index_add_(0, r, counts)
-            # candidates: the entries the filter would have passed (the work is all of them)
-            lo = self.lo.index_select(0, r).double()[:, None]
-            self.candidates += int((sim >= lo).sum())
-            self.dense_entries += sim.numel()
-            # the best negatives of the chunk tighten L (after counting, as in `add`)
-            top = min(self.best_neg.shape[1], cols)
-            best = sim.topk(top, dim=1).values
-            self.learn(r.repeat_interleave(top), (best - eps).view(-1))
-            self._retire_deep(r)
+            self._count_chunk(r, sim, counts, cols, eps)
+
+    def _count_chunk(self, r, sim, counts, cols: int, eps: float) -> None:
+        """Add a dense chunk's counts; its best negatives tighten L (after counting)."""
+        self.counts.index_add_(0, r, counts)
+        # candidates: the entries the filter would have passed (the work is all of them)
+        lo = self.lo.index_select(0, r).double()[:, None]
+        self.candidates += int((sim >= lo).sum())
+        self.dense_entries += sim.numel()
+        top = min(self.best_neg.shape[1], cols)
+        best = sim.topk(top, dim=1).values
+        self.learn(r.repeat_interleave(top), (best - eps).view(-1))
+        self._retire_deep(r)
+
+    def _exact_grid(self, r, g0: int, g1: int) -> torch.Tensor | None:
+        """exact_dot of queries r against gallery items g0..g1 when they hold few distinct
+        vectors (at most a quarter as many pairs as entries), else None."""
+        (q_id, _), (g_id, _) = self._distinct()
+        uq, inv_q = torch.unique(q_id[r], return_inverse=True)
+        ug, inv_g = torch.unique(g_id[g0:g1], return_inverse=True)
+        if 4 * len(uq) * len(ug) > len(r) * (g1 - g0):
+            return None
+        grid = self._exact_ids(uq.repeat_interleave(len(ug)), ug.repeat(len(uq)))
+        return grid.view(len(uq), len(ug)).index_select(0, inv_q).index_select(1, inv_g)
 
     def _make_exact(self, sim, near, r, g0: int) -> None:
         """sim[near] = exact_dot of those pairs (queries r, gallery items g0..). Where the
