@@ -251,9 +251,7 @@ def main() -> None:
         f"ours' work: {r.candidates} candidates, {r.rescored} re-scored, "
         f"{r.dense_entries} entries counted densely"
     )
-    result.update(
-        candidates=r.candidates, rescored=r.rescored, dense_entries=r.dense_entries
-    )
+    result.update(candidates=r.candidates, rescored=r.rescored, dense_entries=r.dense_entries)
 
     if not args.skip_floor:
         floors = {}

@@ -762,9 +762,7 @@ def _distinct_ids(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     )
     _, group = torch.unique(hashes, return_inverse=True)
     index = torch.arange(len(x), device=x.device)
-    first = torch.full((len(x),), len(x), device=x.device).scatter_reduce(
-        0, group, index, "amin"
-    )
+    first = torch.full((len(x),), len(x), device=x.device).scatter_reduce(0, group, index, "amin")
     rep = first.index_select(0, group)
     same = torch.cat(
         [
