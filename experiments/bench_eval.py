@@ -5,6 +5,8 @@ pytorch-metric-learning, same embeddings.
     python experiments/bench_eval.py --device cuda
     python experiments/bench_eval.py --n 8000 --classes 1500   # quick look
     python experiments/bench_eval.py --skip-pml --parts         # floor ratio + where time goes
+    python experiments/bench_eval.py --inputs collapsed --n 10000 --skip-pml --old
+        # badly separated embeddings; --old also times the candidate-only path (baseline)
 
 GEMM floor: the fastest plain GEMM of the same work, measured in the same run: the
 similarity blocks on and above the diagonal that ours computes (the same padded sizes),
@@ -17,6 +19,12 @@ class centres scattered around them, items = class centre + noise, L2-normalised
 sizes 2..12 with SOP's mean of 5.35. The noise is set so Recall@1 lands near SOP's
 published numbers, which puts many negatives close to the positives and exercises the
 exact re-check honestly.
+
+`--inputs`: clustered (above), random (uniform on the sphere: an untrained model),
+collapsed (one vector for every item), half (every other item one shared vector); the
+labels are the clustered data's in every case. `--old` times the candidate-only path
+(`rank_positives(dense=False)`, what ran before the dense fallback) on the same data and
+checks it gives the same metrics; peak RSS after it is the larger of the two runs.
 
 Needs only torch and numpy; pytorch-metric-learning (and faiss, which it uses) is optional:
 without it the comparison is skipped with a message. The last line is JSON.
@@ -92,6 +100,19 @@ def brute_force_float64(
     return {k: v / valid for k, v in sums.items()}
 
 
+def badly_separated(kind: str, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Replace clustered embeddings by random, collapsed or half-collapsed ones."""
+    if kind == "clustered":
+        return x
+    gen = torch.Generator().manual_seed(seed + 1)
+    r = torch.nn.functional.normalize(torch.randn(x.shape, generator=gen), dim=1).to(x.device)
+    if kind == "collapsed":
+        r = r[:1].repeat(len(r), 1)
+    elif kind == "half":
+        r[::2] = r[0]
+    return r
+
+
 def gemm_floor(x: torch.Tensor, dtype: torch.dtype, layout: str) -> float:
     """Seconds for the plain GEMMs of ours' work: upper-triangle blocks of the padded set."""
     cuda = x.is_cuda
@@ -143,6 +164,12 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=11316)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--inputs", choices=("clustered", "random", "collapsed", "half"), default="clustered"
+    )
+    ap.add_argument(
+        "--old", action="store_true", help="also time the candidate-only path (baseline)"
+    )
     ap.add_argument("--skip-pml", action="store_true", help="skip pytorch-metric-learning")
     ap.add_argument("--skip-floor", action="store_true", help="skip the plain GEMM floor")
     ap.add_argument("--parts", action="store_true", help="profile one more run of ours")
@@ -160,10 +187,11 @@ def main() -> None:
 
     ks = (1, 10, 100, 1000)
     x, y = sop_like(args.n, args.classes, args.dim, args.seed, device)
+    x = badly_separated(args.inputs, x, args.seed)
     report = candidate_dtype_report(device)
     load = [round(v, 2) for v in os.getloadavg()]
     print(
-        f"data: {args.n} x {args.dim}, {args.classes} classes, device {device}, "
+        f"data: {args.inputs} {args.n} x {args.dim}, {args.classes} classes, device {device}, "
         f"torch threads {torch.get_num_threads()}, load average {load}"
     )
     print(f"cpu flags: {' '.join(report.get('cpu_flags', [])) or '-'}")
@@ -188,6 +216,7 @@ def main() -> None:
     print("ours:", {k: round(v, 6) for k, v in ours.items()})
     result = {
         "device": device,
+        "inputs": args.inputs,
         "n": args.n,
         "classes": args.classes,
         "dim": args.dim,
@@ -198,6 +227,31 @@ def main() -> None:
         "ours_peak_gb": round(peak, 3),
         "ours": ours,
     }
+
+    if args.old:
+        t0 = time.perf_counter()
+        r = knn.rank_positives(x, y, max_rank=max(ks), dense=False)
+        old = metrics_from_ranks(r.num_positives, r.negatives_above, ks, True)
+        if cuda:
+            torch.cuda.synchronize()
+        t_old = time.perf_counter() - t0
+        peak_old = torch.cuda.max_memory_allocated() / 2**30 if cuda else peak_rss_gb()
+        same = old == ours
+        print(
+            f"old path (candidates only): {t_old:.2f} s, {r.candidates} candidates, "
+            f"{r.rescored} re-scored; old / ours = {t_old / t_ours:.1f}; peak memory after "
+            f"it {peak_old:.2f} GB; metrics identical: {same}"
+        )
+        if not same:
+            print("old:", old)
+        result.update(old_s=round(t_old, 3), old_over_ours=round(t_old / t_ours, 2),
+                      old_peak_gb=round(peak_old, 3), old_same_metrics=same)  # fmt: skip
+    r = knn.rank_positives(x, y, max_rank=max(ks))
+    print(
+        f"ours' work: {r.candidates} candidates, {r.rescored} re-scored, "
+        f"{r.dense_entries} entries counted densely"
+    )
+    result.update(candidates=r.candidates, rescored=r.rescored, dense_entries=r.dense_entries)
 
     if not args.skip_floor:
         floors = {}

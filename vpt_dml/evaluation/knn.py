@@ -44,8 +44,21 @@ in cache; the candidates are then taken once per block (per-op overhead on small
 cost more than the filter's arithmetic). Blocks run on a few threads that each run
 single-threaded ops (OpenMP's barriers cost more than these GEMMs on a busy machine);
 one thread counts. Memory stays bounded by the block size, whatever the embeddings look
-like; badly separated embeddings (an untrained model) only make more candidates, hence
-slower.
+like.
+
+Badly separated embeddings (an untrained or collapsed model) make candidates explode:
+most entries pass the filter and, when many similarities tie or nearly tie, each is
+re-scored on its own (10,000 identical rows: 10^8 exact re-scores, minutes). So when a
+block side's filter passes more than `DENSE_SHARE` of the runs of its still-counting
+queries, that side is counted densely instead (`_Counter.add_dense`): a float32 GEMM of
+those queries against the block's gallery items (within a proven bound of `exact_dot`),
+`exact_dot` for the entries within that bound of a positive, computed once per distinct
+pair of vectors (equal embeddings share one value, so a collapsed set costs one per
+chunk), and every entry compared with each positive that matters, exact ties by the
+lower gallery index. Its cost is a GEMM and a few passes per entry and positive of the
+still-counting queries, whatever the embeddings look like; only near-ties between
+distinct vectors (closer than ~1e-5, not duplicates) are still re-scored one by one. The
+counts are the same as the candidate path's, bit for bit.
 """
 
 from __future__ import annotations
@@ -69,6 +82,10 @@ TILE = 256  # columns per GEMM call on CPU: a BLOCK x TILE output stays in cache
 ENTRY_CHUNK = 1 << 19  # candidate entries compared against the positives at a time
 ROW_CHUNK = 4096  # rows per float64 helper computation
 MAX_WORKERS = 8  # default cap on block threads (each holds a BLOCK x TILE buffer)
+# a block side whose candidate filter passes more than this share of its column runs is
+# counted densely: past it, per-candidate bookkeeping costs more than comparing every entry
+DENSE_SHARE = 1 / 8
+DENSE_CHUNK = 1 << 20  # entries of a dense chunk (rows x gallery columns)
 PAIR_CHUNK = (
     256  # vector pairs gathered at a time for re-scoring (stays in L2: 3x faster than 2048)
 )
@@ -80,8 +97,9 @@ class PositiveRanks:
 
     num_positives: torch.Tensor  # (Q,)
     negatives_above: torch.Tensor  # (Q, R_max) int64; "beyond R + 1" positives hold len(gallery)
-    candidates: int = 0  # candidate entries examined
-    rescored: int = 0  # of those, re-scored exactly (float32, then float64 if needed)
+    candidates: int = 0  # candidate entries examined (dense block sides: every entry)
+    rescored: int = 0  # similarities re-scored beyond the block GEMM (float32 / exact_dot)
+    dense_entries: int = 0  # entries counted by the dense path (`_Counter.add_dense`)
 
 
 # --- candidate dtype: bfloat16 only where the CPU multiplies bfloat16 natively -------------
@@ -472,7 +490,8 @@ class _Counter:
             (len(q64),), -torch.inf, dtype=torch.float64, device=q64.device
         )
         self.lo = torch.full((n_pad,), torch.inf, device=q64.device)  # candidate threshold
-        self.candidates = self.rescored = 0
+        self.candidates = self.rescored = self.dense_entries = 0
+        self._ids = None  # distinct-vector ids (`_distinct_ids`), made on first need
         # every query gets its threshold from its positives before any block is scanned
         self._settle(torch.arange(len(q64), device=q64.device))
 
@@ -579,6 +598,189 @@ class _Counter:
             self.pos_sim[deep] = torch.inf
             self.lo[deep] = torch.inf
 
+    # --- the dense path: cost = a float32 GEMM and a few comparisons per entry ---------
+
+    def add_dense(self, side: _Dense) -> None:
+        """Count queries q0..q1 against every gallery item g0..g1 without candidate lists.
+
+        Per chunk of queries that still have a positive that matters: a float32 GEMM
+        (float64 where float32 matmuls may round inside: TF32 / bfloat16 precision
+        settings), within `eps` of `exact_dot`; the positives' similarities made exact;
+        every negative within eps of a positive that matters re-scored by `exact_dot`
+        (once per distinct pair of vectors: duplicated embeddings cost one). Entries
+        outside every window differ from each positive by more than the error, so their
+        approximate value orders like the exact one; entries inside are compared exactly,
+        ties by the lower gallery index. The cost per entry is the GEMM's and a few
+        comparisons per positive that matters, whatever the embeddings look like.
+        """
+        device = self.q64.device
+        rows = torch.arange(side.q0, side.q1, device=device)
+        rows = rows[self.matters.index_select(0, rows).any(1)]
+        cols = side.g1 - side.g0
+        if len(rows) == 0 or cols <= 0:
+            return
+        self._exact_positives(rows)
+        rows = rows[self.matters.index_select(0, rows).any(1)]  # `_settle` may retire some
+        fp32 = torch.get_float32_matmul_precision() == "highest"
+        g = (self.g32 if fp32 else self.g64)[side.g0 : side.g1]
+        eps = self.eps32 if fp32 else self.tol
+        g_labels = self.gl[side.g0 : side.g1]
+        g_index = torch.arange(side.g0, side.g1, device=device)
+        step = max(1, DENSE_CHUNK // cols)
+        for s in range(0, len(rows), step):
+            r = rows[s : s + step]
+            negative = g_labels[None, :] != self.ql.index_select(0, r)[:, None]
+            p_sim = self.pos_sim.index_select(0, r)  # +inf where a positive does not matter
+            p_idx = self.pos_idx.index_select(0, r)
+            live = self.matters.index_select(0, r).any(0).nonzero().squeeze(1).tolist()
+            counts = torch.zeros(len(r), p_sim.shape[1], dtype=torch.long, device=device)
+            sim = self._exact_grid(r, side.g0, side.g1)
+            if sim is not None:  # few distinct vectors (collapse): every entry exact, cheaply
+                sim.masked_fill_(~negative, -torch.inf)
+                for c in live:
+                    p, pi = p_sim[:, c : c + 1], p_idx[:, c : c + 1]
+                    beats = (sim > p) | ((sim == p) & (g_index[None, :] < pi))
+                    counts[:, c] = beats.sum(1)
+                self._count_chunk(r, sim, counts, cols, eps)
+                continue
+            sim = ((self.q32 if fp32 else self.q64).index_select(0, r) @ g.T).double()
+            sim.masked_fill_(~negative, -torch.inf)  # never counted, never near
+            near = torch.zeros_like(negative)
+            for c in live:  # beyond eps above a positive: certainly beats it
+                p = p_sim[:, c : c + 1]
+                counts[:, c] = (sim > p + eps).sum(1)
+                near |= (sim >= p - eps) & (sim <= p + eps)
+            n_near = int(near.sum())
+            if n_near > sim.numel() // 4:  # mostly ties (collapse): whole-chunk passes
+                approx = sim.clone()
+                self._make_exact(sim, near, r, side.g0)
+                for c in live:
+                    p, pi = p_sim[:, c : c + 1], p_idx[:, c : c + 1]
+                    window = (approx >= p - eps) & (approx <= p + eps)
+                    beats = (sim > p) | ((sim == p) & (g_index[None, :] < pi))
+                    counts[:, c] += (window & beats).sum(1)
+            elif n_near:  # within eps of a positive: decided by exact_dot and the tie rule
+                qi, gi = near.nonzero(as_tuple=True)  # negatives only: the others are -inf
+                approx = sim[qi, gi]
+                self._make_exact(sim, near, r, side.g0)
+                exact, g_at = sim[qi, gi], gi + side.g0
+                for c in live:
+                    p, pi = p_sim[qi, c], p_idx[qi, c]
+                    window = (approx >= p - eps) & (approx <= p + eps)
+                    beats = window & ((exact > p) | ((exact == p) & (g_at < pi)))
+                    counts[:, c] += torch.bincount(qi[beats], minlength=len(r))
+            self._count_chunk(r, sim, counts, cols, eps)
+
+    def _count_chunk(self, r, sim, counts, cols: int, eps: float) -> None:
+        """Add a dense chunk's counts; its best negatives tighten L (after counting)."""
+        self.counts.index_add_(0, r, counts)
+        # candidates: the entries the filter would have passed (the work is all of them)
+        lo = self.lo.index_select(0, r).double()[:, None]
+        self.candidates += int((sim >= lo).sum())
+        self.dense_entries += sim.numel()
+        top = min(self.best_neg.shape[1], cols)
+        best = sim.topk(top, dim=1).values
+        self.learn(r.repeat_interleave(top), (best - eps).view(-1))
+        self._retire_deep(r)
+
+    def _exact_grid(self, r, g0: int, g1: int) -> torch.Tensor | None:
+        """exact_dot of queries r against gallery items g0..g1 when they hold few distinct
+        vectors (at most a quarter as many pairs as entries), else None."""
+        (q_id, _), (g_id, _) = self._distinct()
+        uq, inv_q = torch.unique(q_id[r], return_inverse=True)
+        ug, inv_g = torch.unique(g_id[g0:g1], return_inverse=True)
+        if 4 * len(uq) * len(ug) > len(r) * (g1 - g0):
+            return None
+        grid = self._exact_ids(uq.repeat_interleave(len(ug)), ug.repeat(len(uq)))
+        return grid.view(len(uq), len(ug)).index_select(0, inv_q).index_select(1, inv_g)
+
+    def _make_exact(self, sim, near, r, g0: int) -> None:
+        """sim[near] = exact_dot of those pairs (queries r, gallery items g0..). Where the
+        near entries' rows and columns hold few distinct vectors (duplicates, collapse),
+        one exact_dot per distinct pair of vectors, gathered densely; else per entry."""
+        (q_id, _), (g_id, _) = self._distinct()
+        rows_n, cols_n = near.any(1), near.any(0)
+        uq, inv_q = torch.unique(q_id[r[rows_n]], return_inverse=True)
+        cols = cols_n.nonzero().squeeze(1)
+        ug, inv_g = torch.unique(g_id[cols + g0], return_inverse=True)
+        if len(uq) * len(ug) <= int(near.sum()):
+            grid = self._exact_ids(uq.repeat_interleave(len(ug)), ug.repeat(len(uq)))
+            grid = grid.view(len(uq), len(ug))
+            row_at = torch.zeros(len(r), dtype=torch.long, device=r.device)
+            row_at[rows_n] = inv_q
+            col_at = torch.zeros(sim.shape[1], dtype=torch.long, device=r.device)
+            col_at[cols] = inv_g
+            exact = grid.index_select(0, row_at).index_select(1, col_at)
+            torch.where(near, exact, sim, out=sim)
+        else:
+            qi, gi = near.nonzero(as_tuple=True)
+            sim[qi, gi] = self._exact_pairs(r[qi], gi + g0)
+
+    def _distinct(self):
+        if self._ids is None:
+            q_ids = _distinct_ids(self.q64)
+            self._ids = (q_ids, q_ids if self.g64 is self.q64 else _distinct_ids(self.g64))
+        return self._ids
+
+    def _exact_ids(self, qa: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
+        """exact_dot of the representatives of distinct-vector ids qa, ga."""
+        (_, q_rep), (_, g_rep) = self._distinct()
+        self.rescored += len(qa)
+        return _pair_dots(self.q64, self.g64, q_rep[qa], g_rep[ga])
+
+    def _exact_positives(self, rows: torch.Tensor) -> None:
+        """Replace the rows' Gram similarities of positives that matter by `exact_dot`'s
+        (their order is unchanged: Gram values this far apart order as exact ones)."""
+        todo = self.matters.index_select(0, rows) & ~self.pos_is_exact.index_select(0, rows)
+        r, c = todo.nonzero(as_tuple=True)
+        if len(r) == 0:
+            return
+        q = rows[r]
+        self.pos_exact[q, c] = _pair_dots(self.q64, self.g64, q, self.pos_idx[q, c])
+        self.pos_is_exact[q, c] = True
+        self.rescored += len(q)
+        self._settle(rows)
+
+    def _exact_pairs(self, qi: torch.Tensor, gi: torch.Tensor) -> torch.Tensor:
+        """exact_dot(q64[qi], g64[gi]), computed once per distinct pair of vectors."""
+        (q_id, _), (g_id, g_rep) = self._distinct()
+        key = q_id.index_select(0, qi) * len(g_rep) + g_id.index_select(0, gi)
+        pairs, where = torch.unique(key, return_inverse=True)
+        values = self._exact_ids(pairs // len(g_rep), pairs % len(g_rep))
+        return values.index_select(0, where)
+
+
+def _distinct_ids(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(id per row, a representative row per id): rows with equal values share an id,
+    so their `exact_dot` with any vector is equal too. Grouped by an `exact_dot` hash
+    with a fixed random vector, then checked against the group's first row: a row that
+    only collides gets an id of its own (never a wrong merge)."""
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randn(x.shape[1], generator=gen, dtype=torch.float64).to(x.device)
+    hashes = torch.cat(
+        [exact_dot(x[s : s + ROW_CHUNK], probe) for s in range(0, len(x), ROW_CHUNK)]
+    )
+    _, group = torch.unique(hashes, return_inverse=True)
+    index = torch.arange(len(x), device=x.device)
+    first = torch.full((len(x),), len(x), device=x.device).scatter_reduce(0, group, index, "amin")
+    rep = first.index_select(0, group)
+    same = torch.cat(
+        [
+            (x[s : s + ROW_CHUNK] == x.index_select(0, rep[s : s + ROW_CHUNK])).all(1)
+            for s in range(0, len(x), ROW_CHUNK)
+        ]
+    )
+    # ids: a group's first row's position among the representatives, loners after them
+    own = ~same
+    keep = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+    keep[rep[same]] = True
+    keep |= own
+    reps = index[keep]
+    slot = torch.full((len(x),), -1, device=x.device)
+    slot[reps] = torch.arange(len(reps), device=x.device)
+    ids = torch.where(same, slot.index_select(0, rep), slot)
+    return ids, reps
+
 
 def _sortable_bits(block: torch.Tensor) -> torch.Tensor:
     """A view whose integer order equals the value order for values >= 0.
@@ -603,6 +805,12 @@ def _threshold_bits(lo: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         torch.int16
     )  # truncates: rounds down
     return torch.where(lo > 0, top, torch.iinfo(torch.int16).min).masked_fill(lo.isinf(), 32767)
+
+
+def _explodes(passing: int, lo: torch.Tensor, runs_per_query: int, share: float) -> bool:
+    """Whether `passing` runs exceed `share` of the runs of the queries still counting
+    (finite lo): the dense path's work is those queries' entries."""
+    return passing > share * int(lo.isfinite().sum()) * runs_per_query
 
 
 def _padded(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -633,15 +841,16 @@ class _Block:
         self.run = torch.arange(SEGMENT, device=device)
         self.sim = self.row_max = self.col_max = self.run_max = None
 
-    def stream(self, q, g, lo_rows, lo_cols=None) -> list:
+    def stream(self, q, g, lo_rows, lo_cols=None, dense_share=None) -> list:
         """Candidates of the block: [(row, col, value)] for the rows' queries and, with
         `lo_cols` (the transposed block), [(col, row, value)] for the columns' queries,
         in block coordinates. `lo_rows` / `lo_cols`: callables giving the thresholds,
-        read after the GEMMs (lo only rises, so a later snapshot is tighter)."""
+        read after the GEMMs (lo only rises, so a later snapshot is tighter). A side
+        whose candidates would explode is None (see `row_candidates`)."""
         self.compute(q, g, cols=lo_cols is not None, runs=False)
-        out = [self.row_candidates(lo_rows())]
+        out = [self.row_candidates(lo_rows(), dense_share)]
         if lo_cols is not None:
-            out.append(self.col_candidates(lo_cols()))
+            out.append(self.col_candidates(lo_cols(), dense_share))
         return out
 
     def compute(self, q: torch.Tensor, g: torch.Tensor, cols: bool = False, runs=True) -> None:
@@ -669,11 +878,16 @@ class _Block:
                 self._run_max[t, :rows] = bits.view(rows, tile // run, run).amax(2)
         self.run_max = self._run_max[:tiles, :rows] if runs else None
 
-    def row_candidates(self, lo: torch.Tensor):
-        """(row, col, value) of the entries with value >= lo[row]."""
+    def row_candidates(self, lo: torch.Tensor, dense_share: float | None = None):
+        """(row, col, value) of the entries with value >= lo[row]; None (nothing
+        extracted) when more than `dense_share` of the runs of the rows still counting
+        could hold one: the caller then counts those rows densely (`_Counter.add_dense`),
+        at a cost per entry of those rows, not per candidate."""
         tiles, rows, tile = self.sim.shape
         th = _threshold_bits(lo, self.sim.dtype)
         t, r, k = (self.row_max >= th[None, :, None]).nonzero(as_tuple=True)
+        if dense_share is not None and _explodes(len(t), lo, tiles * tile // SEGMENT, dense_share):
+            return None
         run_id = (t * rows + r) * (tile // SEGMENT) + k  # runs are contiguous in `sim`
         runs = _sortable_bits(self.sim).view(-1, SEGMENT).index_select(0, run_id)
         # the runs' bits against the threshold's bits (a superset), one nonzero; values
@@ -684,11 +898,14 @@ class _Block:
         keep = vals >= lo.index_select(0, r)
         return r[keep], col[keep], vals[keep]
 
-    def col_candidates(self, lo: torch.Tensor):
-        """(col, row, value) of the entries with value >= lo[col] (`compute(cols=True)`)."""
+    def col_candidates(self, lo: torch.Tensor, dense_share: float | None = None):
+        """(col, row, value) of the entries with value >= lo[col] (`compute(cols=True)`);
+        None as in `row_candidates`."""
         tiles, rows, tile = self.sim.shape
         th = _threshold_bits(lo, self.sim.dtype)
         t, k, c = (self.col_max >= th.view(tiles, 1, tile)).nonzero(as_tuple=True)
+        if dense_share is not None and _explodes(len(t), lo, rows // COLUMN_RUN, dense_share):
+            return None
         col = t * tile + c
         run = self.run[:COLUMN_RUN]
         at = ((t * rows)[:, None] + k[:, None] * COLUMN_RUN + run) * tile + c[:, None]
@@ -764,6 +981,7 @@ def _rank_positives(
     threads: int = 1,
     tile: int | None = None,
     workers: int | None = None,
+    dense: bool | None = None,
 ) -> PositiveRanks:
     """Exact n_j (negatives ranked above each positive) for every query.
 
@@ -774,6 +992,8 @@ def _rank_positives(
     torch's thread count on CPU, 1 on GPU).
     `max_rank` (e.g. the largest Recall@K): a query whose best positive ranks deeper is
     reported as "beyond" for every positive, which bounds the work on poor embeddings.
+    `dense`: None counts a block side densely when its candidates would explode
+    (`DENSE_SHARE`), True always, False never (tests compare the paths).
     """
     same = gallery is None
     device = queries.device
@@ -812,6 +1032,7 @@ def _rank_positives(
     free: queue.SimpleQueue[_Block] = queue.SimpleQueue()  # one per job in flight
     for _ in range(workers + 1 if workers > 1 else 1):
         free.put(_Block(block, block, tile, dtype, device, run))
+    share = {None: DENSE_SHARE, True: -1.0, False: None}[dense]
 
     def work(job: tuple[int, int, bool, bool]):
         """Compute one block; extract its candidates unless it is a first block (those
@@ -827,8 +1048,9 @@ def _rank_positives(
             # lo only rises: a snapshot is a valid (looser) threshold
             g = gc[j : j + block]
             lo_cols = (lambda: lo[j : j + len(g)].clone()) if both_sides else None
-            found = blk.stream(qc[i : i + rows], g, lambda: lo[i : i + rows].clone(), lo_cols)
-            return _in_dataset(found, i, j, n_g)
+            lo_rows = lambda: lo[i : i + rows].clone()  # noqa: E731
+            found = blk.stream(qc[i : i + rows], g, lo_rows, lo_cols, share)
+            return _in_dataset(found, i, j, n_q, n_g, rows, len(g))
         finally:
             if blk is not None:
                 free.put(blk)
@@ -848,25 +1070,50 @@ def _rank_positives(
             q_rows = torch.arange(i, i + real, device=device)
             least = blk.least_of_best(num_pos[i : i + real] + 2, n_g - j)
             counter.floor(q_rows, least - bounds.widest(q_rows))
-            done = _in_dataset([blk.row_candidates(lo[i : i + len(blk.sim[0])])], i, j, n_g)
+            rows = len(blk.sim[0])
+            found = [blk.row_candidates(lo[i : i + rows], share)]
+            done = _in_dataset(found, i, j, n_q, n_g, rows, blk.sim.shape[0] * blk.tile)
             free.put(blk)
-        for q, g, v in done:
-            counter.add(q, g, v)
+        for item in done:
+            if isinstance(item, _Dense):
+                counter.add_dense(item)
+            else:
+                counter.add(*item)
 
     counts = counter.counts.masked_fill(~counter.matters, n_g)
-    return PositiveRanks(num_pos, counts, counter.candidates, counter.rescored)
+    return PositiveRanks(
+        num_pos, counts, counter.candidates, counter.rescored, counter.dense_entries
+    )
 
 
-def _in_dataset(found: list, i: int, j: int, n_g: int) -> list:
+@dataclass
+class _Dense:
+    """A block side to count densely: queries q0..q1 against gallery items g0..g1."""
+
+    q0: int
+    q1: int
+    g0: int
+    g1: int
+
+
+def _in_dataset(found: list, i: int, j: int, n_q: int, n_g: int, rows: int, cols: int) -> list:
     """Block candidates [(row, col, v)] and, if present, [(col, row, v)] as (query,
-    gallery item, v) in dataset indices; padding columns/rows dropped."""
-    r, c, v = found[0]
-    ok = c + j < n_g
-    out = [(r[ok] + i, c[ok] + j, v[ok])]
+    gallery item, v) in dataset indices; padding columns/rows dropped. A side given as
+    None (its candidates exploded) becomes a `_Dense` range."""
+    out = []
+    if found[0] is None:
+        out.append(_Dense(i, min(i + rows, n_q), j, min(j + cols, n_g)))
+    else:
+        r, c, v = found[0]
+        ok = c + j < n_g
+        out.append((r[ok] + i, c[ok] + j, v[ok]))
     if len(found) > 1:  # the transposed block: queries j..., gallery items i...
-        c, r, v = found[1]
-        ok = r + i < n_g
-        out.append((c[ok] + j, r[ok] + i, v[ok]))
+        if found[1] is None:
+            out.append(_Dense(j, min(j + cols, n_q), i, min(i + rows, n_g)))
+        else:
+            c, r, v = found[1]
+            ok = r + i < n_g
+            out.append((c[ok] + j, r[ok] + i, v[ok]))
     return out
 
 
