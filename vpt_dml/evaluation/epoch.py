@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from vpt_dml.evaluation.clustering import clustering_metrics
+from vpt_dml.evaluation.per_query import table as per_query_table
 from vpt_dml.evaluation.retrieval import retrieval_metrics
 
 log = logging.getLogger("vpt_dml")
@@ -60,9 +61,15 @@ def clustering_on_rank0(emb: torch.Tensor, labels: torch.Tensor, trainer) -> dic
 
 
 def epoch_metrics(
-    buffer: Sequence[Batch], trainer, stage: str, ks: Sequence[int], clustering: bool
+    buffer: Sequence[Batch],
+    trainer,
+    stage: str,
+    ks: Sequence[int],
+    clustering: bool,
+    per_query: list | None = None,
 ) -> dict[str, float]:
-    """Retrieval metrics (+ NMI/F1 when `clustering`) of stage "val" or "test"."""
+    """Retrieval metrics (+ NMI/F1 when `clustering`) of stage "val" or "test";
+    `per_query`, a list, receives the per-query table of the same ranks (per_query.py)."""
     emb, labels, index = gather_embeddings(buffer, trainer.strategy, trainer.world_size)
     loader = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
     dataset = loader.dataset
@@ -71,12 +78,16 @@ def epoch_metrics(
     # images skipped as undecodable (data.skip_broken=true) carry label -1: left out
     kept = labels >= 0
     emb, labels, index = emb[kept], labels[kept], index[kept]
+    ranks: list | None = None if per_query is None else []
     if dataset.has_gallery:
         q = dataset.query_mask.to(emb.device)[index]
         g = dataset.gallery_mask.to(emb.device)[index]
-        metrics = retrieval_metrics(emb[q], labels[q], tuple(ks), emb[g], labels[g])
+        metrics = retrieval_metrics(emb[q], labels[q], tuple(ks), emb[g], labels[g], ranks)
     else:
-        metrics = retrieval_metrics(emb, labels, tuple(ks))
+        q = torch.ones_like(labels, dtype=torch.bool)
+        metrics = retrieval_metrics(emb, labels, tuple(ks), keep_ranks=ranks)
+    if ranks:
+        per_query.append(per_query_table(*ranks[0], index[q], labels[q]))
     if clustering:
         metrics.update(clustering_on_rank0(emb, labels, trainer))
     return metrics
