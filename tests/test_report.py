@@ -35,7 +35,7 @@ def fake_run(
     (folder / "metrics.json").write_text(json.dumps(result))
 
 
-def test_interrupted_runs_are_left_out_with_a_note(tmp_path: Path, capsys) -> None:
+def test_interrupted_runs_are_rows_of_their_own_not_averaged(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     fake_run(sweep / "0", ["seed=0"], 0.5, 1.0)
     fake_run(sweep / "1", ["seed=1"], 0.7, 1.0)
@@ -43,8 +43,11 @@ def test_interrupted_runs_are_left_out_with_a_note(tmp_path: Path, capsys) -> No
     (sweep / "1" / "metrics.json").write_text(json.dumps({**stopped, "status": "interrupted"}))
     assert main([str(sweep)]) == 0
     _, rows = read_csv(sweep / "report.csv")
-    assert [(r["n"], r["recall@1"]) for r in rows] == [("1", "50.00")]
-    assert "left out (interrupted" in capsys.readouterr().err
+    assert [(r["eval"], r["n"], r["recall@1"]) for r in rows] == [
+        ("final", "1", "50.00"),
+        ("interrupted", "", ""),
+    ]
+    assert "ckpt_path=" in rows[1]["note"]
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
