@@ -33,8 +33,8 @@ def _label(group, override_cols: list[str]) -> str:
 
 
 def plot_frontier(groups, override_cols: list[str], out: Path) -> bool:
-    """Write the PNG when at least two configurations recorded their trainable
-    parameters; returns whether it was written."""
+    """Write the PNG when the configurations recorded different trainable-parameter
+    counts; returns whether it was written."""
     pts = []
     for g in groups:
         s = g.stats("final").get(METRIC)
@@ -44,7 +44,7 @@ def plot_frontier(groups, override_cols: list[str], out: Path) -> bool:
         err = (0.0, 0.0) if s.low is None else (100 * (s.mean - s.low), 100 * (s.high - s.mean))
         pts.append((g, _label(g, override_cols), params, g.mean_of("cost", "train_images_per_s"),
                     100 * s.mean, err, s.n))  # fmt: skip
-    if len(pts) < 2:
+    if len({p[2] for p in pts}) < 2:  # no cost axis to speak of (e.g. a seed or lr sweep)
         return False
     import matplotlib
 
