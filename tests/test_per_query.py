@@ -93,3 +93,15 @@ def test_run_writes_per_query_files_equal_to_metrics_json_inshop(tmp_path: Path)
     # 4 query images of 2 test items; the gallery-only item is never a query
     assert sorted(columns["index"].tolist()) == [0, 1, 2, 3]
     assert np.array_equal(columns["positives"], np.ones(4))
+
+
+def test_worst_gallery_picks_the_deepest_first_positives() -> None:
+    from vpt_dml.callbacks.dashboard import Dashboard, worst_queries
+    from vpt_dml.errors import UserError
+
+    cols = {"index": np.array([10, 11, 12, 13, 14]), "first_positive_rank": np.array([1, 7, 3, 7, 2]),
+            "ap_at_r": np.array([1.0, 0.2, 0.4, 0.1, 0.5])}  # fmt: skip
+    # rank 7 twice: the lower AP first; then rank 3
+    assert worst_queries(cols, 3).tolist() == [13, 11, 12]
+    with pytest.raises(UserError, match="gallery"):
+        Dashboard(gallery="worse")
