@@ -237,6 +237,9 @@ HOW_RUN: dict[str, How] = {
                                              "retrieve"),
     r"^python3? -m vpt_dml\.report\b": How("cli", "on the folder of a tiny sweep run here", "report"),
     r"^python3? -m vpt_dml\.data\.verify\b": How("cli", "on a fake copy of the layout", "data.verify"),
+    r"^python3? -m vpt_dml\.compare\b":
+        How("delegated", "two run folders with per-query files; that test runs the CLI on them",
+            "tests/test_compare.py::test_compare_prints_the_difference_with_interval_and_p"),
     # -- make --
     r"^make demo$": How("expand", "the Makefile recipe's vpt_dml.run line, through this table"),
     r"^make (test|test-fast)$": How("skip", "runs this test suite itself"),
