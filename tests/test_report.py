@@ -239,8 +239,11 @@ def resolved_run(folder: Path, seed: int, recall1: float, flag: str = "false",
     if protocol is not None:
         result["protocol"] = protocol
     (folder / "metrics.json").write_text(json.dumps(result))
+    # data.seed: ${seed} (conf/data/base.yaml) follows the seed: not a configuration key
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "config.yaml").write_text("seed: 0\ndata:\n  seed: ${seed}\n")
     (folder / "config_resolved.yaml").write_text(
-        f"seed: {seed}\nmodel:\n  backbone:\n    pretrained: false\n"
+        f"seed: {seed}\ndata:\n  seed: {seed}\nmodel:\n  backbone:\n    pretrained: false\n"
         f"logger:\n  csv:\n    save_dir: {folder}\n"
         f"paths:\n  output_dir: {folder}\n  data_dir: /data\n"
     )

@@ -1,8 +1,9 @@
 """Which runs are one configuration: the same resolved config, seed and paths aside.
 
 The key is config_resolved.yaml (what the run actually used) without `seed`, `hydra`,
-`paths`, `ckpt_path` and any value inside the run's own output folder (checkpoint and
-logger folders), so `x=false` and `x=False`, or an override and the same value set by a
+`paths`, `ckpt_path`, the keys that interpolate the seed or a path (e.g. `data.seed:
+${seed}`, read from the unresolved .hydra/config.yaml) and any value inside the run's own
+output folder (checkpoint and logger folders), so `x=false` and `x=False`, or an override and the same value set by a
 preset, are one configuration, and copies of one run in two folders are one run. A run
 without config_resolved.yaml (an older one) falls back on its overrides, values parsed
 as YAML (`False` == `false`).
@@ -50,6 +51,21 @@ def resolved(run_dir: Path) -> dict | None:
     return _flatten(cfg) if isinstance(cfg, dict) else None
 
 
+FOLLOWS = ("${seed}", "${paths.", "${hydra:")
+FOLLOWS_SEED_FALLBACK = ("data.seed",)  # conf/data/base.yaml: seed: ${seed}
+
+
+def following(run_dir: Path) -> set[str]:
+    """Keys whose value is an interpolation of the seed, a path or Hydra's runtime
+    (from the unresolved .hydra/config.yaml): they vary with the seed or the folder."""
+    try:
+        raw = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return set(FOLLOWS_SEED_FALLBACK)
+    flat = _flatten(raw) if isinstance(raw, dict) else {}
+    return {k for k, v in flat.items() if isinstance(v, str) and any(f in v for f in FOLLOWS)}
+
+
 def config_key(run_dir: Path, overrides: dict[str, str]) -> tuple:
     flat = resolved(run_dir)
     if flat is None:
@@ -58,10 +74,12 @@ def config_key(run_dir: Path, overrides: dict[str, str]) -> tuple:
                    if k not in DROPPED)  # fmt: skip
         )
     out_dir = str(flat.get("paths.output_dir") or run_dir)
+    derived = following(run_dir)
     kept = {
         k: v
         for k, v in flat.items()
         if k.split(".")[0] not in DROPPED
+        and k not in derived
         and not (isinstance(v, str) and (v == out_dir or v.startswith(out_dir.rstrip("/") + "/")))
     }
     return ("resolved",) + tuple(sorted((k, json.dumps(v, default=str)) for k, v in kept.items()))
