@@ -57,7 +57,9 @@ def check_same_split(ra: dict, rb: dict, a: Path, b: Path) -> list[str]:
     pa, pb = ra.get("protocol") or {}, rb.get("protocol") or {}
     if pa and pb and pa.get("stamp") != pb.get("stamp"):
         fields = [f for f in paired_fields() if pa.get(f) != pb.get(f)]
-        return [f"note: protocols differ in {', '.join(fields)} (stamps {pa.get('stamp')} vs {pb.get('stamp')})"]
+        return [
+            f"note: protocols differ in {', '.join(fields)} (stamps {pa.get('stamp')} vs {pb.get('stamp')})"
+        ]
     return []
 
 
@@ -120,7 +122,11 @@ def compare_seeds(a_runs: list[Path], b_runs: list[Path], which: str) -> list[st
     sa, sb = _by_seed(a_runs, which), _by_seed(b_runs, which)
     first = (sa.get(min(sa)) or {})["path"], (sb.get(min(sb)) or {})["path"]
     check_same_split(_result(first[0]), _result(first[1]), *first)
-    metrics = [m for m in sa[min(sa)]["metrics"] if all(m in s["metrics"] for s in [*sa.values(), *sb.values()])]
+    metrics = [
+        m
+        for m in sa[min(sa)]["metrics"]
+        if all(m in s["metrics"] for s in [*sa.values(), *sb.values()])
+    ]
     lines = [f"seed-level ({which}): seeds {sorted(sa)}; A - B per seed, Student-t 95% interval",
              "| metric | A - B | 95% CI | n |", "|---|---|---|---|"]  # fmt: skip
     for m in metrics:
@@ -132,9 +138,13 @@ def compare_seeds(a_runs: list[Path], b_runs: list[Path], which: str) -> list[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vpt_dml.compare", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m vpt_dml.compare", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("run_a", type=Path, help="run folder (or sweep folder of seeds)")
-    parser.add_argument("run_b", type=Path, help="the baseline: run folder (or sweep folder of seeds)")
+    parser.add_argument(
+        "run_b", type=Path, help="the baseline: run folder (or sweep folder of seeds)"
+    )
     parser.add_argument("--which", choices=("best", "final"), default="best",
                         help="the selected epoch (default) or the final weights")  # fmt: skip
     parser.add_argument("--resamples", type=int, default=paired.RESAMPLES)
@@ -142,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.resamples < 100:
-            raise UserError(f"--resamples {args.resamples} is too few for a 95% interval; use >= 1000")
+            raise UserError(
+                f"--resamples {args.resamples} is too few for a 95% interval; use >= 1000"
+            )
         a_runs, b_runs = _runs(args.run_a), _runs(args.run_b)
         if len(a_runs) == 1 and len(b_runs) == 1:
             lines = compare_runs(a_runs[0], b_runs[0], args.which, args.resamples, args.seed)

@@ -57,7 +57,9 @@ def protocol(dm, result: dict) -> dict:
     if not split_hash:
         splits = dm.load()
         split_hash = records_sha256(splits.test, splits.gallery, str(dm.root))
-    decode = dataset.get("decode") or ("fast" if getattr(dm, "fast_decode", True) else "torchvision")
+    decode = dataset.get("decode") or (
+        "fast" if getattr(dm, "fast_decode", True) else "torchvision"
+    )
     fields = {
         "split_sha256": split_hash,
         "image_resolution": getattr(dm, "image_size", None),

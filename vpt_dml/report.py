@@ -249,7 +249,9 @@ def collect(files: list[Path], dirs: list[Path], mixed: bool = False) -> Collect
     runs, stopped = [], []
     for f in files:
         run = read_run(f)
-        job = jobs.status_job(f, jobs.read_json(f) or {}, [f"{k}={v}" for k, v in run.overrides.items()])
+        job = jobs.status_job(
+            f, jobs.read_json(f) or {}, [f"{k}={v}" for k, v in run.overrides.items()]
+        )
         (stopped if job else runs).append(job or run)
     failed = jobs.all_jobs(dirs) + stopped
     if not runs:
@@ -258,9 +260,7 @@ def collect(files: list[Path], dirs: list[Path], mixed: bool = False) -> Collect
                 f"no finished run under the folders ({len(failed)} job(s) failed or did not "
                 f"finish, e.g. {failed[0].folder or 'a submitit job'}: {failed[0].note})"
             )
-        raise UserError(
-            f"no metrics.json under {', '.join(map(str, dirs))}; did the runs finish?"
-        )
+        raise UserError(f"no metrics.json under {', '.join(map(str, dirs))}; did the runs finish?")
     protocol_col = check_protocols(runs, mixed)
     groups, duplicates = group_runs(runs, protocol_col)
     keys: list[str] = []
@@ -274,7 +274,9 @@ def collect(files: list[Path], dirs: list[Path], mixed: bool = False) -> Collect
             if key not in metric_cols:
                 metric_cols.append(key)
     cost_cols = [k for k in COST if any(k in r.cost for r in runs)]
-    return Collected(groups, duplicates, failed, override_cols, metric_cols, cost_cols, protocol_col)
+    return Collected(
+        groups, duplicates, failed, override_cols, metric_cols, cost_cols, protocol_col
+    )
 
 
 @dataclass
@@ -319,7 +321,12 @@ def table(c: Collected, markdown_cells: bool) -> list[list[str]]:
     the mean in the metric's column, then `<metric> std`, `... ci95 low`, `... ci95 high`
     columns when any group has several seeds. Metrics in %, as in the paper's tables.
     Duplicate runs and jobs without final metrics follow, their `note` saying why."""
-    rows, override_cols, metric_cols, cost_cols = rows_of(c.groups), c.override_cols, c.metric_cols, c.cost_cols
+    rows, override_cols, metric_cols, cost_cols = (
+        rows_of(c.groups),
+        c.override_cols,
+        c.metric_cols,
+        c.cost_cols,
+    )
     spread = any(s.n > 1 for r in rows for s in r.stats.values())
     split = spread and not markdown_cells
     training_only = any(run.training_only_pct for row in rows for run in row.group.runs)

@@ -174,7 +174,9 @@ class Dashboard(L.Callback):
         name = "test_best" if getattr(pl_module, "per_query_held_out", False) else "test_final"
         path = Path(run_dir or ".") / per_query.FOLDER / f"{name}.parquet"
         if run_dir is None or not path.is_file():
-            log.warning("gallery=worst needs per-query results (eval.per_query): showing spread queries")
+            log.warning(
+                "gallery=worst needs per-query results (eval.per_query): showing spread queries"
+            )
             return None
         return worst_queries(per_query.read(path)[0], self.num_queries)
 

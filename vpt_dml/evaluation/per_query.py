@@ -24,7 +24,15 @@ import torch
 
 from vpt_dml.errors import UserError
 
-COLUMNS = ("index", "label", "positives", "first_positive_rank", "ap_at_r", "r_precision", "ap_vptsp")
+COLUMNS = (
+    "index",
+    "label",
+    "positives",
+    "first_positive_rank",
+    "ap_at_r",
+    "r_precision",
+    "ap_vptsp",
+)
 FOLDER = "per_query"
 EPOCHS = "epochs"
 

@@ -72,7 +72,9 @@ def plot_frontier(groups, override_cols: list[str], out: Path) -> bool:
         if logx and min(xs) > 0:
             ax.set_xscale("log")
         ax.set_xlabel(xlabel + (" (log)" if logx and min(xs) > 0 else ""))
-        ax.set_ylabel(f"{METRIC} (%)" + (", 95% CI over seeds" if any(p[6] > 1 for p in pts) else ""))
+        ax.set_ylabel(
+            f"{METRIC} (%)" + (", 95% CI over seeds" if any(p[6] > 1 for p in pts) else "")
+        )
         # a 2-seed t interval can reach past [0, 100]: keep the axis on possible values
         lows = [p[4] - p[5][0] for p in pts]
         highs = [p[4] + p[5][1] for p in pts]

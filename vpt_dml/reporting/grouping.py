@@ -70,8 +70,11 @@ def config_key(run_dir: Path, overrides: dict[str, str]) -> tuple:
     flat = resolved(run_dir)
     if flat is None:
         return ("overrides",) + tuple(
-            sorted((k, json.dumps(normalized(v), default=str)) for k, v in overrides.items()
-                   if k not in DROPPED)  # fmt: skip
+            sorted(
+                (k, json.dumps(normalized(v), default=str))
+                for k, v in overrides.items()
+                if k not in DROPPED
+            )  # fmt: skip
         )
     out_dir = str(flat.get("paths.output_dir") or run_dir)
     derived = following(run_dir)

@@ -43,12 +43,16 @@ def _last_error_line(*logs: Path) -> str | None:
     """The last line of the logs that reads as an error (our `error:` line, an exception)."""
     for log in logs:
         try:
-            lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+            lines = [
+                ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()
+            ]
         except OSError:
             continue
         for line in reversed(lines):
-            if line.startswith("error:") or "Error" in line.split(":", 1)[0] or line.startswith(
-                "interrupted:"
+            if (
+                line.startswith("error:")
+                or "Error" in line.split(":", 1)[0]
+                or line.startswith("interrupted:")
             ):
                 return line
     return None
