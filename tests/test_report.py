@@ -387,3 +387,31 @@ def test_submitit_sweep_folder_lists_failed_jobs_with_their_error_line(tmp_path:
     ]  # fmt: skip
     note = by_lr["abc"]["note"]
     assert note.startswith("[job ") and "error: optim.lr='abc' has the wrong type" in note
+
+
+def test_a_task_exception_kept_by_hydras_submitit_launcher_is_a_failed_row(tmp_path: Path) -> None:
+    """Hydra's launcher catches the task's exception: submitit records "success" with a
+    FAILED JobReturn (the files laid out as submitit writes them, real classes)."""
+    import pickle
+
+    from hydra.core.utils import JobReturn, JobStatus
+    from submitit.core.utils import DelayedSubmission
+
+    sweep = tmp_path / "sweep"
+    resolved_run(sweep / "0", 0, 0.5)
+    job_dir = sweep / ".submitit" / "4242"
+    job_dir.mkdir(parents=True)
+    overrides = ["optim.lr=-1"]
+    (sweep / "1" / ".hydra").mkdir(parents=True)
+    (sweep / "1" / ".hydra" / "overrides.yaml").write_text("- optim.lr=-1\n")
+    DelayedSubmission(print, overrides, "hydra.sweep.dir", 1, "job_id_for_1", {}).dump(
+        job_dir / "4242_submitted.pkl"
+    )
+    ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
+    ret._return_value = ValueError("Invalid learning rate: -1")
+    (job_dir / "4242_0_result.pkl").write_bytes(pickle.dumps(("success", ret)))
+    (job_dir / "4242_0_log.err").write_text("Seed set to 0\n")
+    assert main([str(sweep)]) == 0
+    _, rows = read_csv(sweep / "report.csv")
+    assert [(Path(r["run"]).name, r["eval"]) for r in rows] == [("0", "final"), ("1", "failed")]
+    assert rows[1]["note"] == "[job 4242] ValueError: Invalid learning rate: -1"
