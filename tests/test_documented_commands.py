@@ -261,6 +261,9 @@ HOW_RUN: dict[str, How] = {
         How("delegated", "prepare's CLI on tiny archives in the official formats (hashes through "
                          "$VPT_DML_CHECKSUMS), for every dataset; --download against 127.0.0.1",
             "tests/test_prepare.py::test_prepare_gives_the_layout_the_loader_reads_and_verifies"),
+    r"^python3? -m vpt_dml\.compare\b":
+        How("delegated", "two run folders with per-query files; that test runs the CLI on them",
+            "tests/test_compare.py::test_compare_prints_the_difference_with_interval_and_p"),
     # -- make --
     r"^make demo$": How("expand", "the Makefile recipe's vpt_dml.run line, through this table"),
     r"^make (test|test-fast)$": How("skip", "runs this test suite itself"),

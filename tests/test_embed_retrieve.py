@@ -271,7 +271,7 @@ def test_a_folder_of_symlinks_embeds_and_retrieves_under_the_links_names(
     assert names == [f"q{i}.jpg" for i in range(5)]
     by_name = rows_by_name(reference)
     rows = np.load(out / "embeddings.npy")
-    for name, row, target in zip(names, rows, targets):
+    for row, target in zip(rows, targets):
         np.testing.assert_allclose(row, by_name[str(target.relative_to(setup["gallery"]))])
     found = tmp_path / "found.json"
     args = [

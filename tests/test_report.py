@@ -35,7 +35,7 @@ def fake_run(
     (folder / "metrics.json").write_text(json.dumps(result))
 
 
-def test_interrupted_runs_are_left_out_with_a_note(tmp_path: Path, capsys) -> None:
+def test_interrupted_runs_are_rows_of_their_own_not_averaged(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     fake_run(sweep / "0", ["seed=0"], 0.5, 1.0)
     fake_run(sweep / "1", ["seed=1"], 0.7, 1.0)
@@ -43,8 +43,11 @@ def test_interrupted_runs_are_left_out_with_a_note(tmp_path: Path, capsys) -> No
     (sweep / "1" / "metrics.json").write_text(json.dumps({**stopped, "status": "interrupted"}))
     assert main([str(sweep)]) == 0
     _, rows = read_csv(sweep / "report.csv")
-    assert [(r["n"], r["recall@1"]) for r in rows] == [("1", "50.00")]
-    assert "left out (interrupted" in capsys.readouterr().err
+    assert [(r["eval"], r["n"], r["recall@1"]) for r in rows] == [
+        ("final", "1", "50.00"),
+        ("interrupted", "", ""),
+    ]
+    assert "ckpt_path=" in rows[1]["note"]
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -221,3 +224,194 @@ def test_seed_sweep_on_demo_data_reports_mean_std_and_interval(tmp_path: Path) -
         assert all(low <= 100 * v <= high for v in x)
         spread += std
     assert spread > 0  # the seeds really gave different runs
+
+
+# --- finding 2: statistics over the resolved config, each seed once, failed jobs listed --
+
+
+def resolved_run(folder: Path, seed: int, recall1: float, flag: str = "false",
+                 protocol: dict | None = None) -> Path:  # fmt: skip
+    """A finished run as vpt_dml.run writes it: metrics.json and config_resolved.yaml
+    (paths and logger folders inside the run folder, as the real file has them)."""
+    fake_run(folder, [f"model.backbone.pretrained={flag}", f"seed={seed}"], recall1, 0.5)
+    result = json.loads((folder / "metrics.json").read_text())
+    result["provenance"]["seed"] = seed
+    if protocol is not None:
+        result["protocol"] = protocol
+    (folder / "metrics.json").write_text(json.dumps(result))
+    # data.seed: ${seed} (conf/data/base.yaml) follows the seed: not a configuration key
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "config.yaml").write_text("seed: 0\ndata:\n  seed: ${seed}\n")
+    (folder / "config_resolved.yaml").write_text(
+        f"seed: {seed}\ndata:\n  seed: {seed}\nmodel:\n  backbone:\n    pretrained: false\n"
+        f"logger:\n  csv:\n    save_dir: {folder}\n"
+        f"paths:\n  output_dir: {folder}\n  data_dir: /data\n"
+    )
+    return folder
+
+
+def test_the_same_sweep_in_two_report_folders_counts_each_seed_once(tmp_path: Path) -> None:
+    one, copy = tmp_path / "sweep", tmp_path / "copy_of_sweep"
+    for seed, r1 in enumerate([0.50, 0.60]):
+        resolved_run(one / str(seed), seed, r1)
+        resolved_run(copy / str(seed), seed, r1)
+    assert main([str(one), "--out", str(tmp_path / "alone")]) == 0
+    assert main([str(one), str(copy), "--out", str(tmp_path / "both")]) == 0
+    _, alone = read_csv(tmp_path / "alone.csv")
+    _, both = read_csv(tmp_path / "both.csv")
+    assert [(r["eval"], r["n"]) for r in both] == [
+        ("final", "2"), ("duplicate", ""), ("duplicate", ""),
+    ]  # fmt: skip
+    # the interval is the 2-seed one, not a 4-"seed" one ~7x narrower
+    for column in ("recall@1", "recall@1 ci95 low", "recall@1 ci95 high"):
+        assert both[0][column] == alone[0][column]
+    assert "seed 0 again" in both[1]["note"] and "not averaged" in both[1]["note"]
+
+
+def test_two_copies_of_one_seed_are_one_run_and_a_duplicate(tmp_path: Path) -> None:
+    resolved_run(tmp_path / "a" / "0", 0, 0.5)
+    resolved_run(tmp_path / "b" / "0", 0, 0.5)
+    assert main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0
+    _, rows = read_csv(tmp_path / "r.csv")
+    assert [(r["eval"], r["n"], r["recall@1"]) for r in rows] == [
+        ("final", "1", "50.00"), ("duplicate", "", ""),
+    ]  # fmt: skip
+    assert "±" not in (tmp_path / "r.md").read_text()
+
+
+@pytest.mark.parametrize("with_resolved_config", [True, False])
+def test_false_and_False_are_one_configuration(tmp_path: Path, with_resolved_config) -> None:
+    for seed, flag in enumerate(["false", "False"]):
+        resolved_run(tmp_path / "s" / str(seed), seed, 0.5 + 0.1 * seed, flag=flag)
+        if not with_resolved_config:  # an older run: the overrides, read as YAML values
+            (tmp_path / "s" / str(seed) / "config_resolved.yaml").unlink()
+    assert main([str(tmp_path / "s")]) == 0
+    _, rows = read_csv(tmp_path / "s" / "report.csv")
+    assert [(r["eval"], r["n"]) for r in rows] == [("final", "2")]
+
+
+def test_a_crashed_job_without_metrics_is_a_failed_row_with_its_error(tmp_path: Path) -> None:
+    resolved_run(tmp_path / "s" / "0", 0, 0.5)
+    crashed = tmp_path / "s" / "1"
+    crashed.mkdir()
+    (crashed / "config_resolved.yaml").write_text("seed: 1\n")
+    (crashed / "run.log").write_text("[INFO] training\nerror: data.batch_size=0 must be >= 1\n")
+    killed = tmp_path / "s" / "2"
+    killed.mkdir()
+    (killed / "config_resolved.yaml").write_text("seed: 2\n")
+    assert main([str(tmp_path / "s")]) == 0
+    _, rows = read_csv(tmp_path / "s" / "report.csv")
+    assert [(Path(r["run"]).name, r["eval"], r["n"]) for r in rows] == [
+        ("0", "final", "1"), ("1", "failed", ""), ("2", "unfinished", ""),
+    ]  # fmt: skip
+    assert rows[1]["note"] == "error: data.batch_size=0 must be >= 1"
+    assert "no metrics.json" in rows[2]["note"]
+
+
+# --- protocol stamps ------------------------------------------------------------------
+
+
+def test_mixed_protocol_stamps_are_refused_without_the_flag(tmp_path: Path, capsys) -> None:
+    from vpt_dml.protocol import stamp_of
+
+    p32 = {"split_sha256": "a" * 64, "image_resolution": 32, "ks": [1, 2]}
+    p64 = {**p32, "image_resolution": 64}
+    for p in (p32, p64):
+        p["stamp"] = stamp_of(p)
+    resolved_run(tmp_path / "s" / "0", 0, 0.5, protocol=p32)
+    resolved_run(tmp_path / "s" / "1", 1, 0.7, protocol=p64)
+    assert main([str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "image_resolution" in err and "--mixed-protocols" in err
+    assert main([str(tmp_path / "s"), "--mixed-protocols"]) == 0
+    header, rows = read_csv(tmp_path / "s" / "report.csv")
+    # one configuration, but two protocols: two rows, never one mean over both
+    assert "protocol" in header
+    assert [(r["protocol"], r["n"], r["recall@1"]) for r in rows] == [
+        (p32["stamp"], "1", "50.00"), (p64["stamp"], "1", "70.00"),
+    ]  # fmt: skip
+
+
+# --- worst classes and the frontier -----------------------------------------------------
+
+
+def test_worst_classes_lists_lowest_recall_classes_with_sizes(tmp_path: Path) -> None:
+    from vpt_dml.evaluation import per_query
+
+    run = resolved_run(tmp_path / "s" / "0", 0, 0.5)
+    labels = np.array([0, 0, 1, 1, 1, 2, 2, 3])
+    first = np.array([1, 1, 2, 1, 3, 5, 4, 1])  # recall@1: 1, 1/3, 0, 1
+    cols = {"index": np.arange(8), "label": labels, "positives": np.ones(8, int),
+            "first_positive_rank": first, "ap_at_r": 1.0 / first,
+            "r_precision": (first == 1) * 1.0, "ap_vptsp": 1.0 / first}  # fmt: skip
+    per_query.write(run / "per_query" / "test_best.parquet", cols, {"ks": [1]})
+    assert main([str(tmp_path / "s"), "--worst", "2"]) == 0
+    text = (tmp_path / "s" / "report_worst.md").read_text()
+    assert "| 2 | 0.00 | 2 |\n| 1 | 33.33 | 3 |" in text
+
+
+def test_frontier_marks_the_pareto_optimal_methods() -> None:
+    from vpt_dml.reporting.frontier import pareto
+
+    # (params, recall): b is beaten by a (fewer params, higher recall); c costs more but wins
+    points = [(100, 0.6), (200, 0.5), (1000, 0.7), (1000, 0.65)]
+    assert pareto(points, more_x_is_better=False) == [0, 2]
+    # images/s: more is better
+    assert pareto([(50, 0.6), (80, 0.6), (10, 0.9)], more_x_is_better=True) == [1, 2]
+
+
+@pytest.mark.slow
+def test_submitit_sweep_folder_lists_failed_jobs_with_their_error_line(tmp_path: Path) -> None:
+    """A real sweep through Hydra's submitit_local launcher (real subprocesses): two jobs
+    finish, one is refused by our config check (an `error:` line, exit 2, in submitit's
+    log). A task that raises instead (Hydra's launcher keeps the exception in the result
+    pickle) is read the same way (reporting/jobs.py)."""
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        "hydra/launcher=submitit_local",
+        *tiny_overrides("eval_before_training=false"),
+        "optim.lr=0.001,0.002,abc",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    run_cli(args, cwd=REPO)  # exits non-zero: two of its jobs failed
+    assert len(list(sweep.rglob("metrics.json"))) == 2
+    assert (sweep / ".submitit").is_dir()
+    assert main([str(sweep)]) == 0
+    _, rows = read_csv(sweep / "report.csv")
+    by_lr = {r["optim.lr"]: r for r in rows}
+    assert [(r["optim.lr"], r["eval"]) for r in rows] == [
+        ("0.001", "final"), ("0.002", "final"), ("abc", "failed"),
+    ]  # fmt: skip
+    note = by_lr["abc"]["note"]
+    assert note.startswith("[job ") and "error: optim.lr='abc' has the wrong type" in note
+
+
+def test_a_task_exception_kept_by_hydras_submitit_launcher_is_a_failed_row(tmp_path: Path) -> None:
+    """Hydra's launcher catches the task's exception: submitit records "success" with a
+    FAILED JobReturn (the files laid out as submitit writes them, real classes)."""
+    import pickle
+
+    from hydra.core.utils import JobReturn, JobStatus
+    from submitit.core.utils import DelayedSubmission
+
+    sweep = tmp_path / "sweep"
+    resolved_run(sweep / "0", 0, 0.5)
+    job_dir = sweep / ".submitit" / "4242"
+    job_dir.mkdir(parents=True)
+    overrides = ["optim.lr=-1"]
+    (sweep / "1" / ".hydra").mkdir(parents=True)
+    (sweep / "1" / ".hydra" / "overrides.yaml").write_text("- optim.lr=-1\n")
+    DelayedSubmission(print, overrides, "hydra.sweep.dir", 1, "job_id_for_1", {}).dump(
+        job_dir / "4242_submitted.pkl"
+    )
+    ret = JobReturn(overrides=overrides, status=JobStatus.FAILED)
+    ret._return_value = ValueError("Invalid learning rate: -1")
+    (job_dir / "4242_0_result.pkl").write_bytes(pickle.dumps(("success", ret)))
+    (job_dir / "4242_0_log.err").write_text("Seed set to 0\n")
+    assert main([str(sweep)]) == 0
+    _, rows = read_csv(sweep / "report.csv")
+    assert [(Path(r["run"]).name, r["eval"]) for r in rows] == [("0", "final"), ("1", "failed")]
+    assert rows[1]["note"] == "[job 4242] ValueError: Invalid learning rate: -1"

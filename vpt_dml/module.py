@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 
 from vpt_dml import distributed
 from vpt_dml.errors import UserError
+from vpt_dml.evaluation import per_query
 from vpt_dml.evaluation.epoch import epoch_metrics
 from vpt_dml.models.build import build_model
 from vpt_dml.models.class_prompt_store import ClassPromptStore
@@ -63,6 +64,8 @@ class VPTDMLModule(L.LightningModule):
         self._eval_buffer: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         # one {"stage", "epoch", rows, distinct, effective_rank} per evaluation (epoch.py)
         self.embedding_health_log: list[dict] = []
+        self.per_query_dir = None  # run.py: where per-query tables go (evaluation/per_query.py)
+        self.per_query_held_out = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedder(images)
@@ -183,13 +186,21 @@ class VPTDMLModule(L.LightningModule):
         # eval.clustering_every_epoch is set
         clustering = stage == "test" or self.clustering_every_epoch
         health: dict = {}
-        metrics = epoch_metrics(buffer, self.trainer, stage, self.eval_ks, clustering, health)
+        tables = [] if self.per_query_dir is not None else None
+        metrics = epoch_metrics(
+            buffer, self.trainer, stage, self.eval_ks, clustering, health, per_query=tables
+        )
         # the epoch as MetricHistory records it: set for fit's evaluations only
         fitting = self.trainer.state.fn == "fit"
         epoch = self.trainer.current_epoch if fitting else None
         self.embedding_health_log.append({"stage": label, "epoch": epoch, **health})
+        if tables and self.trainer.is_global_zero:
+            per_query.save_evaluation(self.per_query_dir, label, self.current_epoch, tables[0],
+                                      self.eval_ks, self.per_query_held_out)  # fmt: skip
         for key, value in metrics.items():
-            # identical on every rank already: no sync needed
+            # identical on every rank already: no sync needed; float64, as computed (a
+            # python float would be logged as float32 and metrics.json would lose bits)
+            value = torch.tensor(value, dtype=torch.float64)
             self.log(f"{label}/{key}", value, prog_bar=key == "recall@1", rank_zero_only=False)
         return metrics
 

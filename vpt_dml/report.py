@@ -1,9 +1,17 @@
 """`python -m vpt_dml.report DIR...`: one table (Markdown + CSV) and a plot of many runs.
 
 Every `metrics.json` under the given folders (single runs or whole sweeps) is read. Runs
-whose overrides differ only in `seed` form one group: each metric is shown as the mean,
-standard deviation and 95% confidence interval (Student t, n-1 degrees of freedom) over
-the group's n runs; a group of one run is shown as it is, with n=1. Columns: the
+whose resolved configs (config_resolved.yaml) differ only in `seed` and paths form one
+group (reporting/grouping.py); each seed counts once: a second run of a seed already in
+the group (a copy, a rerun) is listed as a `duplicate` row and not averaged. Each metric
+is shown as the mean, standard deviation and 95% confidence interval (Student t, n-1
+degrees of freedom) over the group's n seeds; a group of one run is shown as it is, with
+n=1. Jobs without final metrics (failed, unfinished, interrupted, diverged; a submitit
+sweep's `.submitit/` jobs included, with their last error line) are rows of their own
+(reporting/jobs.py). Runs of different protocol stamps (vpt_dml/protocol.py) are refused
+in one table unless `--mixed-protocols`, which adds the stamp column. With per-query
+files, `report_worst.md` lists each run's lowest-Recall@1 classes; with trainable
+parameters recorded, `report_frontier.png` plots the cost-accuracy frontier. Columns: the
 overrides that differ between groups, the row kind (`final`: the run's `metrics`;
 `before`: the evaluation before training, when the runs recorded it), n, the metrics (in
 %), the cost of a run where recorded (training images/s, seconds per epoch and per
@@ -27,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vpt_dml.errors import UserError
+from vpt_dml.reporting import grouping, jobs
+from vpt_dml.reporting.jobs import Job
 
 PROMPT_NUM = "model.peft.prompts.num"
 PROMPT_DEPTH = "model.peft.prompts.depth"
@@ -59,8 +69,6 @@ def find_runs(dirs: list[Path]) -> list[Path]:
             files.extend(d.rglob("metrics.json"))
         else:
             raise UserError(f"{d} does not exist; give run or sweep folders written by vpt_dml.run")
-    if not files:
-        raise UserError(f"no metrics.json under {', '.join(map(str, dirs))}; did the runs finish?")
     return sorted(set(files), key=lambda f: natural_key(str(f)))
 
 
@@ -82,6 +90,13 @@ class Run:
     cost: dict[str, float]
     tuned_pct: float | None
     training_only_pct: float | None
+    key: tuple = ()
+    seed: object = None
+    protocol: dict = field(default_factory=dict)
+
+    @property
+    def stamp(self) -> str:
+        return self.protocol.get("stamp") or "none"
 
 
 def _numbers(d: dict | None, prefix: str = "") -> dict[str, float]:
@@ -108,9 +123,13 @@ def read_run(f: Path) -> Run:
     metrics = _numbers(result.get("metrics"))
     if before:  # the zero-shot row replaces the flat "<metric>_before" entries
         metrics = {k: v for k, v in metrics.items() if not k.endswith("_before")}
+    overrides = parse_overrides(prov.get("overrides") or [])
     return Run(
         path=f.parent,
-        overrides=parse_overrides(prov.get("overrides") or []),
+        overrides={k: grouping.shown(v) for k, v in overrides.items()},
+        key=grouping.config_key(f.parent, overrides),
+        seed=grouping.seed_of(f.parent, prov),
+        protocol=result.get("protocol") or {},
         metrics=metrics,
         before=before,
         cost=_numbers(result.get("cost")),
@@ -179,31 +198,71 @@ class Group:
         return sum(values) / len(values) if values else None
 
 
-def group_runs(runs: list[Run]) -> list[Group]:
+def group_runs(runs: list[Run], by_stamp: bool) -> tuple[list[Group], list[tuple[Run, Run]]]:
+    """Groups of one resolved config (and stamp); each seed once: (groups, duplicates as
+    (run, the run of that seed already counted)). seed=null runs are all distinct."""
     groups: dict[tuple, Group] = {}
+    seeds: dict[tuple, dict] = {}
+    duplicates = []
     for run in runs:
-        key = tuple(sorted((k, v) for k, v in run.overrides.items() if k != SEED))
+        key = (run.key, run.stamp if by_stamp else None)
+        counted = seeds.setdefault(key, {})
+        if run.seed is not None and run.seed in counted:
+            duplicates.append((run, counted[run.seed]))
+            continue
+        if run.seed is not None:
+            counted[run.seed] = run
         groups.setdefault(key, Group([])).runs.append(run)
-    return list(groups.values())  # first-run order: the runs come naturally sorted
+    return list(groups.values()), duplicates  # first-run order: the runs come naturally sorted
 
 
-def interrupted(f: Path) -> bool:
-    """A run stopped by SIGTERM has no final metrics: left out of the table, with a note."""
-    try:
-        stopped = json.loads(f.read_text()).get("status") == "interrupted"
-    except (OSError, ValueError, AttributeError):
-        return False  # read_run says what is wrong with the file
-    if stopped:
-        print(f"left out (interrupted, resume it with ckpt_path=...): {f.parent}", file=sys.stderr)
-    return stopped
+def check_protocols(runs: list[Run], mixed: bool) -> bool:
+    """True when the table needs a protocol column; refuses mixed stamps unless `mixed`."""
+    stamps = sorted({r.stamp for r in runs})
+    if len(stamps) < 2:
+        return False
+    if not mixed:
+        from vpt_dml.protocol import differing_fields
+
+        fields = differing_fields([r.protocol for r in runs if r.protocol]) or ["stamp"]
+        raise UserError(
+            f"the runs were measured under {len(stamps)} protocols (stamps "
+            f"{', '.join(stamps)}; they differ in {', '.join(fields)}): their numbers are not "
+            "comparable in one table; report them separately or pass --mixed-protocols"
+        )
+    return True
 
 
-def collect(files: list[Path]) -> tuple[list[Group], list[str], list[str], list[str]]:
-    """Groups, the override columns (those that vary), the metric and cost columns."""
-    runs = [read_run(f) for f in files if not interrupted(f)]
+@dataclass
+class Collected:
+    groups: list[Group]
+    duplicates: list[tuple[Run, Run]]
+    jobs: list[Job]
+    override_cols: list[str]
+    metric_cols: list[str]
+    cost_cols: list[str]
+    protocol_col: bool
+
+
+def collect(files: list[Path], dirs: list[Path], mixed: bool = False) -> Collected:
+    """Groups, duplicates, failed / unfinished jobs and the table's columns."""
+    runs, stopped = [], []
+    for f in files:
+        run = read_run(f)
+        job = jobs.status_job(
+            f, jobs.read_json(f) or {}, [f"{k}={v}" for k, v in run.overrides.items()]
+        )
+        (stopped if job else runs).append(job or run)
+    failed = jobs.all_jobs(dirs) + stopped
     if not runs:
-        raise UserError("every run under the folders was interrupted (SIGTERM); resume them first")
-    groups = group_runs(runs)
+        if failed:
+            raise UserError(
+                f"no finished run under the folders ({len(failed)} job(s) failed or did not "
+                f"finish, e.g. {failed[0].folder or 'a submitit job'}: {failed[0].note})"
+            )
+        raise UserError(f"no metrics.json under {', '.join(map(str, dirs))}; did the runs finish?")
+    protocol_col = check_protocols(runs, mixed)
+    groups, duplicates = group_runs(runs, protocol_col)
     keys: list[str] = []
     for g in groups:
         keys += [k for k in g.overrides if k not in keys]
@@ -215,7 +274,9 @@ def collect(files: list[Path]) -> tuple[list[Group], list[str], list[str], list[
             if key not in metric_cols:
                 metric_cols.append(key)
     cost_cols = [k for k in COST if any(k in r.cost for r in runs)]
-    return groups, override_cols, metric_cols, cost_cols
+    return Collected(
+        groups, duplicates, failed, override_cols, metric_cols, cost_cols, protocol_col
+    )
 
 
 @dataclass
@@ -255,20 +316,21 @@ def _n(row: Row) -> str:
     return str(max((s.n for s in row.stats.values()), default=len(row.group.runs)))
 
 
-def table(
-    rows: list[Row],
-    override_cols: list[str],
-    metric_cols: list[str],
-    cost_cols: list[str],
-    markdown_cells: bool,
-) -> list[list[str]]:
+def table(c: Collected, markdown_cells: bool) -> list[list[str]]:
     """Header plus one line per row. Markdown: `mean ± std [low, high]` in one cell; CSV:
     the mean in the metric's column, then `<metric> std`, `... ci95 low`, `... ci95 high`
-    columns when any group has several seeds. Metrics in %, as in the paper's tables."""
+    columns when any group has several seeds. Metrics in %, as in the paper's tables.
+    Duplicate runs and jobs without final metrics follow, their `note` saying why."""
+    rows, override_cols, metric_cols, cost_cols = (
+        rows_of(c.groups),
+        c.override_cols,
+        c.metric_cols,
+        c.cost_cols,
+    )
     spread = any(s.n > 1 for r in rows for s in r.stats.values())
     split = spread and not markdown_cells
     training_only = any(run.training_only_pct for row in rows for run in row.group.runs)
-    header = ["run", *override_cols, "eval", "n"]
+    header = ["run", *override_cols, *(["protocol"] if c.protocol_col else []), "eval", "n"]
     for m in metric_cols:
         header += [m] + ([f"{m} std", f"{m} ci95 low", f"{m} ci95 high"] if split else [])
     header += [COST[k][0] for k in cost_cols]
@@ -276,6 +338,7 @@ def table(
     lines = [header]
     for row in rows:
         cells = [row.group.label, *(row.group.overrides.get(k, "") for k in override_cols)]
+        cells += [row.group.runs[0].stamp] if c.protocol_col else []
         cells += [row.kind, _n(row)]
         for m in metric_cols:
             s = row.stats.get(m)
@@ -292,7 +355,27 @@ def table(
             cells.append(_tuned(row, "training_only_pct"))
         cells.append(_tuned(row, "tuned_pct"))
         lines.append(cells)
+    extra = [
+        (str(run.path), run.overrides, run.stamp, "duplicate",
+         f"seed {run.seed} again (counted: {first.path}); not averaged")
+        for run, first in c.duplicates
+    ] + [
+        (str(j.folder or "(no run folder)"), grouping_overrides(j.overrides), "", j.status, j.note)
+        for j in c.jobs
+    ]  # fmt: skip
+    if extra:
+        header.append("note")
+        for line in lines[1:]:
+            line.append("")
+        for path, overrides, stamp, kind, note in extra:
+            cells = [path, *(overrides.get(k, "") for k in override_cols)]
+            cells += [stamp] if c.protocol_col else []
+            lines.append(cells + [kind, ""] + [""] * (len(header) - len(cells) - 3) + [note])
     return lines
+
+
+def grouping_overrides(items: list[str]) -> dict[str, str]:
+    return {k: grouping.shown(v) for k, v in parse_overrides(items).items()}
 
 
 def markdown(lines: list[list[str]]) -> str:
@@ -368,19 +451,28 @@ def plot(
     plt.close(fig)
 
 
-def write_report(dirs: list[Path], out: Path) -> dict[str, Path]:
-    groups, override_cols, metric_cols, cost_cols = collect(find_runs(dirs))
-    rows = rows_of(groups)
+def write_report(
+    dirs: list[Path], out: Path, mixed: bool = False, worst: int = 5
+) -> dict[str, Path]:
+    c = collect(find_runs(dirs), dirs, mixed)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = {
         "md": out.with_suffix(".md"),
         "csv": out.with_suffix(".csv"),
         "png": out.with_suffix(".png"),
     }
-    paths["md"].write_text(markdown(table(rows, override_cols, metric_cols, cost_cols, True)))
+    paths["md"].write_text(markdown(table(c, True)))
     with paths["csv"].open("w", newline="") as f:
-        csv.writer(f).writerows(table(rows, override_cols, metric_cols, cost_cols, False))
-    plot(groups, override_cols, paths["png"])
+        csv.writer(f).writerows(table(c, False))
+    plot(c.groups, c.override_cols, paths["png"])
+    from vpt_dml.reporting import frontier, worst_classes
+
+    if frontier.plot_frontier(c.groups, c.override_cols, out.with_name(out.name + "_frontier.png")):
+        paths["frontier"] = out.with_name(out.name + "_frontier.png")
+    text = worst_classes.section([r for g in c.groups for r in g.runs], worst)
+    if text:
+        paths["worst"] = out.with_name(out.name + "_worst.md")
+        paths["worst"].write_text(text)
     return paths
 
 
@@ -394,15 +486,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, help="output path without suffix (default: FIRST_DIR/report)"
     )
+    parser.add_argument(
+        "--mixed-protocols",
+        action="store_true",
+        help="allow runs of different protocol stamps in one table (adds the stamp column)",
+    )
+    parser.add_argument(
+        "--worst", type=int, default=5, help="lowest-Recall@1 classes listed per run (0: none)"
+    )
     args = parser.parse_args(argv)
     out = args.out or (args.dirs[0] if args.dirs[0].is_dir() else args.dirs[0].parent) / "report"
     try:
-        paths = write_report(args.dirs, out)
+        paths = write_report(args.dirs, out, args.mixed_protocols, args.worst)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(paths["md"].read_text(), end="")
-    print(f"wrote {paths['md']}, {paths['csv']}, {paths['png']}")
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
 
 

@@ -42,10 +42,12 @@ from vpt_dml.checkpoint_io import AtomicCheckpointIO, DiskSpaceCheck
 from vpt_dml.checkpoints import check_resumable, load_checkpoint
 from vpt_dml.config_checks import check_command_line, check_config
 from vpt_dml.errors import UserError
+from vpt_dml.evaluation import per_query
 from vpt_dml.models.backbone import data_config, weights_report
 from vpt_dml.models.build import prepare_backbone
 from vpt_dml.models.method_summary import effective_method
 from vpt_dml.module import VPTDMLModule
+from vpt_dml.protocol import protocol
 from vpt_dml.provenance import cfg_without_hydra
 from vpt_dml.results import add_embedding_health, build_result, run_provenance
 from vpt_dml.resume import ResumePlan, plan_resume, run_config, trim_csv_history, warn_uncompared
@@ -311,6 +313,8 @@ def train(cfg: DictConfig) -> dict:
     # Preprocessing follows the backbone's own pretrained config (size, mean, std).
     pre = data_config(module.embedder.backbone.vit)
     dm.set_preprocessing(pre["image_size"], pre["mean"], pre["std"])
+    if (cfg.get("eval") or {}).get("per_query", True):  # per_query/*.parquet (evidence)
+        module.per_query_dir, module.per_query_held_out = out_dir, bool(dm.val_classes)
     trainer = build_trainer(cfg)
     if plan is not None:
         continue_history(trainer, plan, cfg)
@@ -397,7 +401,11 @@ def finish(
             f"trainer.fast_dev_run: {batches} batch(es) per stage and no checkpoints; the "
             "numbers only show that the pipeline runs"
         )
+    result["protocol"] = protocol(dm, result)
     if trainer.is_global_zero:
+        if module.per_query_dir is not None:  # the selected epoch's table becomes test_best
+            best_epoch = None if held_out else (result.get("best") or {}).get("epoch")
+            result["per_query"] = per_query.finalize(out_dir, best_epoch)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         print_summary(result, out_dir)

@@ -48,7 +48,7 @@ from vpt_dml.provenance import cfg_without_hydra
 LOCK = "run.lock"
 KEY = "hydra.run.dir"
 # What an earlier run leaves that a new run would overwrite (deleted by overwrite=true).
-RESULTS = ("metrics.json", "config_resolved.yaml", "checkpoints", "csv", "images")
+RESULTS = ("metrics.json", "config_resolved.yaml", "checkpoints", "csv", "images", "per_query")
 _held: set[Path] = set()  # locks this process holds, released at exit
 
 

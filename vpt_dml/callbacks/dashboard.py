@@ -4,6 +4,8 @@ Both are written as PNG into <run dir>/images/ (for CSV users) and, when a W&B l
 active, logged as images; the parameter breakdown goes to W&B as a table. Rank zero only.
 The gallery re-embeds at most `max_images` test images (the whole test set of the demo),
 so on a large dataset its neighbours come from that subset, as its title says.
+`gallery="worst"` shows the test queries whose first positive ranked deepest (from the
+run's per-query file, evaluation/per_query.py) instead of queries spread over the set.
 """
 
 from __future__ import annotations
@@ -93,10 +95,32 @@ def plot_gallery(
     return out
 
 
+GALLERY_CHOICES = ("random", "worst")
+
+
+def worst_queries(columns: dict, n: int) -> np.ndarray:
+    """Dataset indices of the n queries whose first positive ranked deepest (then lowest
+    AP@R, then lower index)."""
+    order = np.lexsort((columns["index"], columns["ap_at_r"], -columns["first_positive_rank"]))
+    return np.asarray(columns["index"])[order[:n]]
+
+
 class Dashboard(L.Callback):
     def __init__(
-        self, num_queries: int = 8, top_k: int = 5, max_images: int = 2000, batch_size: int = 64
+        self,
+        num_queries: int = 8,
+        top_k: int = 5,
+        max_images: int = 2000,
+        batch_size: int = 64,
+        gallery: str = "random",
     ) -> None:
+        if gallery not in GALLERY_CHOICES:
+            from vpt_dml.errors import UserError
+
+            raise UserError(
+                f"callbacks.dashboard.gallery={gallery!r}: choose one of {', '.join(GALLERY_CHOICES)}"
+            )
+        self.gallery = gallery
         self.num_queries = num_queries
         self.top_k = top_k
         self.max_images = max_images
@@ -143,10 +167,25 @@ class Dashboard(L.Callback):
             for key, path in images.items():
                 lg.log_image(key=f"test/{key}", images=[str(path)])
 
+    def _worst(self, pl_module: L.LightningModule) -> np.ndarray | None:
+        from vpt_dml.evaluation import per_query
+
+        run_dir = getattr(pl_module, "per_query_dir", None)
+        name = "test_best" if getattr(pl_module, "per_query_held_out", False) else "test_final"
+        path = Path(run_dir or ".") / per_query.FOLDER / f"{name}.parquet"
+        if run_dir is None or not path.is_file():
+            log.warning(
+                "gallery=worst needs per-query results (eval.per_query): showing spread queries"
+            )
+            return None
+        return worst_queries(per_query.read(path)[0], self.num_queries)
+
     @torch.no_grad()
     def _gallery(self, dataset, pl_module: L.LightningModule, out: Path) -> Path:
         n = len(dataset)
-        chosen = np.unique(np.linspace(0, n - 1, min(n, self.max_images)).astype(int))
+        worst = self._worst(pl_module) if self.gallery == "worst" else None
+        chosen = np.linspace(0, n - 1, min(n, self.max_images)).astype(int)
+        chosen = np.unique(np.concatenate([chosen, worst if worst is not None else []]).astype(int))
         is_query = np.asarray(dataset.query_mask)[chosen]
         is_gallery = np.asarray(dataset.gallery_mask)[chosen]
         loader = DataLoader(Subset(dataset, chosen.tolist()), batch_size=self.batch_size)
@@ -165,6 +204,8 @@ class Dashboard(L.Callback):
         picks = query_rows[
             np.linspace(0, len(query_rows) - 1, min(self.num_queries, len(query_rows))).astype(int)
         ]
+        if worst is not None:  # the worst queries, worst first
+            picks = np.searchsorted(chosen, worst)
         k = min(self.top_k, int(is_gallery.sum()) - 1)
         paths = dataset.records.paths
         neighbours = []
@@ -172,4 +213,6 @@ class Dashboard(L.Callback):
             top = torch.topk(sims[q], k).indices.tolist()
             neighbours.append([(paths[chosen[j]], bool(labels[j] == labels[q])) for j in top])
         title = f"top-{k} among {len(chosen)} test images (green: same class, red: other class)"
+        if worst is not None:
+            title = f"worst {len(picks)} queries (deepest first positive); " + title
         return plot_gallery([paths[chosen[q]] for q in picks], neighbours, title, out)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from vpt_dml.callbacks.divergence import non_finite_embeddings
 from vpt_dml.evaluation.clustering import clustering_metrics
+from vpt_dml.evaluation.per_query import table as per_query_table
 from vpt_dml.evaluation.retrieval import retrieval_metrics
 
 log = logging.getLogger("vpt_dml")
@@ -120,9 +121,11 @@ def epoch_metrics(
     ks: Sequence[int],
     clustering: bool,
     health: dict | None = None,
+    per_query: list | None = None,
 ) -> dict[str, float]:
     """Retrieval metrics (+ NMI/F1 when `clustering`) of stage "val" or "test";
-    `health`, when given, is filled with `embedding_health` of the evaluated rows."""
+    `health`, when given, is filled with `embedding_health` of the evaluated rows;
+    `per_query`, a list, receives the per-query table of the same ranks (per_query.py)."""
     emb, labels, index = gather_embeddings(buffer, trainer.strategy, trainer.world_size)
     non_finite_embeddings(emb, trainer, stage)  # raises Diverged: the weights hold NaN/inf
     loader = trainer.val_dataloaders if stage == "val" else trainer.test_dataloaders
@@ -134,12 +137,16 @@ def epoch_metrics(
     emb, labels, index = emb[kept], labels[kept], index[kept]
     if health is not None:
         health.update(embedding_health(emb))
+    ranks: list | None = None if per_query is None else []
     if dataset.has_gallery:
         q = dataset.query_mask.to(emb.device)[index]
         g = dataset.gallery_mask.to(emb.device)[index]
-        metrics = retrieval_metrics(emb[q], labels[q], tuple(ks), emb[g], labels[g])
+        metrics = retrieval_metrics(emb[q], labels[q], tuple(ks), emb[g], labels[g], ranks)
     else:
-        metrics = retrieval_metrics(emb, labels, tuple(ks))
+        q = torch.ones_like(labels, dtype=torch.bool)
+        metrics = retrieval_metrics(emb, labels, tuple(ks), keep_ranks=ranks)
+    if ranks:
+        per_query.append(per_query_table(*ranks[0], index[q], labels[q]))
     if clustering:
         metrics.update(clustering_on_rank0(emb, labels, trainer))
     return metrics

@@ -53,12 +53,16 @@ def retrieval_metrics(
     ks: tuple[int, ...] = (1, 2, 4, 8),
     gallery_embeddings: torch.Tensor | np.ndarray | None = None,
     gallery_labels: torch.Tensor | np.ndarray | None = None,
+    keep_ranks: list | None = None,
 ) -> dict[str, float]:
+    """`keep_ranks`: a list that receives (PositiveRanks, same) of the metrics (per_query.py)."""
     with single_threaded():  # small ops: one thread beats OpenMP's spin-waits (see knn)
-        return _retrieval_metrics(embeddings, labels, ks, gallery_embeddings, gallery_labels)
+        return _retrieval_metrics(
+            embeddings, labels, ks, gallery_embeddings, gallery_labels, keep_ranks
+        )
 
 
-def _retrieval_metrics(embeddings, labels, ks, gallery_embeddings, gallery_labels):
+def _retrieval_metrics(embeddings, labels, ks, gallery_embeddings, gallery_labels, keep_ranks=None):
     ks = _checked_ks(ks)
     if (gallery_embeddings is None) != (gallery_labels is None):
         raise UserError("pass both gallery_embeddings and gallery_labels, or neither")
@@ -84,6 +88,8 @@ def _retrieval_metrics(embeddings, labels, ks, gallery_embeddings, gallery_label
         g, gl = g[keep], gl[keep]
 
     ranks = rank_positives(q, ql, None if same else g, None if same else gl, max_rank=max(ks))
+    if keep_ranks is not None:
+        keep_ranks.append((ranks, same))
     return metrics_from_ranks(ranks.num_positives, ranks.negatives_above, ks, same)
 
 

@@ -1,0 +1,31 @@
+"""The protocol stamp (vpt_dml/protocol.py): what makes two runs' numbers comparable."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from vpt_dml.protocol import differing_fields, records_sha256, stamp_of
+
+
+def recs(paths, labels):
+    return SimpleNamespace(paths=list(paths), labels=list(labels))
+
+
+def test_split_hash_sees_images_labels_and_roles_not_order_or_root() -> None:
+    q = recs(["/a/x/1.jpg", "/a/x/2.jpg", "/a/y/3.jpg"], [0, 0, 1])
+    base = records_sha256(q, root="/a")
+    shuffled = recs(["/a/y/3.jpg", "/a/x/1.jpg", "/a/x/2.jpg"], [1, 0, 0])
+    moved = recs(["/b/x/1.jpg", "/b/x/2.jpg", "/b/y/3.jpg"], [0, 0, 1])
+    assert records_sha256(shuffled, root="/a") == base
+    assert records_sha256(moved, root="/b") == base  # the dataset copied elsewhere
+    assert records_sha256(recs(q.paths, [0, 1, 1]), root="/a") != base
+    as_gallery = records_sha256(recs(q.paths[:2], [0, 0]), recs(q.paths[2:], [1]), root="/a")
+    assert as_gallery != base  # same images, other query / gallery roles
+
+
+def test_stamp_changes_with_each_field() -> None:
+    fields = {"split_sha256": "s", "image_resolution": 224, "decode": "fast",
+              "selection": "test", "map_at_r": "m", "embedding": "e", "ks": [1, 2]}  # fmt: skip
+    for key, other in [("image_resolution", 256), ("decode", "torchvision"), ("ks", [1, 10])]:
+        assert stamp_of({**fields, key: other}) != stamp_of(fields)
+        assert differing_fields([fields, {**fields, key: other}]) == [key]
