@@ -28,7 +28,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from vpt_dml import run_folder
+from vpt_dml import distributed, run_folder
 from vpt_dml.callbacks import ExactResume
 from vpt_dml.callbacks.cost import CostMonitor
 from vpt_dml.callbacks.eval_schedule import EvalSchedule
@@ -44,6 +44,7 @@ from vpt_dml.module import VPTDMLModule
 from vpt_dml.provenance import cfg_without_hydra
 from vpt_dml.results import build_result, run_provenance
 from vpt_dml.summary import print_summary
+from vpt_dml.watchdog import SigtermGuard
 
 log = logging.getLogger("vpt_dml")
 # faiss logs each missing CPU-specific build it probes (avx512, avx2) as an error-looking line
@@ -86,6 +87,9 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
             interrupt_checkpoint=Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
         )
     )
+    # SIGTERM: every rank stops at the same batch end, workers leave it to them, a watchdog
+    out = Path(cfg.paths.output_dir)
+    callbacks.append(SigtermGuard(out / "metrics.json", out / "checkpoints" / "last.ckpt"))
     # not optional either: metrics.json is built from these
     ev = cfg.get("eval") or {}
     callbacks.append(EvalSchedule(ev.get("start_epoch", 0), ev.get("every_n_epochs", 1)))
@@ -235,17 +239,17 @@ def train(cfg: DictConfig) -> dict:
     trainer = build_trainer(cfg)
 
     before: dict = {}
-    if cfg.get("eval_before_training", True):
-        module.eval_label = "before"  # logged as before/<metric>, not as an epoch's val/
-        try:
-            before = trainer.validate(module, datamodule=dm, verbose=False)[0]
-        finally:
-            module.eval_label = None
-    try:
+    try:  # SIGTERM in the evaluation before training, in fit or in the final test
+        if cfg.get("eval_before_training", True):
+            module.eval_label = "before"  # logged as before/<metric>, not as an epoch's val/
+            try:
+                before = trainer.validate(module, datamodule=dm, verbose=False)[0]
+            finally:
+                module.eval_label = None
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        return finish(cfg, trainer, module, dm, out_dir)
     except SIGTERMException:  # preemption, docker stop (ExactResume kept a last.ckpt)
         raise Interrupted(record_interrupted(cfg, trainer, module, dm, before)) from None
-    return finish(cfg, trainer, module, dm, out_dir)
 
 
 def finish(cfg: DictConfig, trainer: L.Trainer, module: VPTDMLModule, dm, out_dir: Path) -> dict:
@@ -314,7 +318,8 @@ def main(cfg: DictConfig) -> float | None:
     except (UserError, InstantiationException) as e:
         if debug:
             raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        if distributed.is_rank_zero_process():  # every DDP rank hits the same error
+            print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     finally:
         finish_wandb()  # the next job of a sweep opens its own W&B run
