@@ -72,18 +72,25 @@ class _Connector(_SignalConnector):
         self._register_signal(signal.SIGTERM, self.guard.handle)
 
 
+def _ignore_first_sigterm(signum, frame) -> None:
+    # the next one (multiprocessing's terminate at the main process's exit) ends the worker
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class WorkerInit:
-    """A DataLoader worker ignores SIGTERM: a group kill reaches the workers too, and a
-    worker dying of it ends the main process in "DataLoader worker exited unexpectedly"
-    before it can save anything. The main process stops; its workers are shut down with
-    the iterator. `seed_rank`: Lightning's worker seeding (seed_everything(workers=True)),
-    which it adds only to loaders without a worker_init_fn, is applied here then."""
+    """A DataLoader worker ignores its first SIGTERM: a group kill reaches the workers too,
+    and a worker dying of it ends the main process in "DataLoader worker exited
+    unexpectedly" before it can save anything. The main process decides; when it exits,
+    multiprocessing terminates the workers left (a second SIGTERM, which ends them: ignoring
+    every SIGTERM hung that exit). `seed_rank`: Lightning's worker seeding
+    (seed_everything(workers=True)), which it adds only to loaders without a
+    worker_init_fn, is applied here then."""
 
     def __init__(self, inner=None, seed_rank: int | None = None) -> None:
         self.inner, self.seed_rank = inner, seed_rank
 
     def __call__(self, worker_id: int) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, _ignore_first_sigterm)
         with contextlib.suppress(ValueError, OSError):
             signal.set_wakeup_fd(-1)  # the parent's wakeup pipe is the parent's
         if self.inner is not None:
