@@ -91,12 +91,30 @@ class WorkerInit:
 
     def __call__(self, worker_id: int) -> None:
         signal.signal(signal.SIGTERM, _ignore_first_sigterm)
+        # forked with SIGTERM blocked (see _forked_with_sigterm_blocked): one that came
+        # since is delivered now, to the handler above
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         with contextlib.suppress(ValueError, OSError):
             signal.set_wakeup_fd(-1)  # the parent's wakeup pipe is the parent's
         if self.inner is not None:
             self.inner(worker_id)
         elif self.seed_rank is not None:
             pl_worker_init_function(worker_id, rank=self.seed_rank)
+
+
+def _forked_with_sigterm_blocked(get_iterator):
+    """Between its fork and worker_init_fn a worker has torch's SIGTERM handler, which dies
+    of a signal not sent by its parent: the workers are forked with SIGTERM blocked (the
+    main process's other threads still take it), and WorkerInit unblocks it."""
+
+    def wrapped():
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            return get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    return wrapped
 
 
 def _with_worker_init(make_loader, trainer: L.Trainer):
@@ -109,6 +127,7 @@ def _with_worker_init(make_loader, trainer: L.Trainer):
             loader.worker_init_fn = WorkerInit(
                 loader.worker_init_fn, trainer.global_rank if seeded else None
             )
+            loader._get_iterator = _forked_with_sigterm_blocked(loader._get_iterator)
         return loader
 
     return wrapped
