@@ -132,6 +132,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ddp_ready(overrides: list[str]) -> list[str]:
+    """The tiny settings pin trainer.devices=1 and strategy=auto: left out for trainer=ddp_cpu."""
+    return [o for o in overrides if not o.startswith(("trainer.devices=", "trainer.strategy="))]
+
+
 GROUP_KILL_TIMEOUT_S = 20  # the watchdog's bound in these runs (env VPT_DML_SIGTERM_TIMEOUT_S)
 
 
@@ -150,12 +155,14 @@ def test_sigterm_to_the_process_group_ends_in_143_interrupted(tmp_path, arrangem
     and a traceback (3 in 8). Now: exit 143, metrics.json "interrupted", last.ckpt loads."""
     run_dir = tmp_path / "run"
     args = [
-        *tiny_overrides(
-            "trainer.max_epochs=1000",
-            "eval_before_training=false",
-            "data.synthetic.num_classes=16",
-            "data.batch_size=4",
-            "data.eval_batch_size=8",
+        *ddp_ready(
+            tiny_overrides(
+                "trainer.max_epochs=1000",
+                "eval_before_training=false",
+                "data.synthetic.num_classes=16",
+                "data.batch_size=4",
+                "data.eval_batch_size=8",
+            )
         ),
         *arrangement,
         f"hydra.run.dir={run_dir}",
@@ -196,6 +203,9 @@ def test_sigterm_to_the_process_group_ends_in_143_interrupted(tmp_path, arrangem
     assert took < GROUP_KILL_TIMEOUT_S + 60
     result = json.loads((run_dir / "metrics.json").read_text())
     assert result["status"] == "interrupted"
+    if "watchdog" not in result["interrupted"]:  # the run's own record (the watchdog's is short)
+        world = 2 if "trainer=ddp_cpu" in arrangement else 1
+        assert result["provenance"]["world_size"] == world
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
     assert ckpt["epoch"] >= 0 and ckpt["state_dict"]
     # the error and interrupt lines come from rank 0 (rank 1 adds only its own one-liner)
@@ -242,24 +252,49 @@ def test_watchdog_ends_a_process_stuck_after_sigterm(tmp_path):
 @pytest.mark.slow
 def test_ddp_error_is_printed_once(tmp_path):
     """A config error every rank hits (here in on_fit_start) is one line, from rank 0."""
-    res = run_cli(
-        [
-            *tiny_overrides(
+    args = [
+        *ddp_ready(
+            tiny_overrides(
                 "eval_before_training=false",
                 "data.synthetic.num_classes=16",
                 "data.batch_size=4",
                 "model.proxy.class_prompt_store=host",
                 "trainer.gradient_clip_val=1.0",
-            ),
-            "trainer=ddp_cpu",
-            f"hydra.run.dir={tmp_path / 'run'}",
-            f"paths.data_dir={tmp_path / 'data'}",
-        ],
-        cwd=REPO,
-        env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())},
-        timeout=400,
-    )
+            )
+        ),
+        "trainer=ddp_cpu",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"paths.data_dir={tmp_path / 'data'}",
+    ]
+    env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    # a file, not a pipe: rank 1 writes to it after rank 0 has exited
+    err_path = tmp_path / "stderr.txt"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vpt_dml.run", *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=400)
+            time.sleep(5)  # rank 1, its own process, may still be on its way out
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    res = subprocess.CompletedProcess(args, proc.returncode, "", err_path.read_text())
     assert res.returncode == 2, res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert "GLOBAL_RANK: 1" in res.stderr  # two ranks ran
     assert len(errors) == 1 and "gradient_clip_val" in errors[0], res.stderr[-3000:]
     assert "Traceback" not in res.stderr
