@@ -79,10 +79,14 @@ def one_try(
     mode: str, root: Path, spread: float, wait: float, seed: int, repo: Path = REPO
 ) -> dict:
     run_dir = root / "run"
-    args = TINY + mode_overrides(mode) + [
-        f"hydra.run.dir={run_dir}",
-        f"paths.data_dir={root / 'data'}",
-    ]
+    args = (
+        TINY
+        + mode_overrides(mode)
+        + [
+            f"hydra.run.dir={run_dir}",
+            f"paths.data_dir={root / 'data'}",
+        ]
+    )
     env = {
         **os.environ,
         "WANDB_MODE": "disabled",
