@@ -7,6 +7,7 @@ from conftest import REPO, compose_config, run_cli, tiny_overrides
 
 from vpt_dml.config_checks import check_config
 from vpt_dml.errors import UserError
+from vpt_dml.models.method_summary import features_from_config, peft_method_of
 
 
 def refused(overrides: list[str], tmp_path, experiment: str | None = None) -> str:
@@ -144,14 +145,21 @@ def test_issue_example_on_a_preset(tmp_path):
     ],
 )
 def test_valid_configs_pass(overrides, tmp_path):
-    check_config(compose_config(tiny_overrides(*overrides), tmp_path))
+    check_config(compose_config(tiny_overrides(*overrides), tmp_path))  # raises nothing
+    # the same config with one misspelt key is refused: the check read this config
+    typo = compose_config(tiny_overrides(*overrides, "+eval_before_trainig=false"), tmp_path)
+    with pytest.raises(UserError, match="eval_before_training"):
+        check_config(typo)
 
 
 @pytest.mark.parametrize(
     "option", ["linear", "bitfit", "vpt_shallow", "vpt_deep", "adapter", "lora", "full"]
 )
 def test_every_peft_option_passes_on_a_preset(option, tmp_path):
-    check_config(compose_config([f"model/peft={option}"], tmp_path, "cub_deep_small"))
+    cfg = compose_config([f"model/peft={option}"], tmp_path, "cub_deep_small")
+    check_config(cfg)  # raises nothing
+    # and the preset's own prompts / BitFit did not leak into the chosen method
+    assert peft_method_of(features_from_config(cfg.model.peft)) == option
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 
 Checks: the run finishes; both ranks end with byte-identical H and class-prompt store;
 every class a step drew was counted exactly once in the store's per-row step counts;
-the DDP run's test metrics equal a single-process evaluation of its final checkpoint.
+the DDP run's test metrics equal a single-process evaluation of its final checkpoint, on
+an evaluation set that does not divide by the world size (the sampler pads).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from conftest import REPO, TINY_BACKBONE, compose_config, run_cli
 from vpt_dml.module import VPTDMLModule
 from vpt_dml.run import build_datamodule
 
-TRAIN_CLASSES, IMAGES_PER_CLASS, BATCH = 8, 6, 4
+# 8 train and 9 test classes of 7 images: 63 test images over 2 ranks, so the evaluation
+# sampler pads a rank with a duplicate that the gather must drop (issue 19)
+TRAIN_CLASSES, TEST_CLASSES, IMAGES_PER_CLASS, BATCH = 8, 9, 7, 4
 
 
 def free_port() -> int:
@@ -31,7 +34,7 @@ def free_port() -> int:
 def ddp_overrides(tmp_path: Path, k: int, dropout: float) -> list[str]:
     return TINY_BACKBONE + [
         "data=synthetic",
-        f"data.synthetic.num_classes={2 * TRAIN_CLASSES}",  # half are train classes
+        f"data.synthetic.num_classes={TRAIN_CLASSES + TEST_CLASSES}",  # the first half train
         f"data.synthetic.images_per_class={IMAGES_PER_CLASS}",
         "data.synthetic.image_size=32",
         f"data.batch_size={BATCH}",
@@ -90,6 +93,8 @@ def test_ddp_cpu_ranks_agree_and_match_single_process_eval(tmp_path: Path, k: in
 
     result = json.loads((run_dir / "metrics.json").read_text())
     assert result["provenance"]["world_size"] == 2
+    split = result["provenance"]["dataset"]["counts"]
+    assert split["test_classes"] == TEST_CLASSES and (TEST_CLASSES * IMAGES_PER_CLASS) % 2 == 1
 
     r0 = torch.load(state_dir / "rank0.pt")
     r1 = torch.load(state_dir / "rank1.pt")

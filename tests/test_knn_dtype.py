@@ -12,21 +12,28 @@ AVX512_ONLY = {"sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl"
 
 
 @pytest.mark.parametrize(
-    "flags, onednn, x86, want",
+    "flags, onednn, x86, want, why",
     [
-        (AVX512_ONLY, True, True, torch.float32),
-        (AVX512_ONLY | {"avx512_bf16"}, True, True, torch.bfloat16),  # Cooper Lake, Zen 4
-        (AVX512_ONLY | {"avx512_bf16", "amx_tile", "amx_bf16"}, True, True, torch.bfloat16),
-        ({"avx", "avx2", "fma"}, False, True, torch.float32),  # no AVX-512 at all
-        (AVX512_ONLY | {"avx512_bf16"}, False, True, torch.float32),  # no oneDNN kernels
-        (None, True, True, None),  # flags unknown: measure
-        ({"fp", "asimd", "sve", "bf16"}, True, False, None),  # ARM: measure
+        (AVX512_ONLY, True, True, torch.float32, "would be emulated"),
+        (AVX512_ONLY | {"avx512_bf16"}, True, True, torch.bfloat16, "(avx512_bf16)"),  # Zen 4
+        (
+            AVX512_ONLY | {"avx512_bf16", "amx_tile", "amx_bf16"},
+            True,
+            True,
+            torch.bfloat16,
+            "amx_bf16",
+        ),
+        ({"avx", "avx2", "fma"}, False, True, torch.float32, "no bfloat16 GEMM"),  # no AVX-512
+        (AVX512_ONLY | {"avx512_bf16"}, False, True, torch.float32, "no bfloat16 GEMM"),
+        (None, True, True, None, "unknown from the CPU flags: measured"),  # flags unknown
+        ({"fp", "asimd", "sve", "bf16"}, True, False, None, "measured"),  # ARM: measure
     ],
 )
-def test_decision_from_flags(flags, onednn, x86, want):
+def test_decision_from_flags(flags, onednn, x86, want, why):
+    """The dtype, and a reason that names what decided it (shown in metrics.json)."""
     dtype, reason = knn.decide_cpu_dtype(flags, onednn, x86)
     assert dtype == want
-    assert reason
+    assert why in reason, reason
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,14 @@ def evaluations(rows: list[dict]) -> tuple[dict | None, list[tuple[int, dict]], 
     return (before[0] if before else None), val, test
 
 
+# the whole tiny ViT trained at a high lr: its epochs' Recall@1 differ, so a wrong choice
+# of the best epoch (lowest, last of equal) shows in these runs
+MOVING = ("model/peft=full", "optim.lr=0.01")
+
+
 def first_best(val: list[tuple[int, dict]]) -> tuple[int, dict]:
+    recalls = [m["recall@1"] for _, m in val]
+    assert max(recalls) > min(recalls), f"every epoch scored {recalls}: nothing to choose from"
     best = val[0]
     for epoch, m in val[1:]:
         if m["recall@1"] > best[1]["recall@1"]:
@@ -68,7 +75,7 @@ def assert_same(got: dict, expected: dict) -> None:
 def test_test_split_selection_matches_the_csv_and_cost_is_consistent(tmp_path):
     warmup = 3  # = steps per epoch: epoch 0 is all warm-up
     cfg, result, rows = run_tiny(
-        tmp_path, "trainer.max_epochs=3", f"callbacks.cost.warmup_steps={warmup}"
+        tmp_path, "trainer.max_epochs=3", f"callbacks.cost.warmup_steps={warmup}", *MOVING
     )
     before, val, test = evaluations(rows)
     assert result["status"] == "finished"
@@ -129,7 +136,11 @@ def fresh_test(cfg, checkpoint: str) -> dict[str, float]:
 def test_held_out_selection_tests_the_selected_checkpoint_once(tmp_path):
     # 12 classes: 6 train, of which 2 are held out for validation; 6 test classes
     cfg, result, rows = run_tiny(
-        tmp_path, "trainer.max_epochs=3", "data.synthetic.num_classes=12", "data.val_classes=0.34"
+        tmp_path,
+        "trainer.max_epochs=3",
+        "data.synthetic.num_classes=12",
+        "data.val_classes=0.34",
+        *MOVING,
     )
     assert result["provenance"]["dataset"]["counts"]["test_classes"] == 6
     before, val, test = evaluations(rows)

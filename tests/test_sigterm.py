@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -120,3 +121,180 @@ def test_sigterm_in_the_first_epoch_saves_the_mid_epoch_state(tmp_path: Path):
     metrics = train(resumed)
     assert "recall@1" in metrics
     assert json.loads((run_dir / "metrics.json").read_text()).get("status") != "interrupted"
+
+
+# -- process-group kills (issue 19, finding 6) ---------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_ready(overrides: list[str]) -> list[str]:
+    """The tiny settings pin trainer.devices=1 and strategy=auto: left out for trainer=ddp_cpu."""
+    return [o for o in overrides if not o.startswith(("trainer.devices=", "trainer.strategy="))]
+
+
+GROUP_KILL_TIMEOUT_S = 20  # the watchdog's bound in these runs (env VPT_DML_SIGTERM_TIMEOUT_S)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("arrangement", "delay_s"),
+    [
+        (["trainer=ddp_cpu", "data.num_workers=2"], 0.0),  # 2 ranks, 2 workers each
+        (["trainer.devices=1", "data.num_workers=2"], 1.5),  # one rank, 2 workers
+    ],
+)
+def test_sigterm_to_the_process_group_ends_in_143_interrupted(tmp_path, arrangement, delay_s):
+    """docker stop / SLURM / systemd signal every process of the group: ranks and
+    DataLoader workers at once. Lightning's handler ran a collective inside the signal
+    handler (hung 2 in 10 under DDP); a worker dying of the signal ended the run in exit 1
+    and a traceback (3 in 8). Now: exit 143, metrics.json "interrupted", last.ckpt loads."""
+    run_dir = tmp_path / "run"
+    args = [
+        *ddp_ready(
+            tiny_overrides(
+                "trainer.max_epochs=1000",
+                "eval_before_training=false",
+                "data.synthetic.num_classes=16",
+                "data.batch_size=4",
+                "data.eval_batch_size=8",
+            )
+        ),
+        *arrangement,
+        f"hydra.run.dir={run_dir}",
+        f"paths.data_dir={tmp_path / 'data'}",
+    ]
+    env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "VPT_DML_SIGTERM_TIMEOUT_S": str(GROUP_KILL_TIMEOUT_S),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vpt_dml.run", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a container's
+    )
+    try:
+        wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
+        time.sleep(delay_s)
+        os.killpg(proc.pid, signal.SIGTERM)
+        sent = time.monotonic()
+        # bounded: the watchdog ends a rank that has not stopped; slack for a loaded machine
+        _, stderr = proc.communicate(timeout=GROUP_KILL_TIMEOUT_S + 60)
+        took = time.monotonic() - sent
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing of the group may outlive the test
+        proc.wait()
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr and "exited unexpectedly" not in stderr, stderr[-3000:]
+    assert took < GROUP_KILL_TIMEOUT_S + 60
+    result = json.loads((run_dir / "metrics.json").read_text())
+    assert result["status"] == "interrupted"
+    if "watchdog" not in result["interrupted"]:  # the run's own record (the watchdog's is short)
+        world = 2 if "trainer=ddp_cpu" in arrangement else 1
+        assert result["provenance"]["world_size"] == world
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert ckpt["epoch"] >= 0 and ckpt["state_dict"]
+    # the error and interrupt lines come from rank 0 (rank 1 adds only its own one-liner)
+    assert sum(line.startswith("interrupted: SIGTERM") for line in stderr.splitlines()) == 1
+
+
+WATCHDOG_CHILD = """
+import os, sys, time
+from vpt_dml.watchdog import SigtermGuard
+SigtermGuard(sys.argv[1], sys.argv[2], timeout_s=2)
+r, w = os.pipe()
+print("ready", flush=True)
+os.read(r, 1)  # a collective whose peer is gone: never returns
+"""
+
+
+def test_watchdog_ends_a_process_stuck_after_sigterm(tmp_path):
+    """A rank blocked for good (its peer is gone) still ends: exit 143 after the watchdog's
+    timeout, with metrics.json "interrupted" written by rank 0 and last.ckpt named."""
+    metrics, ckpt = tmp_path / "metrics.json", tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"x")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WATCHDOG_CHILD, str(metrics), str(ckpt)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK")},
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "ended by the watchdog" in stderr and f"ckpt_path={ckpt}" in stderr
+    result = json.loads(metrics.read_text())
+    assert result["status"] == "interrupted"
+    assert result["interrupted"]["checkpoint"] == str(ckpt)
+
+
+@pytest.mark.slow
+def test_ddp_error_is_printed_once(tmp_path):
+    """A config error every rank hits (here in on_fit_start) is one line, from rank 0."""
+    args = [
+        *ddp_ready(
+            tiny_overrides(
+                "eval_before_training=false",
+                "data.synthetic.num_classes=16",
+                "data.batch_size=4",
+                "model.proxy.class_prompt_store=host",
+                "trainer.gradient_clip_val=1.0",
+            )
+        ),
+        "trainer=ddp_cpu",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"paths.data_dir={tmp_path / 'data'}",
+    ]
+    env = {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    # a file, not a pipe: rank 1 writes to it after rank 0 has exited
+    err_path = tmp_path / "stderr.txt"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vpt_dml.run", *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=400)
+            time.sleep(5)  # rank 1, its own process, may still be on its way out
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    res = subprocess.CompletedProcess(args, proc.returncode, "", err_path.read_text())
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert "GLOBAL_RANK: 1" in res.stderr  # two ranks ran
+    assert len(errors) == 1 and "gradient_clip_val" in errors[0], res.stderr[-3000:]
+    assert "Traceback" not in res.stderr

@@ -15,6 +15,7 @@ exchanged row gradients by W itself.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -27,6 +28,28 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_rank_zero_process() -> bool:
+    """Rank 0, or a process outside DDP. Also true before the process group exists: the
+    launchers set the rank in the environment (Lightning's children LOCAL_RANK, torchrun
+    RANK, srun with several tasks SLURM_PROCID), and every rank runs the same checks."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    keys = ["RANK", "LOCAL_RANK"]
+    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+        keys.append("SLURM_PROCID")
+    return all(int(os.environ.get(k, "0") or 0) == 0 for k in keys)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (one all-reduce under DDP)."""
+    if world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], dtype=torch.int32)
+    t = t.to(_collective_device(t))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _collective_device(t: torch.Tensor) -> torch.device:

@@ -31,7 +31,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vpt_dml import cluster, completion, run_folder
+from vpt_dml import cluster, completion, distributed, run_folder
 from vpt_dml.callbacks import ExactResume
 from vpt_dml.callbacks.cost import CostMonitor
 from vpt_dml.callbacks.divergence import DIVERGED_EXIT, Diverged, DivergenceGuard, write_diverged
@@ -52,6 +52,7 @@ from vpt_dml.provenance import cfg_without_hydra
 from vpt_dml.results import add_embedding_health, build_result, run_provenance
 from vpt_dml.resume import ResumePlan, plan_resume, run_config, trim_csv_history, warn_uncompared
 from vpt_dml.summary import print_summary
+from vpt_dml.watchdog import SigtermGuard
 
 log = logging.getLogger("vpt_dml")
 # faiss logs each missing CPU-specific build it probes (avx512, avx2) as an error-looking line
@@ -99,6 +100,9 @@ def build_trainer(cfg: DictConfig) -> L.Trainer:
             interrupt_checkpoint=Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt",
         )
     )
+    # SIGTERM: every rank stops at the same batch end, workers leave it to them, a watchdog
+    out = Path(cfg.paths.output_dir)
+    callbacks.append(SigtermGuard(out / "metrics.json", out / "checkpoints" / "last.ckpt"))
     # not optional either: metrics.json is built from these
     ev = cfg.get("eval") or {}
     callbacks.append(EvalSchedule(ev.get("start_epoch", 0), ev.get("every_n_epochs", 1)))
@@ -320,22 +324,22 @@ def train(cfg: DictConfig) -> dict:
         continue_history(trainer, plan, cfg)
 
     before: dict = {}
-    # a resume keeps the checkpoint's evaluation before training (MetricHistory restores it)
-    if cfg.get("eval_before_training", True) and plan is None:
-        module.eval_label = "before"  # logged as before/<metric>, not as an epoch's val/
-        try:
-            before = trainer.validate(module, datamodule=dm, verbose=False)[0]
-        finally:
-            module.eval_label = None
-    try:
+    try:  # SIGTERM in the evaluation before training, in fit or in the final test
+        # a resume keeps the checkpoint's evaluation before training (MetricHistory restores it)
+        if cfg.get("eval_before_training", True) and plan is None:
+            module.eval_label = "before"  # logged as before/<metric>, not as an epoch's val/
+            try:
+                before = trainer.validate(module, datamodule=dm, verbose=False)[0]
+            finally:
+                module.eval_label = None
         trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        return finish(cfg, trainer, module, dm, out_dir, plan)
     except SIGTERMException:  # preemption, docker stop (ExactResume kept a last.ckpt)
         raise Interrupted(record_interrupted(cfg, trainer, module, dm, before, plan)) from None
     except Diverged as e:  # metrics.json "status": "diverged"; last.ckpt stays finite
         prov = run_provenance(cfg, trainer, module, dm, provenance_of(cfg, module))
         write_diverged(e, trainer, module, out_dir, bool(dm.val_classes), prov)
         raise
-    return finish(cfg, trainer, module, dm, out_dir, plan)
 
 
 def continue_history(trainer: L.Trainer, plan: ResumePlan, cfg: DictConfig) -> None:
@@ -458,7 +462,8 @@ def main(cfg: DictConfig) -> float | None:
     except (UserError, InstantiationException) as e:
         if debug:
             raise
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        if distributed.is_rank_zero_process():  # every DDP rank hits the same error
+            print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     finally:
         finish_wandb()  # the next job of a sweep opens its own W&B run

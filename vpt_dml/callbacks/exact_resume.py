@@ -24,6 +24,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vpt_dml.checkpoints import load_checkpoint
@@ -86,6 +87,8 @@ class ExactResume(L.Callback):
         if not isinstance(exception, SIGTERMException) or self.interrupt_checkpoint is None:
             return
         path = self.interrupt_checkpoint
+        if trainer.state.fn != TrainerFn.FITTING and not path.is_file():
+            return  # the evaluation before training: nothing trained, nothing to save
         report = {
             "signal": "SIGTERM",
             "epoch": trainer.current_epoch,

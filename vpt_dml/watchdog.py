@@ -1,0 +1,265 @@
+"""SIGTERM under DDP and with DataLoader workers: one decision, taken together, in bounded time.
+
+Lightning 2.6's own SIGTERM handler runs a `dist.broadcast` inside the signal handler, on
+whichever rank got the signal, at whatever point that rank's main thread was: with a
+process-group kill (docker stop, SLURM, systemd) each rank's broadcast pairs with some
+other collective of the other rank, and the run hung (issue 19, finding 6). DataLoader
+workers, forked from the main process, inherit that handler or die of the signal, and the
+main process then fails with "DataLoader worker exited unexpectedly".
+
+Here instead:
+- the handler only notes the signal (and forwards it to the ranks this process launched);
+  in a DataLoader worker it does nothing, so only the main process decides;
+- at each training / evaluation batch end every rank all-reduces "did any rank get
+  SIGTERM", and all of them set Lightning's flag at the same batch, so Lightning stops
+  them at the same point (one SIGTERMException per rank, ExactResume keeps last.ckpt);
+- a watchdog armed by the signal ends the process with exit 143 after `timeout_s`
+  (env VPT_DML_SIGTERM_TIMEOUT_S, default 120) if it has not stopped by then, e.g. a
+  collective whose peer rank is gone never returns. Rank 0 then writes metrics.json
+  "status": "interrupted" itself unless the run wrote one after the signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import lightning as L
+from lightning.fabric.utilities.seed import pl_worker_init_function
+from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+from torch.utils.data import get_worker_info
+
+from vpt_dml import distributed
+
+log = logging.getLogger("vpt_dml")
+
+SIGTERM_EXIT = 128 + signal.SIGTERM
+TIMEOUT_ENV = "VPT_DML_SIGTERM_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 120.0
+
+
+def timeout_from_env() -> float:
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        value = float(raw) if raw else DEFAULT_TIMEOUT_S
+    except ValueError:
+        value = DEFAULT_TIMEOUT_S
+    return value if value > 0 else DEFAULT_TIMEOUT_S
+
+
+class _Connector(_SignalConnector):
+    """Lightning's connector (SLURM requeue on SIGUSR1 kept), with SIGTERM left to the guard."""
+
+    def __init__(self, trainer: L.Trainer, guard: SigtermGuard) -> None:
+        super().__init__(trainer)
+        self.guard = guard
+
+    def register_signal_handlers(self) -> None:
+        super().register_signal_handlers()
+        # Lightning's notifier (a collective inside a signal handler) replaced by ours
+        self._register_signal(signal.SIGTERM, self.guard.handle)
+
+    def teardown(self) -> None:
+        super().teardown()
+        # between trainer calls (evaluation before training, fit, test) SIGTERM is ours too
+        self._register_signal(signal.SIGTERM, self.guard.handle)
+
+
+def _ignore_first_sigterm(signum, frame) -> None:
+    # the next one (multiprocessing's terminate at the main process's exit) ends the worker
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+class WorkerInit:
+    """A DataLoader worker ignores its first SIGTERM: a group kill reaches the workers too,
+    and a worker dying of it ends the main process in "DataLoader worker exited
+    unexpectedly" before it can save anything. The main process decides; when it exits,
+    multiprocessing terminates the workers left (a second SIGTERM, which ends them: ignoring
+    every SIGTERM hung that exit). `seed_rank`: Lightning's worker seeding
+    (seed_everything(workers=True)), which it adds only to loaders without a
+    worker_init_fn, is applied here then."""
+
+    def __init__(self, inner=None, seed_rank: int | None = None) -> None:
+        self.inner, self.seed_rank = inner, seed_rank
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGTERM, _ignore_first_sigterm)
+        # forked with SIGTERM blocked (see _forked_with_sigterm_blocked): one that came
+        # since is delivered now, to the handler above
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        with contextlib.suppress(ValueError, OSError):
+            signal.set_wakeup_fd(-1)  # the parent's wakeup pipe is the parent's
+        if self.inner is not None:
+            self.inner(worker_id)
+        elif self.seed_rank is not None:
+            pl_worker_init_function(worker_id, rank=self.seed_rank)
+
+
+def _forked_with_sigterm_blocked(get_iterator):
+    """Between its fork and worker_init_fn a worker has torch's SIGTERM handler, which dies
+    of a signal not sent by its parent: the workers are forked with SIGTERM blocked (the
+    main process's other threads still take it), and WorkerInit unblocks it."""
+
+    def wrapped():
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            return get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    return wrapped
+
+
+def _with_worker_init(make_loader, trainer: L.Trainer):
+    def wrapped(*args, **kwargs):
+        loader = make_loader(*args, **kwargs)
+        if getattr(loader, "num_workers", 0) > 0 and not isinstance(
+            loader.worker_init_fn, WorkerInit
+        ):
+            seeded = int(os.environ.get("PL_SEED_WORKERS", 0)) != 0
+            loader.worker_init_fn = WorkerInit(
+                loader.worker_init_fn, trainer.global_rank if seeded else None
+            )
+            loader._get_iterator = _forked_with_sigterm_blocked(loader._get_iterator)
+        return loader
+
+    return wrapped
+
+
+class SigtermGuard(L.Callback):
+    """Installs the SIGTERM handler at once (the whole run, not only inside trainer calls).
+
+    `metrics_path`: where rank 0's watchdog writes metrics.json; `checkpoint`: the
+    last.ckpt a resume reads (named in that file when it exists).
+    """
+
+    def __init__(
+        self,
+        metrics_path: str | Path | None = None,
+        checkpoint: str | Path | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.metrics_path = Path(metrics_path) if metrics_path else None
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        self.timeout_s = float(timeout_s) if timeout_s else timeout_from_env()
+        self.received_at: float | None = None  # time.time() of the first SIGTERM
+        self._trainer: L.Trainer | None = None
+        self._timer: threading.Timer | None = None
+        self._lock = threading.RLock()
+        self._wakeup_r: int | None = None
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.handle)
+            r, w = os.pipe()
+            os.set_blocking(w, False)
+            signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            self._wakeup_r = r
+            threading.Thread(target=self._listen, name="sigterm-listener", daemon=True).start()
+
+    # -- the handler: no collective, no exception ---------------------------------------
+    def handle(self, signum, frame) -> None:
+        if get_worker_info() is not None:
+            return  # a DataLoader worker: the main process decides when to stop
+        self._note(signum)
+
+    def _note(self, signum: int = signal.SIGTERM) -> None:
+        """The first SIGTERM: noted, forwarded to the ranks this process started, watchdog
+        armed. Called by the handler and by the listener thread, whichever runs first."""
+        with self._lock:
+            if self.received_at is not None:
+                return  # the same stop again (forwarded by rank 0, or the group kill)
+            self.received_at = time.time()
+            self._timer = threading.Timer(self.timeout_s, self._expire)
+            self._timer.daemon = True
+            self._timer.start()
+        log.info("received SIGTERM: stopping at the next batch end")
+        launcher = getattr(getattr(self._trainer, "strategy", None), "launcher", None)
+        if launcher is not None and hasattr(launcher, "kill"):
+            launcher.kill(signum)  # the ranks this process started stop too
+
+    def _listen(self) -> None:
+        """Python runs a handler only when the main thread returns to bytecode: a main thread
+        stuck in a collective never does. The C-level handler writes the signal number to
+        the wakeup pipe at once; this thread reads it and arms the watchdog."""
+        while True:
+            try:
+                data = os.read(self._wakeup_r, 64)
+            except OSError:
+                return
+            if not data:
+                return
+            if signal.SIGTERM in data:
+                self._note()
+
+    # -- the shared decision ------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+        if not isinstance(trainer._signal_connector, _Connector):  # private, Lightning 2.x
+            trainer._signal_connector = _Connector(trainer, self)
+        dm = trainer.datamodule
+        if dm is not None and not getattr(dm, "_sigterm_guarded", False):
+            for name in ("train_dataloader", "val_dataloader", "test_dataloader"):
+                if hasattr(dm, name):
+                    setattr(dm, name, _with_worker_init(getattr(dm, name), trainer))
+            dm._sigterm_guarded = True
+
+    def _sync(self, trainer: L.Trainer) -> None:
+        if trainer.sanity_checking:
+            return
+        if distributed.any_rank(self.received_at is not None):
+            trainer._signal_connector.received_sigterm = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._sync(trainer)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *a) -> None:
+        self._sync(trainer)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *a) -> None:
+        self._sync(trainer)
+
+    # -- the watchdog -------------------------------------------------------------------
+    def _expire(self) -> None:
+        try:
+            if distributed.is_rank_zero_process():
+                self._write_metrics()
+                saved = (
+                    f"resume with ckpt_path={self.checkpoint}"
+                    if self.checkpoint and self.checkpoint.is_file()
+                    else "no checkpoint was saved"
+                )
+                print(
+                    f"interrupted: SIGTERM, and the run had not stopped {self.timeout_s:g} s "
+                    f"later (a rank stopped answering): ended by the watchdog; {saved}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        finally:
+            os._exit(SIGTERM_EXIT)
+
+    def _write_metrics(self) -> None:
+        path = self.metrics_path
+        if path is None or self.received_at is None:
+            return
+        if path.is_file() and path.stat().st_mtime >= self.received_at:
+            return  # the run wrote its own after the signal
+        info = {
+            "signal": "SIGTERM",
+            "watchdog": f"the run had not stopped {self.timeout_s:g} s after SIGTERM",
+        }
+        if self.checkpoint and self.checkpoint.is_file():
+            info["checkpoint"] = str(self.checkpoint)
+        trainer = self._trainer
+        if trainer is not None:
+            info.update(epoch=trainer.current_epoch, global_step=trainer.global_step)
+        result = {"status": "interrupted", "interrupted": info, "metrics": {}}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".watchdog.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, path)
