@@ -298,3 +298,30 @@ def test_ddp_error_is_printed_once(tmp_path):
     assert "GLOBAL_RANK: 1" in res.stderr  # two ranks ran
     assert len(errors) == 1 and "gradient_clip_val" in errors[0], res.stderr[-3000:]
     assert "Traceback" not in res.stderr
+
+
+EXIT_WITH_A_LIVE_WORKER = """
+import sys, torch
+from torch.utils.data import DataLoader
+from vpt_dml.watchdog import WorkerInit
+
+loader = DataLoader(list(range(64)), batch_size=2, num_workers=1, worker_init_fn=WorkerInit())
+it = iter(loader)  # kept alive to the end, as an error's traceback keeps a fit's iterator
+next(it)
+print("worker started", flush=True)
+sys.exit(2)
+"""
+
+
+def test_an_exit_with_a_live_worker_is_not_held_up_by_it(tmp_path):
+    """multiprocessing ends the workers left at exit with one SIGTERM; a worker that
+    ignored its first SIGTERM made every error exit with data.num_workers>0 hang."""
+    import subprocess
+    import sys as _sys
+
+    script = tmp_path / "exit_with_worker.py"
+    script.write_text(EXIT_WITH_A_LIVE_WORKER)
+    proc = subprocess.run(
+        [_sys.executable, str(script)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2 and "worker started" in proc.stdout, proc.stderr[-2000:]

@@ -72,24 +72,51 @@ class _Connector(_SignalConnector):
         self._register_signal(signal.SIGTERM, self.guard.handle)
 
 
+# Set by the main process when it exits: its multiprocessing then terminates the workers
+# left with ONE SIGTERM (e.g. after an error line, the loader's iterator still referenced),
+# which must end them; ignored, the exit waited for them forever.
+_PARENT_EXITING = None  # a shared byte; in a worker, the parent's (see WorkerInit)
+
+
+def _parent_exiting_flag():
+    global _PARENT_EXITING
+    if _PARENT_EXITING is None:
+        import atexit
+        import multiprocessing
+
+        _PARENT_EXITING = multiprocessing.RawValue("b", 0)
+        # registered after multiprocessing's own exit hook, so it runs before it (LIFO)
+        atexit.register(_mark_exiting, _PARENT_EXITING)
+    return _PARENT_EXITING
+
+
+def _mark_exiting(flag) -> None:
+    flag.value = 1
+
+
 def _ignore_first_sigterm(signum, frame) -> None:
-    # the next one (multiprocessing's terminate at the main process's exit) ends the worker
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if _PARENT_EXITING is not None and _PARENT_EXITING.value:
+        os.kill(os.getpid(), signal.SIGTERM)  # the main process is exiting: so do we
+    # else a group kill: the main process decides; the next SIGTERM ends this worker
 
 
 class WorkerInit:
     """A DataLoader worker ignores its first SIGTERM: a group kill reaches the workers too,
     and a worker dying of it ends the main process in "DataLoader worker exited
     unexpectedly" before it can save anything. The main process decides; when it exits,
-    multiprocessing terminates the workers left (a second SIGTERM, which ends them: ignoring
-    every SIGTERM hung that exit). `seed_rank`: Lightning's worker seeding
+    multiprocessing terminates the workers left with a SIGTERM, which ends them (the
+    parent's exit flag is set first; ignoring it hung that exit). `seed_rank`: Lightning's worker seeding
     (seed_everything(workers=True)), which it adds only to loaders without a
     worker_init_fn, is applied here then."""
 
     def __init__(self, inner=None, seed_rank: int | None = None) -> None:
         self.inner, self.seed_rank = inner, seed_rank
+        self.parent_exiting = _parent_exiting_flag()  # shared with the workers it starts
 
     def __call__(self, worker_id: int) -> None:
+        global _PARENT_EXITING
+        _PARENT_EXITING = self.parent_exiting
         signal.signal(signal.SIGTERM, _ignore_first_sigterm)
         # forked with SIGTERM blocked (see _forked_with_sigterm_blocked): one that came
         # since is delivered now, to the handler above
