@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -101,8 +102,13 @@ def test_sigterm_in_the_first_epoch_saves_the_mid_epoch_state(tmp_path: Path):
         ),
         tmp_path,
     )
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Interrupted, match="mid-epoch state"):
         train(cfg)
+    # the run's watchdog is disarmed and its handler gone: armed, it ended this process
+    # (the whole test session) 120 s later with exit 143
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert not [t for t in threading.enumerate() if isinstance(t, threading.Timer)]
     run_dir = Path(cfg.paths.output_dir)
     last = run_dir / "checkpoints" / "last.ckpt"
     result = json.loads((run_dir / "metrics.json").read_text())

@@ -52,7 +52,7 @@ from vpt_dml.provenance import cfg_without_hydra
 from vpt_dml.results import add_embedding_health, build_result, run_provenance
 from vpt_dml.resume import ResumePlan, plan_resume, run_config, trim_csv_history, warn_uncompared
 from vpt_dml.summary import print_summary
-from vpt_dml.watchdog import SigtermGuard
+from vpt_dml.watchdog import SigtermGuard, exit_within, timeout_from_env
 
 log = logging.getLogger("vpt_dml")
 # faiss logs each missing CPU-specific build it probes (avx512, avx2) as an error-looking line
@@ -340,6 +340,10 @@ def train(cfg: DictConfig) -> dict:
         prov = run_provenance(cfg, trainer, module, dm, provenance_of(cfg, module))
         write_diverged(e, trainer, module, out_dir, bool(dm.val_classes), prov)
         raise
+    finally:  # the run is over: its SIGTERM watchdog must not end a process that goes on
+        for c in trainer.callbacks:
+            if isinstance(c, SigtermGuard):
+                c.close()
 
 
 def continue_history(trainer: L.Trainer, plan: ResumePlan, cfg: DictConfig) -> None:
@@ -443,6 +447,7 @@ def main(cfg: DictConfig) -> float | None:
         print(e, file=sys.stderr)
         return e.value
     except Interrupted as e:
+        exit_within(timeout_from_env())  # whatever the shutdown waits for (watchdog.py)
         print(f"interrupted: {e}", file=sys.stderr)
         if requeued := cluster.requeue_if_asked():
             print(requeued, file=sys.stderr)

@@ -181,13 +181,33 @@ class SigtermGuard(L.Callback):
         self._timer: threading.Timer | None = None
         self._lock = threading.RLock()
         self._wakeup_r: int | None = None
+        self._wakeup_w: int | None = None
+        self._previous: tuple | None = None  # (handler, wakeup fd) restored by close()
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, self.handle)
+            handler = signal.signal(signal.SIGTERM, self.handle)
             r, w = os.pipe()
             os.set_blocking(w, False)
-            signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-            self._wakeup_r = r
+            self._previous = (handler, signal.set_wakeup_fd(w, warn_on_full_buffer=False))
+            self._wakeup_r, self._wakeup_w = r, w
             threading.Thread(target=self._listen, name="sigterm-listener", daemon=True).start()
+
+    def close(self) -> None:
+        """The run is over (finished, or stopped and recorded): the watchdog disarmed and
+        the SIGTERM handler and wakeup pipe put back, so that a process that goes on (a
+        notebook, a test calling train()) is not ended `timeout_s` later. The command line
+        bounds its own exit after an interruption (`exit_within`)."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._previous is not None and threading.current_thread() is threading.main_thread():
+                handler, fd = self._previous
+                signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
+                signal.set_wakeup_fd(fd)
+                self._previous = None
+                for end in (self._wakeup_w, self._wakeup_r):  # the listener thread ends
+                    with contextlib.suppress(OSError):
+                        os.close(end)
 
     # -- the handler: no collective, no exception ---------------------------------------
     def handle(self, signum, frame) -> None:
@@ -290,3 +310,11 @@ class SigtermGuard(L.Callback):
         tmp = path.with_name(path.name + ".watchdog.tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         os.replace(tmp, path)
+
+
+def exit_within(seconds: float) -> None:
+    """After an interruption was recorded: the process ends with SIGTERM_EXIT at the latest
+    `seconds` from now, whatever its shutdown waits for (a collective, a worker)."""
+    timer = threading.Timer(seconds, os._exit, args=(SIGTERM_EXIT,))
+    timer.daemon = True
+    timer.start()
