@@ -123,3 +123,14 @@ def bare_trainer(tmp_path: Path, **settings):
         default_root_dir=tmp_path,
     )
     return L.Trainer(**{**base, **settings})
+
+
+def load_experiment(name: str):
+    """experiments/<name>.py imported as module `name` (scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module

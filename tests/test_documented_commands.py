@@ -273,9 +273,12 @@ HOW_RUN: dict[str, How] = {
         How("skip", "benchmarks take minutes / wheels need the network / lint and clean are not the "
                     "package's behaviour"),
     # -- experiments/ --
-    r"^python3? experiments/gpu_check\.py --cpu --tiny\b":
+    r"^python3? experiments/gpu_check\.py --cpu --tiny(?! --smoke-only)\b":
         How("delegated", "the tiny CPU mode of the GPU check",
             "tests/test_gpu_check.py::test_cpu_tiny_run_trains_both_presets_and_projects"),
+    r"^python3? experiments/gpu_check\.py --cpu --tiny --smoke-only\b":
+        How("delegated", "the GPU check's smoke phase alone, on CPU",
+            "tests/test_gpu_check.py::test_smoke_phase_runs_every_path_once_then_stops"),
     r"^python3? experiments/gpu_check\.py(?! --cpu --tiny\b)":
         How("skip", "needs a GPU and minutes; its --cpu --tiny mode is run by "
                     "tests/test_gpu_check.py"),

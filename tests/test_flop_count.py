@@ -4,26 +4,15 @@ step against the hand count in the benchmark's docstring."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "bench_train_step", REPO / "experiments" / "bench_train_step.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train_step"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = load_experiment("bench_train_step")
 
 # 4 blocks, 64 patches + CLS, width 64: the backbone dominates heads, GRU and loss
 ARGS = argparse.Namespace(

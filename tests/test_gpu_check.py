@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -11,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_experiment
 from PIL import Image
 
 from vpt_dml.data.registry import load_splits
@@ -18,17 +18,7 @@ from vpt_dml.data.registry import load_splits
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "gpu_check", REPO / "experiments" / "gpu_check.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-gc = _load()
+gc = load_experiment("gpu_check")
 
 
 # -- checks ---------------------------------------------------------------------------
