@@ -221,7 +221,7 @@ def test_sigterm_to_the_process_group_ends_in_143_interrupted(tmp_path, arrangem
 WATCHDOG_CHILD = """
 import os, sys, time
 from vpt_dml.watchdog import SigtermGuard
-SigtermGuard(sys.argv[1], sys.argv[2], timeout_s=2)
+SigtermGuard(sys.argv[1], sys.argv[2], timeout_s=2, watchdog=True)
 r, w = os.pipe()
 print("ready", flush=True)
 os.read(r, 1)  # a collective whose peer is gone: never returns

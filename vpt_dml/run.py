@@ -52,7 +52,7 @@ from vpt_dml.provenance import cfg_without_hydra
 from vpt_dml.results import add_embedding_health, build_result, run_provenance
 from vpt_dml.resume import ResumePlan, plan_resume, run_config, trim_csv_history, warn_uncompared
 from vpt_dml.summary import print_summary
-from vpt_dml.watchdog import SigtermGuard, exit_within, timeout_from_env
+from vpt_dml.watchdog import SigtermGuard, enable_watchdog, exit_within, timeout_from_env
 
 log = logging.getLogger("vpt_dml")
 # faiss logs each missing CPU-specific build it probes (avx512, avx2) as an error-looking line
@@ -480,6 +480,7 @@ def cli() -> None:
     """`python -m vpt_dml.run`: what Hydra would answer with a traceback or would not
     complete, answered before it parses the command line."""
     argv = sys.argv[1:]
+    enable_watchdog()  # this process is the run: SIGTERM ends it in bounded time (watchdog.py)
     action = completion.requested(argv)
     if action:
         print(completion.script(action), end="")

@@ -45,6 +45,17 @@ TIMEOUT_ENV = "VPT_DML_SIGTERM_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 120.0
 
 
+# The watchdog (listener thread + timer that ends the process) belongs to the command-line
+# process only: `python -m vpt_dml.run` turns it on (run.cli); a process that calls train()
+# itself (a notebook, the tests) keeps going after an interrupted run and is never ended.
+_COMMAND_LINE = False
+
+
+def enable_watchdog() -> None:
+    global _COMMAND_LINE
+    _COMMAND_LINE = True
+
+
 def timeout_from_env() -> float:
     raw = os.environ.get(TIMEOUT_ENV, "")
     try:
@@ -172,7 +183,9 @@ class SigtermGuard(L.Callback):
         metrics_path: str | Path | None = None,
         checkpoint: str | Path | None = None,
         timeout_s: float | None = None,
+        watchdog: bool | None = None,
     ) -> None:
+        """`watchdog`: arm the watchdog on SIGTERM (None: only in the command-line process)."""
         self.metrics_path = Path(metrics_path) if metrics_path else None
         self.checkpoint = Path(checkpoint) if checkpoint else None
         self.timeout_s = float(timeout_s) if timeout_s else timeout_from_env()
@@ -183,13 +196,18 @@ class SigtermGuard(L.Callback):
         self._wakeup_r: int | None = None
         self._wakeup_w: int | None = None
         self._previous: tuple | None = None  # (handler, wakeup fd) restored by close()
+        self.watchdog = _COMMAND_LINE if watchdog is None else bool(watchdog)
+        self._closed = False
         if threading.current_thread() is threading.main_thread():
             handler = signal.signal(signal.SIGTERM, self.handle)
-            r, w = os.pipe()
-            os.set_blocking(w, False)
-            self._previous = (handler, signal.set_wakeup_fd(w, warn_on_full_buffer=False))
-            self._wakeup_r, self._wakeup_w = r, w
-            threading.Thread(target=self._listen, name="sigterm-listener", daemon=True).start()
+            fd = None
+            if self.watchdog:
+                r, w = os.pipe()
+                os.set_blocking(w, False)
+                fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+                self._wakeup_r, self._wakeup_w = r, w
+                threading.Thread(target=self._listen, name="sigterm-listener", daemon=True).start()
+            self._previous = (handler, fd)
 
     def close(self) -> None:
         """The run is over (finished, or stopped and recorded): the watchdog disarmed and
@@ -200,14 +218,19 @@ class SigtermGuard(L.Callback):
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            self._closed = True
             if self._previous is not None and threading.current_thread() is threading.main_thread():
                 handler, fd = self._previous
                 signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
-                signal.set_wakeup_fd(fd)
+                if fd is not None:
+                    signal.set_wakeup_fd(fd)
                 self._previous = None
-                for end in (self._wakeup_w, self._wakeup_r):  # the listener thread ends
+                if self._wakeup_w is not None:
+                    # the listener reads EOF and closes its end itself: closing it here would
+                    # let a later file reuse the number under a thread still reading it
                     with contextlib.suppress(OSError):
-                        os.close(end)
+                        os.close(self._wakeup_w)
+                    self._wakeup_w = None
 
     # -- the handler: no collective, no exception ---------------------------------------
     def handle(self, signum, frame) -> None:
@@ -222,9 +245,10 @@ class SigtermGuard(L.Callback):
             if self.received_at is not None:
                 return  # the same stop again (forwarded by rank 0, or the group kill)
             self.received_at = time.time()
-            self._timer = threading.Timer(self.timeout_s, self._expire)
-            self._timer.daemon = True
-            self._timer.start()
+            if self.watchdog and not self._closed:
+                self._timer = threading.Timer(self.timeout_s, self._expire)
+                self._timer.daemon = True
+                self._timer.start()
         log.info("received SIGTERM: stopping at the next batch end")
         launcher = getattr(getattr(self._trainer, "strategy", None), "launcher", None)
         if launcher is not None and hasattr(launcher, "kill"):
@@ -234,15 +258,16 @@ class SigtermGuard(L.Callback):
         """Python runs a handler only when the main thread returns to bytecode: a main thread
         stuck in a collective never does. The C-level handler writes the signal number to
         the wakeup pipe at once; this thread reads it and arms the watchdog."""
-        while True:
-            try:
-                data = os.read(self._wakeup_r, 64)
-            except OSError:
-                return
-            if not data:
-                return
-            if signal.SIGTERM in data:
-                self._note()
+        r = self._wakeup_r
+        try:
+            while data := os.read(r, 64):  # b"": close() closed the write end
+                if signal.SIGTERM in data and not self._closed:
+                    self._note()
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(r)
 
     # -- the shared decision ------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
