@@ -331,3 +331,34 @@ def test_an_exit_with_a_live_worker_is_not_held_up_by_it(tmp_path):
         [_sys.executable, str(script)], capture_output=True, text=True, timeout=60
     )
     assert proc.returncode == 2 and "worker started" in proc.stdout, proc.stderr[-2000:]
+
+
+SIGTERM_IN_THE_FINAL_TEST = """
+import os, signal
+import lightning as L
+
+
+class SigtermInTest(L.Callback):
+    def on_test_batch_end(self, trainer, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_in_the_final_test_ends_the_sweep_with_the_run_finished(tmp_path):
+    """Too late to stop the run (its last evaluation): the run completes, and the process
+    still ends with 143 instead of starting the sweep's next job."""
+    (tmp_path / "late_sigterm.py").write_text(SIGTERM_IN_THE_FINAL_TEST)
+    sweep = tmp_path / "sweep"
+    args = tiny_overrides(
+        "+callbacks.late_sigterm={_target_: late_sigterm.SigtermInTest}",
+        f"hydra.sweep.dir={sweep}",
+        f"paths.data_dir={tmp_path / 'data'}",
+    )
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
+    proc = run_cli(["-m", *args, "seed=0,1"], tmp_path, env=env)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "interrupted: SIGTERM came as the run finished" in proc.stderr
+    result = json.loads((sweep / "0" / "metrics.json").read_text())
+    assert result["status"] == "finished" and "recall@1" in result["metrics"]
+    assert not (sweep / "1").exists()  # the next job never started

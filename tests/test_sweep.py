@@ -78,7 +78,9 @@ def test_rerun_of_an_interrupted_sweep_skips_resumes_and_runs_the_rest(tmp_path:
     import time
 
     sweep_dir = tmp_path / "sweep"
-    args = sweep_args(tmp_path, sweep_dir, "trainer.max_epochs=2", "seed=0,1,2")
+    # 5 epochs: the SIGTERM sent after job 1's first epoch lands in its training, not in
+    # its last evaluation (that case ends the sweep with job 1 finished: run.main)
+    args = sweep_args(tmp_path, sweep_dir, "trainer.max_epochs=5", "seed=0,1,2")
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "vpt_dml.run", *args],
@@ -103,7 +105,7 @@ def test_rerun_of_an_interrupted_sweep_skips_resumes_and_runs_the_rest(tmp_path:
     finished_0 = (sweep_dir / "0" / "metrics.json").read_bytes()
 
     # another config into the same sweep folder is refused, naming the key that differs
-    other = run_cli(sweep_args(tmp_path, sweep_dir, "trainer.max_epochs=3", "seed=0,1,2"), tmp_path)
+    other = run_cli(sweep_args(tmp_path, sweep_dir, "trainer.max_epochs=6", "seed=0,1,2"), tmp_path)
     assert other.returncode == 2
     assert [line for line in other.stderr.splitlines() if line.startswith("error:")] == [
         f"error: job 0 folder {sweep_dir / '0'} holds a run of another config "

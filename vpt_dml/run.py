@@ -52,7 +52,13 @@ from vpt_dml.provenance import cfg_without_hydra
 from vpt_dml.results import add_embedding_health, build_result, run_provenance
 from vpt_dml.resume import ResumePlan, plan_resume, run_config, trim_csv_history, warn_uncompared
 from vpt_dml.summary import print_summary
-from vpt_dml.watchdog import SigtermGuard, enable_watchdog, exit_within, timeout_from_env
+from vpt_dml.watchdog import (
+    SigtermGuard,
+    enable_watchdog,
+    exit_within,
+    sigterm_received,
+    timeout_from_env,
+)
 
 log = logging.getLogger("vpt_dml")
 # faiss logs each missing CPU-specific build it probes (avx512, avx2) as an error-looking line
@@ -443,6 +449,16 @@ def main(cfg: DictConfig) -> float | None:
     try:
         cluster.enter_job(cfg)  # ranks, requeued job / sweep rerun (resume, skip), SIGUSR
         metrics = train(cfg)
+        if sigterm_received():  # too late to stop the run, which finished: stop the process
+            exit_within(timeout_from_env())
+            print(
+                "interrupted: SIGTERM came as the run finished; its metrics.json is complete "
+                "(a sweep rerun skips it)",
+                file=sys.stderr,
+            )
+            if requeued := cluster.requeue_if_asked():
+                print(requeued, file=sys.stderr)
+            sys.exit(SIGTERM_EXIT)
     except cluster.Skip as e:
         print(e, file=sys.stderr)
         return e.value

@@ -51,6 +51,16 @@ DEFAULT_TIMEOUT_S = 120.0
 _COMMAND_LINE = False
 
 
+_RECEIVED = False  # a SIGTERM was noted by a guard of this process
+
+
+def sigterm_received() -> bool:
+    """True once any guard of this process noted a SIGTERM: one that came too late for the
+    run to stop on (its last evaluation, writing metrics.json) must still end the process,
+    not let a sweep start its next job."""
+    return _RECEIVED
+
+
 def enable_watchdog() -> None:
     global _COMMAND_LINE
     _COMMAND_LINE = True
@@ -245,6 +255,8 @@ class SigtermGuard(L.Callback):
             if self.received_at is not None:
                 return  # the same stop again (forwarded by rank 0, or the group kill)
             self.received_at = time.time()
+            global _RECEIVED
+            _RECEIVED = True
             if self.watchdog and not self._closed:
                 self._timer = threading.Timer(self.timeout_s, self._expire)
                 self._timer.daemon = True
