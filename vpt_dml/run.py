@@ -443,6 +443,16 @@ def one_line(e: Exception) -> str:
     return " ".join(str(e).split("\n"))
 
 
+def stop_interrupted(line: str) -> None:
+    """Exit 143 after an interruption: the `interrupted:` line, the SLURM requeue when one
+    was asked for, and an exit bounded in time whatever the shutdown waits for."""
+    exit_within(timeout_from_env())
+    print(f"interrupted: {line}", file=sys.stderr)
+    if requeued := cluster.requeue_if_asked():
+        print(requeued, file=sys.stderr)
+    sys.exit(SIGTERM_EXIT)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     debug = bool(cfg.get("debug", False)) or os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -450,33 +460,20 @@ def main(cfg: DictConfig) -> float | None:
         cluster.enter_job(cfg)  # ranks, requeued job / sweep rerun (resume, skip), SIGUSR
         metrics = train(cfg)
         if sigterm_received():  # too late to stop the run, which finished: stop the process
-            exit_within(timeout_from_env())
-            print(
-                "interrupted: SIGTERM came as the run finished; its metrics.json is complete "
-                "(a sweep rerun skips it)",
-                file=sys.stderr,
+            stop_interrupted(
+                "SIGTERM came as the run finished; its metrics.json is complete "
+                "(a sweep rerun skips it)"
             )
-            if requeued := cluster.requeue_if_asked():
-                print(requeued, file=sys.stderr)
-            sys.exit(SIGTERM_EXIT)
     except cluster.Skip as e:
         print(e, file=sys.stderr)
         return e.value
     except Interrupted as e:
-        exit_within(timeout_from_env())  # whatever the shutdown waits for (watchdog.py)
-        print(f"interrupted: {e}", file=sys.stderr)
-        if requeued := cluster.requeue_if_asked():
-            print(requeued, file=sys.stderr)
-        sys.exit(SIGTERM_EXIT)
+        stop_interrupted(str(e))
     except SIGTERMException:  # outside fit: the evaluation before training or the final test
-        print(
-            "interrupted: SIGTERM outside training (evaluation before it, or the final test); "
-            "metrics.json was not written",
-            file=sys.stderr,
+        stop_interrupted(
+            "SIGTERM outside training (evaluation before it, or the final test); "
+            "metrics.json was not written"
         )
-        if requeued := cluster.requeue_if_asked():
-            print(requeued, file=sys.stderr)
-        sys.exit(SIGTERM_EXIT)
     except Diverged as e:  # metrics.json says "status": "diverged" (callbacks/divergence.py)
         print(f"diverged: {e}", file=sys.stderr)
         sys.exit(DIVERGED_EXIT)
