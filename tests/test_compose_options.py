@@ -25,9 +25,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from vpt_dml.config_checks import check_config
 from vpt_dml.models.method_summary import effective_method
 from vpt_dml.module import VPTDMLModule
+from vpt_dml.runs.config_schema import check_config
 
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if p.stem not in ("demo",))
 GROUPS = {
@@ -257,7 +257,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from vpt_dml.config_checks import check_config
+from vpt_dml.runs.config_schema import check_config
 from vpt_dml.models.method_summary import effective_method
 from vpt_dml.module import VPTDMLModule
 

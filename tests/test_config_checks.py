@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import REPO, compose_config, run_cli, tiny_overrides
 
-from vpt_dml.config_checks import check_config
 from vpt_dml.errors import UserError
 from vpt_dml.models.method_summary import features_from_config, peft_method_of
+from vpt_dml.runs.config_schema import check_config
 
 
 def refused(overrides: list[str], tmp_path, experiment: str | None = None) -> str:

@@ -13,8 +13,8 @@ from omegaconf import open_dict
 
 import vpt_dml.run as run
 from tests.conftest import compose_config, tiny_overrides
-from vpt_dml.callbacks.eval_schedule import evaluated
 from vpt_dml.errors import UserError
+from vpt_dml.runs.callbacks.eval_schedule import evaluated
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,10 @@
-"""The protocol stamp (vpt_dml/protocol.py): what makes two runs' numbers comparable."""
+"""The protocol stamp (vpt_dml/evaluation/protocol.py): what makes two runs' numbers comparable."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from vpt_dml.protocol import differing_fields, records_sha256, stamp_of
+from vpt_dml.evaluation.protocol import differing_fields, records_sha256, stamp_of
 
 
 def recs(paths, labels):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import compose_config, tiny_overrides
-from vpt_dml.callbacks.wandb_logger import finish_wandb
 from vpt_dml.run import train
+from vpt_dml.runs.callbacks.wandb_logger import finish_wandb
 
 
 def test_offline_run_leaves_metrics_and_images(tmp_path: Path, monkeypatch) -> None:

@@ -64,7 +64,7 @@ def check_same_split(ra: dict, rb: dict, a: Path, b: Path) -> list[str]:
 
 
 def paired_fields() -> tuple[str, ...]:
-    from vpt_dml.protocol import FIELDS
+    from vpt_dml.evaluation.protocol import FIELDS
 
     return FIELDS
 

@@ -8,7 +8,7 @@ is shown as the mean, standard deviation and 95% confidence interval (Student t,
 degrees of freedom) over the group's n seeds; a group of one run is shown as it is, with
 n=1. Jobs without final metrics (failed, unfinished, interrupted, diverged; a submitit
 sweep's `.submitit/` jobs included, with their last error line) are rows of their own
-(reporting/jobs.py). Runs of different protocol stamps (vpt_dml/protocol.py) are refused
+(reporting/jobs.py). Runs of different protocol stamps (vpt_dml/evaluation/protocol.py) are refused
 in one table unless `--mixed-protocols`, which adds the stamp column. With per-query
 files, `report_worst.md` lists each run's lowest-Recall@1 classes; with trainable
 parameters recorded, `report_frontier.png` plots the cost-accuracy frontier. Columns: the
@@ -222,7 +222,7 @@ def check_protocols(runs: list[Run], mixed: bool) -> bool:
     if len(stamps) < 2:
         return False
     if not mixed:
-        from vpt_dml.protocol import differing_fields
+        from vpt_dml.evaluation.protocol import differing_fields
 
         fields = differing_fields([r.protocol for r in runs if r.protocol]) or ["stamp"]
         raise UserError(

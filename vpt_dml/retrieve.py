@@ -91,7 +91,7 @@ def write_results(results: list[dict], out: Path) -> None:
 
 def contact_sheet(results: list[dict], out: Path) -> str | None:
     """The query, then its top-k, per row; None, or why it could not be drawn."""
-    from vpt_dml.callbacks.dashboard import plot_gallery
+    from vpt_dml.runs.callbacks.dashboard import plot_gallery
 
     paths = [r["query"] for r in results] + [h["path"] for r in results for h in r["neighbours"]]
     gone = next((p for p in paths if not Path(p).is_file()), None)

@@ -13,7 +13,7 @@ in-process use too; the lock is released when `train()` ends):
   `checkpoints/last.ckpt`) or `overwrite=true` (the earlier run's results are deleted first);
 - only rank zero claims (RANK / LOCAL_RANK / NODE_RANK / GROUP_RANK / SLURM_PROCID, as set by
   Lightning's DDP children, torchrun and srun); the other ranks write nothing here;
-- a sweep folder is continued job by job (vpt_dml/cluster.py `continue_in_folder`).
+- a sweep folder is continued job by job (vpt_dml/runs/cluster.py `continue_in_folder`).
 
 `config_resolved.yaml` is written at start, so a killed run can still be exported, and the
 CSV history (`csv/metrics.csv`) is appended to when a run resumes in its own folder.
@@ -22,7 +22,6 @@ CSV history (`csv/metrics.csv`) is appended to when a run resumes in its own fol
 from __future__ import annotations
 
 import atexit
-import csv
 import functools
 import json
 import os
@@ -36,29 +35,19 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
-from vpt_dml import cluster
+from vpt_dml.distributed import is_global_zero
 from vpt_dml.errors import UserError
-from vpt_dml.provenance import cfg_without_hydra
+from vpt_dml.runs import cluster
+from vpt_dml.runs.provenance import cfg_without_hydra
+from vpt_dml.runs.record import Status, status_of
 
 LOCK = "run.lock"
 KEY = "hydra.run.dir"
 # What an earlier run leaves that a new run would overwrite (deleted by overwrite=true).
 RESULTS = ("metrics.json", "config_resolved.yaml", "checkpoints", "csv", "images", "per_query")
 _held: set[Path] = set()  # locks this process holds, released at exit
-
-
-def is_global_zero() -> bool:
-    """True unless a launcher (Lightning's DDP children, torchrun, srun) says otherwise."""
-    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID"):
-        value = os.environ.get(var, "0").strip() or "0"
-        if value.isdigit() and int(value) != 0:
-            return False
-    return True
 
 
 # -- writable -----------------------------------------------------------------------------
@@ -221,13 +210,9 @@ def release(folder: str | Path) -> None:
 # -- earlier runs -----------------------------------------------------------------------
 def earlier_run(folder: Path) -> str | None:
     """What an earlier run left in `folder`, in words; None when it holds none."""
-    metrics = folder / "metrics.json"
-    if metrics.is_file():
-        try:
-            status = json.loads(metrics.read_text()).get("status")
-        except (OSError, ValueError, AttributeError):
-            status = None
-        return f"an {status} run" if status == "interrupted" else "a finished run"
+    status = status_of(folder)
+    if status is not None:
+        return f"an {status} run" if status == Status.INTERRUPTED else "a finished run"
     if any((folder / "checkpoints").glob("*.ckpt")):
         return "checkpoints of an earlier run"
     return None
@@ -235,7 +220,7 @@ def earlier_run(folder: Path) -> str | None:
 
 def resumes_here(folder: Path, ckpt_path: str | None) -> bool:
     """This run continues the folder's own run: its checkpoint, or a requeued SLURM job's
-    last.ckpt (the one resume path: vpt_dml/cluster.py)."""
+    last.ckpt (the one resume path: vpt_dml/runs/cluster.py)."""
     if ckpt_path:
         try:
             Path(ckpt_path).expanduser().resolve().relative_to(folder.resolve())
@@ -341,28 +326,3 @@ class ClaimRunFolder(Callback):
             cluster.check_launcher_resources(config)
         except UserError as e:
             _stop(config, e)
-
-
-# -- CSV history ----------------------------------------------------------------------------
-class _AppendingWriter(ExperimentWriter):
-    """Keeps an existing metrics.csv (Lightning's writer empties it) and its columns."""
-
-    def _check_log_dir_exists(self) -> None:
-        if not self._fs.isfile(self.metrics_file_path):
-            return
-        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-            header = next(csv.reader(f), [])
-        # new rows go under the old header; a new column rewrites the file with all columns
-        self.metrics_keys = list(header)
-
-
-class AppendingCSVLogger(CSVLogger):
-    """Lightning's CSVLogger, except that a resumed run appends to the run's CSV history."""
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment

@@ -28,8 +28,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from vpt_dml.callbacks.divergence import Diverged
-from vpt_dml.errors import UserError
+from vpt_dml.errors import DiskFull, Diverged
 
 log = logging.getLogger("vpt_dml")
 
@@ -40,10 +39,6 @@ FULL = {errno.ENOSPC, errno.EDQUOT}
 PER_TENSOR_BYTES = 512
 # the pickled rest: hyper-parameters, loop and callback states, RNG states
 FIXED_BYTES = 16 * 2**10
-
-
-class DiskFull(UserError):
-    """No space left for a checkpoint; the earlier checkpoints are intact."""
 
 
 def mib(n: float) -> str:
@@ -164,7 +159,7 @@ class DiskSpaceCheck(L.Callback):
             return
         folders = {
             Path(c.dirpath)
-            for c in trainer.callbacks
+            for c in trainer.checkpoint_callbacks  # Lightning's own list, its default one too
             if isinstance(c, ModelCheckpoint) and c.dirpath
         }
         need = KEPT_AT_ONCE * estimated_checkpoint_bytes(pl_module)

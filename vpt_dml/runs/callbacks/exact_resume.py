@@ -7,7 +7,7 @@ augmentations and the class-balanced batches after a resume differ from the stra
 
 Checkpoints also record which run wrote them (task_name, overrides, the resolved config,
 and the keys earlier resumes changed on purpose): a resume compares its own config with
-it (vpt_dml/resume.py), and a checkpoint given to another preset is named in the error.
+it (vpt_dml/runs/resume.py), and a checkpoint given to another preset is named in the error.
 
 On SIGTERM (Lightning turns it into `SIGTERMException` at the next batch boundary) the
 checkpoint to resume from is the last epoch-end `last.ckpt`: the interrupted epoch's

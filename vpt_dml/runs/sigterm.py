@@ -22,7 +22,6 @@ Here instead:
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -37,6 +36,7 @@ from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnect
 from torch.utils.data import get_worker_info
 
 from vpt_dml import distributed
+from vpt_dml.runs.record import Status, write_record
 
 log = logging.getLogger("vpt_dml")
 
@@ -311,7 +311,7 @@ class SigtermGuard(L.Callback):
     # -- the watchdog -------------------------------------------------------------------
     def _expire(self) -> None:
         try:
-            if distributed.is_rank_zero_process():
+            if distributed.is_global_zero():
                 self._write_metrics()
                 saved = (
                     f"resume with ckpt_path={self.checkpoint}"
@@ -342,11 +342,7 @@ class SigtermGuard(L.Callback):
         trainer = self._trainer
         if trainer is not None:
             info.update(epoch=trainer.current_epoch, global_step=trainer.global_step)
-        result = {"status": "interrupted", "interrupted": info, "metrics": {}}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".watchdog.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_record(path, {"status": str(Status.INTERRUPTED), "interrupted": info, "metrics": {}})
 
 
 def exit_within(seconds: float) -> None:

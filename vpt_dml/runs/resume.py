@@ -31,8 +31,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from vpt_dml.checkpoints import RUN_INFO_CALLBACK
+from vpt_dml.distributed import is_global_zero
 from vpt_dml.errors import UserError
-from vpt_dml.provenance import cfg_without_hydra
+from vpt_dml.runs.provenance import cfg_without_hydra
 
 # Keys (or nodes) left out of the comparison, with why.
 NEUTRAL = {
@@ -235,12 +236,6 @@ def warn_uncompared(plan: ResumePlan) -> str:
     if is_global_zero():
         print(f"warning: {text}", file=sys.stderr)
     return text
-
-
-def is_global_zero() -> bool:
-    from vpt_dml.run_folder import is_global_zero as zero
-
-    return zero()
 
 
 def trim_csv_history(path: Path, global_step: int) -> int:

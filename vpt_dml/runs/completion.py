@@ -27,7 +27,7 @@ SCRIPT = r"""_vpt_dml_run_complete()
     # Hydra strips the first word of the line it completes: give it the module's name
     local line="vpt_dml.run${COMP_LINE#*vpt_dml.run}"
     local choices
-    choices=$(COMP_LINE="$line" "${words[0]}" -m vpt_dml.completion -sc query=bash 2>/dev/null)
+    choices=$(COMP_LINE="$line" "${words[0]}" -m vpt_dml.runs.completion -sc query=bash 2>/dev/null)
     COMPREPLY=($(compgen -o nospace -o default -W "$choices" -- "${COMP_WORDS[COMP_CWORD]}"))
 }
 COMP_WORDBREAKS=${COMP_WORDBREAKS//=}
@@ -52,7 +52,7 @@ def script(action: str) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def _query(cfg: DictConfig) -> None:
     # only `-sc query=bash` (which Hydra answers before calling this) belongs here
-    print("error: python -m vpt_dml.completion only answers tab completion; run "
+    print("error: python -m vpt_dml.runs.completion only answers tab completion; run "
           "python -m vpt_dml.run", file=sys.stderr)  # fmt: skip
     sys.exit(2)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from vpt_dml.callbacks.text_progress import table_to_run_log, to_run_log
 from vpt_dml.models.params import tuned_line
+from vpt_dml.runs.callbacks.text_progress import table_to_run_log, to_run_log
 
 
 def _column(part: dict | None, title: str) -> tuple[str, dict]:

@@ -31,13 +31,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from vpt_dml.distributed import is_global_zero
 from vpt_dml.errors import UserError
-from vpt_dml.provenance import cfg_without_hydra
 
 STAMP_ENV = "VPT_RUN_STAMP"
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
-# keys that may differ between a job's first run and its continuation
-_NOT_COMPARED = ("ckpt_path", "overwrite")
 
 
 # -- where the run comes from ---------------------------------------------------------------
@@ -181,14 +179,6 @@ def export_local_ranks() -> None:
     os.environ.update(given)  # a port the user chose wins over submitit's pick
 
 
-def enter_job(cfg: DictConfig) -> None:
-    """At the top of `vpt_dml.run`'s main: ranks of a local submitit job, the run folder's
-    earlier run (resume / skip / run), and SLURM's warning signal."""
-    export_local_ranks()
-    continue_in_folder(cfg)
-    watch_requeue_signals()
-
-
 # -- requeue --------------------------------------------------------------------------------
 class _Requeue:
     signum: int | None = None
@@ -230,8 +220,6 @@ def requeue_signal_name() -> str | None:
 def requeue_if_asked() -> str | None:
     """After the run stopped and saved: `scontrol requeue` this job (rank 0 only); returns
     the line that says so, None when no requeue signal came."""
-    from vpt_dml.run_folder import is_global_zero
-
     if _requeue.signum is None:
         return None
     job = slurm_job_id()
@@ -249,115 +237,6 @@ def requeue_if_asked() -> str | None:
             "resubmit the job: it resumes from last.ckpt"
         )
     return f"requeued SLURM job {job}: it resumes from last.ckpt in the same run folder"
-
-
-# -- continuing a run folder ----------------------------------------------------------------
-def _flat(node: Any, prefix: str = "") -> dict:
-    if isinstance(node, dict):
-        out: dict = {}
-        for k, v in node.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: node}
-
-
-def config_changes(folder: Path, cfg: DictConfig) -> list[str] | None:
-    """Keys whose value differs from the run recorded in `folder` (None: no record)."""
-    recorded = folder / "config_resolved.yaml"
-    if not recorded.is_file():
-        return None
-    try:
-        old = OmegaConf.to_container(OmegaConf.load(recorded), resolve=False)
-    except Exception:  # noqa: BLE001 - an unreadable record is a changed one
-        return ["config_resolved.yaml (unreadable)"]
-    new = OmegaConf.to_container(cfg_without_hydra(cfg), resolve=True)
-    a, b = _flat(old), _flat(new)
-    return sorted(
-        k
-        for k in set(a) | set(b)
-        if k.split(".")[0] not in _NOT_COMPARED and a.get(k, "<unset>") != b.get(k, "<unset>")
-    )
-
-
-def _status(folder: Path) -> str | None:
-    import json
-
-    path = folder / "metrics.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return "unreadable"
-    return str(data.get("status", "finished")) if isinstance(data, dict) else "unreadable"
-
-
-def _saved_recall(folder: Path) -> float | None:
-    import json
-
-    try:
-        value = json.loads((folder / "metrics.json").read_text())["metrics"].get("recall@1")
-    except (OSError, ValueError, KeyError, AttributeError):
-        return None
-    return float(value) if isinstance(value, (int, float)) else None
-
-
-class Skip(Exception):
-    """This sweep job already finished; `.value` is what it returned then."""
-
-    def __init__(self, message: str, value: float | None) -> None:
-        super().__init__(message)
-        self.value = value
-
-
-def continue_in_folder(cfg: DictConfig) -> None:
-    """Decides, before the run folder is claimed, whether this run continues its folder's
-    earlier run (module docstring). Sets cfg.ckpt_path to resume; raises Skip for a finished
-    sweep job; raises UserError when the folder holds a run of another config."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if cfg.get("ckpt_path") or cfg.get("overwrite", False):
-        return
-    folder = Path(os.path.abspath(str(cfg.paths.output_dir)))
-    last = folder / "checkpoints" / "last.ckpt"
-    sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    requeued = in_slurm_job() and restart_count() > 0
-    if not (sweep or requeued):
-        return
-    status = _status(folder)
-    if status is None and not last.is_file():
-        return  # never ran (or ran so briefly that nothing is left): run it
-    from vpt_dml.run_folder import is_global_zero
-
-    # rank 0 alone compares (it rewrites config_resolved.yaml as soon as it claims the folder)
-    changed = config_changes(folder, cfg) if is_global_zero() else None
-    job = f"job {HydraConfig.get().job.num} " if sweep else ""
-    if changed:
-        shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
-        raise UserError(
-            f"{job}folder {folder} holds a run of another config ({shown} differ); give "
-            "another hydra.sweep.dir, or replace the earlier runs with overwrite=true"
-        )
-    if status in ("finished", "diverged"):
-        if not sweep:
-            return  # a requeued job that had finished: the run folder refuses it
-        raise Skip(f"skipped: {job}finished earlier in {folder}", _saved_recall(folder))
-    if last.is_file():
-        with _open(cfg):
-            cfg.ckpt_path = str(last)
-        why = f"SLURM restart {restart_count()}" if requeued else "sweep rerun"
-        print(f"resuming: {job}continues from {last} ({why})", file=sys.stderr, flush=True)
-        return
-    # interrupted before any checkpoint: start it again
-    with _open(cfg):
-        cfg.overwrite = True
-
-
-def _open(cfg: DictConfig):
-    from omegaconf import open_dict
-
-    return open_dict(cfg)
 
 
 def slurm_job_alive(job: str | None) -> bool | None:
