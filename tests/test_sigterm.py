@@ -17,8 +17,8 @@ import pytest
 from conftest import REPO, compose_config, run_cli, tiny_overrides
 
 from vpt_dml.checkpoints import load_checkpoint
-from vpt_dml.export import export_run
 from vpt_dml.run import Interrupted, train
+from vpt_dml.serving.exported import export_run
 
 
 class SigtermAt(L.Callback):

@@ -12,9 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from vpt_dml.embed import add_model_arguments
 from vpt_dml.errors import UserError
-from vpt_dml.export import load_exported
+from vpt_dml.serving.embeddings import add_model_arguments
+from vpt_dml.serving.exported import load_exported
 from vpt_dml.serving.folders import embed_labelled, folder_metrics
 
 

@@ -15,18 +15,11 @@ approximate. Prints each query's top-k with the gallery images' real paths and w
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from vpt_dml.embed import (
-    CHUNKS,
-    EMBEDDINGS,
-    IMAGE_SUFFIXES,
-    META,
+from vpt_dml.errors import UserError
+from vpt_dml.serving.embeddings import (
     SKIP_FLAG_HINT,
     add_model_arguments,
     check_same_model,
@@ -35,72 +28,18 @@ from vpt_dml.embed import (
     model_fingerprint,
     read_embeddings,
 )
-from vpt_dml.errors import UserError
-from vpt_dml.export import load_exported
-
-ONE_QUERY_HINT = f"give an image file ({', '.join(sorted(IMAGE_SUFFIXES))})"
-LIST_SUFFIXES = {".txt", ".lst", ".list"}
-
-
-def nearest(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, indices) of the k nearest gallery rows: exact, the suite's tie rule."""
-    from vpt_dml.serving.index import exact_search, normalised
-
-    return exact_search(normalised(gallery), normalised(queries), k)
-
-
-def is_embed_output(folder: Path) -> bool:
-    return any((folder / name).exists() for name in (EMBEDDINGS, META, CHUNKS))
-
-
-def is_index(path: Path) -> bool:
-    from vpt_dml.serving.index import meta_path
-
-    return path.is_file() and meta_path(path).is_file()
-
-
-def query_files_of(queries: Path) -> list[Path]:
-    """An image, a folder of them, or a list file of image paths (relative to the list)."""
-    if queries.is_file() and queries.suffix.lower() in LIST_SUFFIXES:
-        lines = [ln.strip() for ln in queries.read_text().splitlines()]
-        files = [queries.parent / ln for ln in lines if ln and not ln.startswith("#")]
-        missing = [f for f in files if not f.is_file()]
-        if missing or not files:
-            what = f"names {missing[0]}, which does not exist" if missing else "names no image"
-            raise UserError(
-                f"the query list {queries} {what}; one image path per line, relative to "
-                "the list's folder"
-            )
-        return files
-    return list_images(queries)
-
-
-def write_results(results: list[dict], out: Path) -> None:
-    """JSON (a query and its ranked neighbours per entry) or CSV (one row per hit)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".csv":
-        with open(out, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["query", "rank", "gallery_path", "score"])
-            for r in results:
-                for hit in r["neighbours"]:
-                    w.writerow([r["query"], hit["rank"], hit["path"], f"{hit['similarity']:.8f}"])
-    else:
-        out.write_text(json.dumps(results, indent=2) + "\n")
-
-
-def contact_sheet(results: list[dict], out: Path) -> str | None:
-    """The query, then its top-k, per row; None, or why it could not be drawn."""
-    from vpt_dml.runs.callbacks.dashboard import plot_gallery
-
-    paths = [r["query"] for r in results] + [h["path"] for r in results for h in r["neighbours"]]
-    gone = next((p for p in paths if not Path(p).is_file()), None)
-    if gone is not None:
-        return f"{gone} is not on disk"
-    neighbours = [[(h["path"], None) for h in r["neighbours"]] for r in results]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot_gallery([r["query"] for r in results], neighbours, "query, then its top-k", out)
-    return None
+from vpt_dml.serving.exported import load_exported
+from vpt_dml.serving.index import check_model, read
+from vpt_dml.serving.search import (
+    LIST_SUFFIXES,
+    ONE_QUERY_HINT,
+    contact_sheet,
+    is_embed_output,
+    is_index,
+    nearest,
+    query_files_of,
+    write_results,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         stored = saved = None
         # checked first: a refusal costs no embedding
         if is_index(args.gallery):
-            from vpt_dml.serving.index import check_model, read
-
             saved = read(args.gallery)
             check_model(saved, model_fingerprint(args.weights), args.weights)
         elif is_embed_output(args.gallery):

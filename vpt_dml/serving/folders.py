@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vpt_dml.embed import embed_files, list_images
 from vpt_dml.errors import UserError
 from vpt_dml.evaluation.retrieval import retrieval_metrics
-from vpt_dml.export import ExportedModel
+from vpt_dml.serving.embeddings import embed_files, list_images
+from vpt_dml.serving.exported import ExportedModel
 
 
 def labelled_images(root: Path, role: str) -> tuple[list[Path], list[str]]:

@@ -19,6 +19,9 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from torch.utils.data import DataLoader, Subset
 
+from vpt_dml.errors import UserError
+from vpt_dml.evaluation import per_query
+
 log = logging.getLogger("vpt_dml")
 
 
@@ -115,8 +118,6 @@ class Dashboard(L.Callback):
         gallery: str = "random",
     ) -> None:
         if gallery not in GALLERY_CHOICES:
-            from vpt_dml.errors import UserError
-
             raise UserError(
                 f"callbacks.dashboard.gallery={gallery!r}: choose one of {', '.join(GALLERY_CHOICES)}"
             )
@@ -168,8 +169,6 @@ class Dashboard(L.Callback):
                 lg.log_image(key=f"test/{key}", images=[str(path)])
 
     def _worst(self, pl_module: L.LightningModule) -> np.ndarray | None:
-        from vpt_dml.evaluation import per_query
-
         run_dir = getattr(pl_module, "per_query_dir", None)
         name = "test_best" if getattr(pl_module, "per_query_held_out", False) else "test_final"
         path = Path(run_dir or ".") / per_query.FOLDER / f"{name}.parquet"

@@ -1,0 +1,91 @@
+"""The library behind `python -m vpt_dml.retrieve WEIGHTS QUERIES GALLERY --top-k 5`: nearest images.
+(the command itself, its arguments and messages: vpt_dml/retrieve.py).
+
+QUERIES is an image file, a folder (searched recursively) or a list file (.txt, one image
+path per line, relative to the list's folder). GALLERY is a saved index of
+`python -m vpt_dml.index build` (the file; INDEX.json beside it), an output folder of
+`vpt_dml.embed`, or a folder of images. An index or embed output made by another model
+than WEIGHTS is refused. Queries are embedded in batches (--device: the GPU when there is
+one). A flat index, an embed output and an image folder give the exact cosine k-NN by the
+suite's tie rule (equal similarity: lower gallery index first); ivf / hnsw indexes are
+approximate. Prints each query's top-k with the gallery images' real paths and writes
+(query, rank, gallery path, score) to --out: JSON, or CSV when the name ends in .csv;
+--gallery-png draws a contact sheet (a row per query: the query, then its top-k).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from vpt_dml.errors import UserError
+from vpt_dml.runs.callbacks.dashboard import plot_gallery
+from vpt_dml.serving.embeddings import (
+    CHUNKS,
+    EMBEDDINGS,
+    IMAGE_SUFFIXES,
+    META,
+    list_images,
+)
+from vpt_dml.serving.index import exact_search, meta_path, normalised
+
+ONE_QUERY_HINT = f"give an image file ({', '.join(sorted(IMAGE_SUFFIXES))})"
+LIST_SUFFIXES = {".txt", ".lst", ".list"}
+
+
+def nearest(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, indices) of the k nearest gallery rows: exact, the suite's tie rule."""
+    return exact_search(normalised(gallery), normalised(queries), k)
+
+
+def is_embed_output(folder: Path) -> bool:
+    return any((folder / name).exists() for name in (EMBEDDINGS, META, CHUNKS))
+
+
+def is_index(path: Path) -> bool:
+    return path.is_file() and meta_path(path).is_file()
+
+
+def query_files_of(queries: Path) -> list[Path]:
+    """An image, a folder of them, or a list file of image paths (relative to the list)."""
+    if queries.is_file() and queries.suffix.lower() in LIST_SUFFIXES:
+        lines = [ln.strip() for ln in queries.read_text().splitlines()]
+        files = [queries.parent / ln for ln in lines if ln and not ln.startswith("#")]
+        missing = [f for f in files if not f.is_file()]
+        if missing or not files:
+            what = f"names {missing[0]}, which does not exist" if missing else "names no image"
+            raise UserError(
+                f"the query list {queries} {what}; one image path per line, relative to "
+                "the list's folder"
+            )
+        return files
+    return list_images(queries)
+
+
+def write_results(results: list[dict], out: Path) -> None:
+    """JSON (a query and its ranked neighbours per entry) or CSV (one row per hit)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".csv":
+        with open(out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["query", "rank", "gallery_path", "score"])
+            for r in results:
+                for hit in r["neighbours"]:
+                    w.writerow([r["query"], hit["rank"], hit["path"], f"{hit['similarity']:.8f}"])
+    else:
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def contact_sheet(results: list[dict], out: Path) -> str | None:
+    """The query, then its top-k, per row; None, or why it could not be drawn."""
+    paths = [r["query"] for r in results] + [h["path"] for r in results for h in r["neighbours"]]
+    gone = next((p for p in paths if not Path(p).is_file()), None)
+    if gone is not None:
+        return f"{gone} is not on disk"
+    neighbours = [[(h["path"], None) for h in r["neighbours"]] for r in results]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot_gallery([r["query"] for r in results], neighbours, "query, then its top-k", out)
+    return None
