@@ -11,8 +11,8 @@ import torch
 
 from tests.conftest import compose_config, tiny_overrides
 from vpt_dml.checkpoints import load_checkpoint
+from vpt_dml.errors import Diverged
 from vpt_dml.run import train
-from vpt_dml.runs.callbacks.divergence import Diverged
 from vpt_dml.runs.checkpoint_io import AtomicCheckpointIO, DiskFull
 
 

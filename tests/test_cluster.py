@@ -169,7 +169,7 @@ def test_ddp_sweep_is_refused_only_when_jobs_share_one_process(
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    from vpt_dml.run import refuse_ddp_sweep
+    from vpt_dml.runs.lifecycle import refuse_ddp_sweep
 
     cfg = compose_config(
         [f"hydra/launcher={launcher}", "trainer=ddp", "trainer.devices=2"], tmp_path

@@ -632,8 +632,8 @@ def check_ddp_cpu(cmd: str, ctx: Ctx) -> None:
 
 
 def check_compose(cmd: str, ctx: Ctx) -> None:
-    from vpt_dml.run import cfg_without_hydra
     from vpt_dml.runs.config_schema import check_config
+    from vpt_dml.runs.provenance import cfg_without_hydra
 
     args = [a for a in run_args(cmd) if a not in ("-m", "--multirun")]
     cfg = compose_config(args, ctx.root / "compose")
