@@ -94,7 +94,11 @@ def test_option_values_are_the_options_own(option_values):
     )
     assert peft["vptsp_sop_b"]["prompts"] == {"num": 90, "depth": 12, "step": 5}
     proxy = {row["model/proxy"]: v["model/proxy"] for row, v in zip(rows, option_values)}
-    assert proxy["learned"] == {"kind": "learned"}
+    assert proxy["learned"] == {
+        "_target_": "vpt_dml.models.proxies.learned",
+        "_partial_": True,
+        "kind": "learned",
+    }
     assert proxy["semantic_gru_tanh"]["update"] == "gru"
     assert proxy["semantic_gru"]["update"] == "gru_relu"
 
@@ -120,7 +124,11 @@ def test_preset_model_choices_yield_the_issue_example():
     (cfg,) = compose_all([["+experiment=sop_deep", "model/peft=linear", "model/proxy=learned"]])
     assert node(cfg, "model.peft")["prompts"] == {"num": 0, "depth": 0, "step": 0}
     assert cfg.model.peft.bitfit is False
-    assert node(cfg, "model.proxy") == {"kind": "learned"}
+    assert node(cfg, "model.proxy") == {
+        "_target_": "vpt_dml.models.proxies.learned",
+        "_partial_": True,
+        "kind": "learned",
+    }
     # the rest of the preset stays: its data, backbone, loss and schedule
     assert cfg.data.name == "sop" and cfg.optim.t_max == 120
     assert cfg.model.backbone.name.startswith("vit_base")

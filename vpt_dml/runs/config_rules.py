@@ -3,8 +3,9 @@ in runs/config_schema.py calls these after its walk over the keys and types).
 
 - a `model.peft.name` whose switches are another method's (PEFT_METHODS in
   models/method_summary.py);
-- `model.proxy` keys that the proxy kind does not use;
 - `optim` keys its optimizer and scheduler never read;
+(`model.proxy` needs no rule here: its `_target_` names a factory of models/proxies.py,
+whose signature the walker checks like any other: unknown keys, types, Literal values.)
 - a batch size below 1, a negative learning rate or weight decay, `model.embed_dim=0`
   (no head is spelled `null`), all in POSITIVE / NON_NEGATIVE.
 """
@@ -30,10 +31,6 @@ from vpt_dml.models.method_summary import (
 # code reads them from these nodes directly (everything else in optim feeds the
 # optimizer / scheduler nodes through interpolation)
 OPTIM_READ_BY_CODE = {"lr", "lr_proxy", "weight_decay", "weight_decay_proxy"}
-PROXY_KINDS = ("learned", "semantic_mix", "semantic_gru")
-# model.proxy keys only one semantic kind reads
-PROXY_EXCLUSIVE = {"semantic_gru": {"update", "dropout"}, "semantic_mix": {"mix_lambda"}}
-GRU_UPDATES = ("gru", "gru_relu")
 
 
 # -- values ----------------------------------------------------------------------------
@@ -119,33 +116,6 @@ def check_peft(peft: Mapping) -> None:
         f"model.peft.name={name} contradicts {', '.join(offending)}: {name} trains "
         f"{describe(sig)}; {fix}, or name a deliberate mix model.peft.name={CUSTOM}"
     )
-
-
-def check_proxy(proxy: Mapping) -> None:
-    kind = proxy.get("kind")
-    if kind not in PROXY_KINDS:
-        raise UserError(
-            f"model.proxy.kind={kind!r} is not a proxy kind; use {', '.join(PROXY_KINDS)} "
-            "(model/proxy=learned | semantic_mix | semantic_gru | semantic_gru_tanh)"
-        )
-    keys = set(proxy) - {"kind"}
-    if kind == "learned" and keys:
-        raise UserError(
-            f"model.proxy.kind=learned does not use model.proxy.{', model.proxy.'.join(sorted(keys))} "
-            "(semantic-proxy settings): drop them, or pick model/proxy=semantic_gru"
-        )
-    other = set().union(*(v for k, v in PROXY_EXCLUSIVE.items() if k != kind))
-    if unused := sorted(keys & other):
-        owner = next(k for k, v in PROXY_EXCLUSIVE.items() if unused[0] in v)
-        raise UserError(
-            f"model.proxy.kind={kind} does not use model.proxy.{', model.proxy.'.join(unused)} "
-            f"(a {owner} setting): drop it, or pick model/proxy={owner}"
-        )
-    if kind == "semantic_gru" and proxy.get("update", "gru_relu") not in GRU_UPDATES:
-        raise UserError(
-            f"model.proxy.update={proxy.get('update')!r}; use gru (tanh) or gru_relu "
-            "(or model/proxy=semantic_mix for the moving average)"
-        )
 
 
 def check_optim(optim: DictConfig) -> None:

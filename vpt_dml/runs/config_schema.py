@@ -10,8 +10,10 @@
   (it means "off" or "the code's default" throughout).
 - a value left at ??? (a shared base file picked as an option);
 - self-contradictory method settings: a `model.peft.name` whose switches are another
-  method's (PEFT_METHODS in models/method_summary.py), `model.proxy` keys that the proxy
-  kind does not use, `optim` keys its optimizer and scheduler never read;
+  method's (PEFT_METHODS in models/method_summary.py), `optim` keys its optimizer and
+  scheduler never read;
+- a value outside the Literal a `_target_` parameter is annotated with (e.g.
+  `model.proxy.update=lstm`: the proxy factories of models/proxies.py);
 - values no run can use: a batch size below 1, a negative learning rate or weight decay,
   `model.embed_dim=0` (no head is spelled `null`), all in POSITIVE / NON_NEGATIVE.
 
@@ -35,7 +37,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vpt_dml.errors import UserError
 from vpt_dml.runs.command_line import CONF_DIR
-from vpt_dml.runs.config_rules import check_optim, check_peft, check_proxy, check_values
+from vpt_dml.runs.config_rules import check_optim, check_peft, check_values
 
 # folders of conf/ whose files are not options of one config node
 NOT_OPTIONS = {"hydra", "experiment", "hparams_search"}
@@ -71,8 +73,6 @@ def check_config(cfg: DictConfig) -> None:
     model = cfg.get("model") or {}
     if model.get("peft") is not None:
         check_peft(model.peft)
-    if model.get("proxy") is not None:
-        check_proxy(model.proxy)
     if cfg.get("optim") is not None:
         check_optim(cfg.optim)
     check_values(cfg)
@@ -186,8 +186,31 @@ def target_params(target: str) -> tuple[str, dict[str, set[str] | None]]:
         hints = typing.get_type_hints(fn)
     except Exception:  # noqa: BLE001 - unresolvable annotations: names only
         hints = {}
-    names = [n for n, p in params.items() if n != "self" and p.kind is not p.VAR_POSITIONAL]
+    # positional-only parameters are the caller's (a `_partial_` factory's context), no key
+    names = [
+        n
+        for n, p in params.items()
+        if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.POSITIONAL_ONLY)
+    ]
     return "closed", {n: annotation_kinds(hints.get(n, inspect.Parameter.empty)) for n in names}
+
+
+@functools.cache
+def literal_values(target: str) -> dict[str, tuple]:
+    """{param: allowed values} of a `_target_`'s parameters annotated with a Literal."""
+    try:
+        obj = locate(target)
+        hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+    except Exception:  # noqa: BLE001 - then only the kinds are checked
+        return {}
+    out = {}
+    for name, ann in hints.items():
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if typing.get_origin(ann) is typing.Literal:
+            out[name] = typing.get_args(ann)
+        elif len(args) == 1 and typing.get_origin(args[0]) is typing.Literal:
+            out[name] = typing.get_args(args[0])  # Optional[Literal[...]]
+    return out
 
 
 def locate(dotted: str):
@@ -295,6 +318,13 @@ def _walk(node: DictConfig, known: Known | None, path: str, root: Known) -> None
         value = _value(node, key)
         if kinds is not None and value is not _UNRESOLVED:
             _check_type(full, value, kinds | EXTRA_TYPES.get(full, set()))
+        if mode == "closed" and value is not _UNRESOLVED and value is not None:
+            allowed = literal_values(target).get(key)
+            if allowed and value not in allowed:
+                raise UserError(
+                    f"{full}={value!r} is not one {target} takes: give one of "
+                    f"{', '.join(map(repr, allowed))}, or pick another option of its group"
+                )
         if isinstance(value, DictConfig) and full not in OPEN:
             _walk(value, child, full, root)
 
