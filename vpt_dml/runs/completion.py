@@ -49,7 +49,7 @@ def script(action: str) -> str:
     return SCRIPT if action == "install" else UNINSTALL
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
 def _query(cfg: DictConfig) -> None:
     # only `-sc query=bash` (which Hydra answers before calling this) belongs here
     print("error: python -m vpt_dml.runs.completion only answers tab completion; run "
