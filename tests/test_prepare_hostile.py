@@ -119,6 +119,8 @@ def _tar(path: Path, members: list) -> Path:
         # a link to a name that becomes a link later in the archive (d -> sub -> .)
         ([_link("d", "sub"), _link("sub", "."), _link("d/up", "..")],
          "'d/up' is a link to '..'"),
+        # a loop: no filesystem resolves it, tarfile's filter would fail mid-extraction
+        ([_link("a", "b"), _link("b", "a"), _file("a/x")], "'a/x' is a path through links that loop"),
     ],
 )  # fmt: skip
 def test_link_chains_leaving_the_folder_are_refused_before_anything_is_written(
@@ -129,7 +131,8 @@ def test_link_chains_leaving_the_folder_are_refused_before_anything_is_written(
     listed_as(monkeypatch, tmp_path, [archive])
     assert main(_args(src, root)) == 2
     line = _one_error_line(capsys)
-    assert f"member {refused}, outside the extraction folder" in line
+    assert f"member {refused}" in line
+    assert "loop" in refused or f"member {refused}, outside the extraction folder" in line
     assert "refusing to extract anything" in line
     assert not root.exists() or not any(root.rglob("*"))
     assert not (tmp_path / "x").exists() and not (tmp_path / "evil").exists()

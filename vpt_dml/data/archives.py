@@ -163,8 +163,10 @@ def _resolve(path: str, links: dict[str, str], follow_last: bool = True) -> tupl
         if key in links and (todo or follow_last):
             hops += 1
             target = links[key]
-            if target.startswith("/") or hops > 40:
+            if target.startswith("/"):
                 raise LinkEscape
+            if hops > 40:
+                raise LinkEscape("a path through links that loop")
             # the target is relative to the link's folder (out, unchanged)
             todo.extend(reversed(PurePosixPath(target).parts))
         else:
@@ -172,9 +174,9 @@ def _resolve(path: str, links: dict[str, str], follow_last: bool = True) -> tupl
     return tuple(out)
 
 
-def _link_escape(m: Member, links: dict[str, str]) -> bool:
-    """True when m (in archive order, after the members before it) lands, or points,
-    outside the folder through any chain of the archive's links (c1 -> ., c1/c2 -> ..)."""
+def _link_escape(m: Member, links: dict[str, str]) -> str:
+    """Why m (in archive order, after the members before it) lands, or points, outside the
+    folder through a chain of the archive's links (c1 -> ., c1/c2 -> ..); "" when it does not."""
     try:
         if m.kind == "symlink":
             folder = _resolve(str(PurePosixPath(m.name).parent), links)
@@ -185,9 +187,9 @@ def _link_escape(m: Member, links: dict[str, str]) -> bool:
         else:
             # a file written through a link in its path (or at its name) lands at the target
             _resolve(m.name, links)
-    except LinkEscape:
-        return True
-    return False
+    except LinkEscape as e:
+        return str(e) or "outside"
+    return ""
 
 
 def check_members(archive: Path, max_ratio: float = MAX_RATIO) -> list[Member]:
@@ -201,11 +203,13 @@ def check_members(archive: Path, max_ratio: float = MAX_RATIO) -> list[Member]:
             why = "an absolute path" if absolute else "a '..' path"
         elif m.kind == "device":
             why = "a device or FIFO file"
-        elif m.kind == "symlink" and (m.target.startswith("/") or _link_escape(m, links)):
+        elif (escape := _link_escape(m, links)) not in ("", "outside"):
+            why = escape  # a loop
+        elif m.kind == "symlink" and (m.target.startswith("/") or escape):
             why = f"a link to {m.target!r}, outside the extraction folder"
-        elif m.kind == "hardlink" and (not _inside(m.target) or _link_escape(m, links)):
+        elif m.kind == "hardlink" and (not _inside(m.target) or escape):
             why = f"a hard link to {m.target!r}, outside the extraction folder"
-        elif m.kind in ("file", "dir") and _link_escape(m, links):
+        elif m.kind in ("file", "dir") and escape:
             why = "a path through the archive's links to outside the extraction folder"
         if why:
             raise ArchiveError(

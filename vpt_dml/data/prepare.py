@@ -247,6 +247,8 @@ def prepare(
         }  # fmt: skip
         members = None if file in layout.copy_to else archives.check_members(path, max_expansion)
         todo.append((path, record, members))
+    # an interrupted run's temp files are redone anyway: their space counts as free
+    shutil.rmtree(root / archives.PARTIAL, ignore_errors=True)
     room_for([m for _, _, members in todo for m in members or ()], root)
     dest = root / layout.into
     for path, record, members in todo:
