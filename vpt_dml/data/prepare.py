@@ -115,7 +115,7 @@ def choose_layout(
                      "the folder that holds the archives")  # fmt: skip
     found_text = "".join(f"; {line}" for line in found)
     raise UserError(
-        f"{name}: {', '.join(missing)} not found in {src}{hint}{found_text}: it needs {needs}; "
+        f"{name}: {', '.join(missing)} not found in {src}{hint}: it needs {needs}{found_text}; "
         f"{WHERE}"
     )
 
@@ -179,14 +179,14 @@ def unchanged(path: Path, old: dict, root: Path, progress: bool) -> None:
     Refused rather than re-extracted: runs may already have used this root (their records
     name its split hash), and files of the old archive that the new one lacks would stay;
     a new --root keeps both copies whole and costs the user one flag."""
-    size = path.stat().st_size
-    if size == old.get("size"):
-        seen = archives.file_hashes(path, progress).sha256
-        if seen == old.get("sha256"):
-            return
-        what = f"SHA-256 {old.get('sha256')} when prepared, {seen} now"
+    size, was = path.stat().st_size, old.get("size")
+    if was is not None and size != was:  # no need to read it all
+        what = f"{was:,} bytes when prepared, {size:,} now"
     else:
-        what = f"{old.get('size'):,} bytes when prepared, {size:,} now"
+        seen = archives.file_hashes(path, progress).sha256
+        if seen == old.get("sha256", seen):
+            return
+        what = f"SHA-256 {old['sha256']} when prepared, {seen} now"
     raise UserError(
         f"{path} is not the archive {root} was prepared from ({what}): the files there are "
         f"still the old archive's; to prepare the new one use a new --root (or delete {root} "
