@@ -4,7 +4,8 @@
         [--decode] [--accept-unlisted] [--inshop-images img|img_highres]
 
 checks each archive's size and hashes against vpt_dml/data/checksums.py, extracts it
-safely into --root (resumable: finished archives are not redone), runs the loader's own
+safely into --root (resumable: finished archives are not redone; one replaced since is
+refused, the old copy kept), runs the loader's own
 verification, and writes <root>/split.json (the split manifest) and <root>/prepared.json
 (the hashes seen). Exit 0: the copy matches the official split; 1: it differs (each
 difference on its own line); 2: it cannot be prepared (one `error:` line).
@@ -280,6 +281,16 @@ def prepare(
     return problems
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vpt_dml.data.prepare", description=__doc__.split("\n\n")[0]
@@ -294,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accept-unlisted", action="store_true",
                         help="prepare an archive whose hash differs from the table, recording it")  # fmt: skip
     parser.add_argument("--inshop-images", choices=["img", "img_highres"], default="img")
-    parser.add_argument("--max-expansion", type=float, default=archives.MAX_RATIO, metavar="N",
+    parser.add_argument("--max-expansion", type=_positive, default=archives.MAX_RATIO, metavar="N",
                         help="refuse an archive whose members add up to more than N times "
                         "its own size (default %(default)g: images barely compress)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true")
