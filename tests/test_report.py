@@ -415,3 +415,33 @@ def test_a_task_exception_kept_by_hydras_submitit_launcher_is_a_failed_row(tmp_p
     _, rows = read_csv(sweep / "report.csv")
     assert [(Path(r["run"]).name, r["eval"]) for r in rows] == [("0", "final"), ("1", "failed")]
     assert rows[1]["note"] == "[job 4242] ValueError: Invalid learning rate: -1"
+
+
+# --- issue 28 items 3, 9, 16 ---------------------------------------------------------------
+
+
+def test_two_datasets_at_two_places_are_two_groups_not_seeds_of_one(tmp_path: Path) -> None:
+    """paths.data_dir=A,B (or VPT_DML_DATA): `paths` is no configuration key, but the
+    data a run read is; the same seed on both is no duplicate either."""
+    for data, seeds in (("A", (0, 1)), ("B", (0, 1))):
+        for seed in seeds:
+            run = resolved_run(tmp_path / "s" / f"{data}{seed}", seed, 0.5 + 0.1 * seed)
+            result = json.loads((run / "metrics.json").read_text())
+            result["protocol"] = {"stamp": "same", "data_root": str(tmp_path / data / "cub")}
+            (run / "metrics.json").write_text(json.dumps(result))
+    assert main([str(tmp_path / "s")]) == 0
+    _, rows = read_csv(tmp_path / "s" / "report.csv")
+    assert [(r["eval"], r["n"]) for r in rows] == [("final", "2"), ("final", "2")]
+
+
+def test_dict_overrides_are_read_with_hydras_grammar(tmp_path: Path) -> None:
+    for i, width in enumerate((96, 192)):
+        kwargs = f"++model.backbone.kwargs={{img_size:32,embed_dim:{width}}}"
+        fake_run(tmp_path / "s" / str(i), [kwargs, "optim.lr=1e-3"], 0.5, 1.0)
+    assert main([str(tmp_path / "s")]) == 0
+    header, rows = read_csv(tmp_path / "s" / "report.csv")
+    assert "model.backbone.kwargs" in header and "optim.lr" not in header
+    assert [json.loads(r["model.backbone.kwargs"]) for r in rows] == [
+        {"img_size": 32, "embed_dim": 96},
+        {"img_size": 32, "embed_dim": 192},
+    ]
