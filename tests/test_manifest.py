@@ -145,6 +145,6 @@ def test_an_older_names_only_split_json_is_rewritten_not_reported_as_changed(
     dm = RetrievalDataModule(name="cub", root=str(root), num_workers=0, strict_counts=False)
     dm.load()
     assert "split_json_sha256" not in dm.count_report and "written for another" not in caplog.text
-    assert json.loads((root / "split.json").read_text())["sha256"] == dm.count_report[
-        "split_sha256"
-    ]
+    assert (
+        json.loads((root / "split.json").read_text())["sha256"] == dm.count_report["split_sha256"]
+    )

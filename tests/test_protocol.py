@@ -31,7 +31,6 @@ def test_stamp_changes_with_each_field() -> None:
         assert differing_fields([fields, {**fields, key: other}]) == [key]
 
 
-
 def test_a_run_that_skipped_a_test_image_has_another_stamp(tmp_path, monkeypatch) -> None:
     """Issue 28 item 9: the stamp follows the images actually evaluated. One datamodule,
     one split hash: stamped before its test set ran (nothing skipped yet, as a clean run
