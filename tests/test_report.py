@@ -445,3 +445,50 @@ def test_dict_overrides_are_read_with_hydras_grammar(tmp_path: Path) -> None:
         {"img_size": 32, "embed_dim": 96},
         {"img_size": 32, "embed_dim": 192},
     ]
+
+
+def _texts_outside(fig) -> list[str]:
+    """The drawn texts of a figure that reach past its edge (what a saved PNG cuts): tick
+    labels within the axis limits, axis labels, legend entries."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            texts += [t.label1 for t in axis.get_major_ticks() if lo <= t.get_loc() <= hi]
+            texts.append(axis.label)
+        if ax.get_legend() is not None:
+            texts += ax.get_legend().get_texts()
+    box = fig.bbox
+    out = []
+    for t in texts:
+        if not t.get_text():
+            continue
+        e = t.get_window_extent(renderer)
+        if e.x0 < box.x0 - 1 or e.y0 < box.y0 - 1 or e.x1 > box.x1 + 1 or e.y1 > box.y1 + 1:
+            out.append(t.get_text())
+    assert len(texts) > 5  # the check saw the labels
+    return out
+
+
+@pytest.mark.parametrize("shape", ["bars", "lines"])
+def test_report_png_keeps_long_labels_inside_the_figure(tmp_path: Path, shape: str) -> None:
+    """Issue 28 item 16: long override labels were cut at the figure's edge."""
+    import matplotlib.pyplot as plt
+
+    from vpt_dml.report import collect, figure, find_runs
+
+    long = "model.backbone.kwargs={img_size:224,embed_dim:768,depth:12,num_heads:12}"
+    for i in range(3):
+        if shape == "bars":
+            overrides = [f"{long[:-1]},mlp_ratio:{i}}}", f"data.name=dataset_number_{i}_long"]
+        else:
+            overrides = [f"model.peft.prompts.num={i + 1}", f"{long[:-1]},qkv_bias:{i % 2}}}"]
+        fake_run(tmp_path / "s" / str(i), overrides, 0.5 + 0.1 * i, 1.0)
+    c = collect(find_runs([tmp_path / "s"]), [tmp_path / "s"])
+    fig = figure(c.groups, c.override_cols)
+    try:
+        assert _texts_outside(fig) == []
+    finally:
+        plt.close(fig)
