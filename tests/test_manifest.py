@@ -148,3 +148,36 @@ def test_an_older_names_only_split_json_is_rewritten_not_reported_as_changed(
     assert (
         json.loads((root / "split.json").read_text())["sha256"] == dm.count_report["split_sha256"]
     )
+
+
+def test_runs_on_two_copies_with_other_pixels_are_not_paired_or_pooled(
+    tmp_path: Path, monkeypatch, capsys
+):
+    """End to end: one run on each of two In-Shop copies with the same file names, one
+    image's pixels differing. compare refuses; report will not rank them in one table and,
+    allowed to, keeps them as two groups."""
+    from vpt_dml import compare, report
+    from vpt_dml.run import train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    a = distinct_images(fake_inshop(tmp_path / "a"))
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    one = sorted((b / "Img" / "img").rglob("*.jpg"))[0]
+    one.write_bytes(sorted((b / "Img" / "img").rglob("*.jpg"))[1].read_bytes())
+    outs = []
+    for root in (a, b):
+        data = ["data=inshop", f"data.root={root}", "data.strict_counts=false",
+                "data.num_workers=0", "data.batch_size=4", "data.samples_per_class=2",
+                "data.eval_batch_size=64", "data.recall_ks=[1,2]", "seed=0"]  # fmt: skip
+        cfg = compose_config(TINY_BACKBONE + TINY_TRAINER + data, tmp_path / root.name)
+        train(cfg)
+        outs.append(Path(cfg.paths.output_dir))
+    capsys.readouterr()
+    assert compare.main([str(outs[0]), str(outs[1])]) == 2
+    assert "different test splits" in capsys.readouterr().err
+    assert report.main([*map(str, outs), "--out", str(tmp_path / "r")]) == 2
+    assert "split_sha256" in capsys.readouterr().err
+    assert report.main([*map(str, outs), "--out", str(tmp_path / "r"), "--mixed-protocols"]) == 0
+    rows = [r for r in (tmp_path / "r.md").read_text().splitlines() if "| final |" in r]
+    assert len(rows) == 2 and all("| final | 1 |" in r for r in rows)  # not one group, n=2
