@@ -104,7 +104,7 @@ def test_cars_from_both_layouts_gives_the_same_files_and_manifest(tmp_path, monk
         assert not (root / ".cars_source").exists()
     assert len(trees[0]) == 294 and trees[0] == trees[1]  # same image under the same name
     assert manifests[0] == manifests[1]
-    train = {c for _, c in manifests[0]["splits"]["train"]["files"]}
+    train = {c for _, c, *_ in manifests[0]["splits"]["train"]["files"]}
     assert {int(c.split()[0]) for c in train} == set(range(1, 99))
 
 
