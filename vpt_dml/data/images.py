@@ -42,10 +42,25 @@ def orientation(image: Image.Image) -> int:
     return value if 1 <= value <= 8 else 1
 
 
+def size_is_stored(image: Image.Image) -> bool:
+    """Whether `image.size` is the stored frame of a width/height-swapping orientation.
+
+    Pillow reports a TIFF's size in the displayed frame already (its loader rotates the
+    pixels itself); a JPEG's, PNG's or WebP's in the stored frame. Read from the file's
+    own width/height tags, not from Pillow's version.
+    """
+    if orientation(image) not in SWAPPING:
+        return False
+    tags = getattr(image, "tag_v2", None)  # TIFF: ImageWidth 256, ImageLength 257
+    if tags is not None and 256 in tags and 257 in tags:
+        return tuple(image.size) == (tags[256], tags[257])
+    return True
+
+
 def displayed_size(image: Image.Image) -> tuple[int, int]:
-    """(width, height) as displayed: stored size, swapped for a rotating EXIF orientation."""
+    """(width, height) as displayed: the stored size swapped for a rotating orientation."""
     w, h = image.size
-    return (h, w) if orientation(image) in SWAPPING else (w, h)
+    return (h, w) if size_is_stored(image) else (w, h)
 
 
 def conversion(image: Image.Image) -> str | None:
