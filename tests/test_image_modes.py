@@ -12,6 +12,7 @@ from PIL import Image
 
 from tests.fake_layouts import fake_sop
 from tests.test_data_transforms import photo_like
+from vpt_dml.data.images import conversion
 from vpt_dml.data.transforms import build_transforms
 from vpt_dml.data.verify import main as verify_main
 
@@ -239,3 +240,38 @@ def test_every_orientation_reaches_the_model_as_displayed_through_the_loader(tmp
                 outputs[fast, o] = got
         for o in range(1, 9):  # the two paths: same crop, resampling noise only
             assert (outputs[True, o] - outputs[False, o]).abs().mean() < 0.02, (fmt, o, train)
+
+
+def trns_png(mode: str) -> tuple[np.ndarray, Image.Image]:
+    """(what a viewer shows, a PNG whose tRNS chunk names a transparent colour): the right
+    half holds that colour, shown as the white page under it."""
+    rgb = _rgb()
+    h, w, _ = rgb.shape
+    opaque = np.zeros((h, w), bool)
+    opaque[:, : w // 2] = True
+    white = np.full_like(rgb, 255)
+    if mode == "RGB":  # 8-bit RGB, transparent colour black (no opaque pixel is black)
+        under = np.where(opaque[..., None], rgb, 0).astype(np.uint8)
+        shown = np.where(opaque[..., None], rgb, white)
+        return shown, reopened(Image.fromarray(under, "RGB"), "PNG", transparency=(0, 0, 0))
+    if mode == "I;16":  # 16-bit grey, transparent value 1234 (a near-black no pixel has)
+        gray = rgb[..., 0]
+        under = np.where(opaque, gray.astype(np.uint16) * 257, 1234).astype(np.uint16)
+        shown = np.repeat(np.where(opaque, gray, 255)[..., None], 3, -1)
+        return shown, reopened(Image.fromarray(under), "PNG", transparency=1234)
+    raise AssertionError(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "I;16"])
+def test_png_transparent_colour_is_composited_on_white_on_both_paths(mode):
+    """Issue 28 item 9: an RGB PNG's tRNS colour was ignored (the RGB shortcut) and a 16-bit
+    grey PNG's tRNS pixels stayed (near) black."""
+    shown, encoded = trns_png(mode)
+    assert encoded.mode == mode and "transparency" in encoded.info
+    reference = Image.fromarray(shown, "RGB")
+    for train in (False, True):
+        for fast in (True, False):
+            got = model_input(encoded.copy(), fast, train, seed=4)
+            want = model_input(reference.copy(), fast, train, seed=4)
+            assert (got - want).abs().max() <= ONE_LEVEL, (mode, fast, train)
+    assert conversion(encoded) == f"{mode}+transparency"  # what verify --decode counts
