@@ -312,3 +312,36 @@ def test_a_file_name_files_txt_cannot_hold_is_refused_in_one_line(
     os.rename(renamed, os.fsencode(first))  # the advice, followed: the folder embeds
     assert embed.main(args) == 0
     assert rows_by_name(out).keys() == rows_by_name(reference).keys()
+
+
+@pytest.mark.parametrize("kind", ["embed", "index", "images"])
+def test_retrieve_saves_next_to_the_gallery_not_the_working_directory(
+    setup, reference, tmp_path: Path, monkeypatch, capsys, kind
+) -> None:
+    """Issue 28 item 16: without --out, retrieve wrote ./retrieval.json wherever it ran."""
+    from vpt_dml import index
+
+    if kind == "embed":
+        gallery = tmp_path / "emb"
+        shutil.copytree(reference, gallery)
+        expected = gallery / "retrieval.json"
+    elif kind == "index":
+        gallery = tmp_path / "g.faiss"
+        assert index.main(["build", str(reference), str(gallery)]) == 0
+        expected = tmp_path / "g.retrieval.json"
+    else:
+        gallery = tmp_path / "images"
+        shutil.copytree(setup["gallery"], gallery)
+        expected = tmp_path / "images.retrieval.json"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    query = sorted(setup["gallery"].rglob("*.jpg"))[4]
+    args = [*model_args(setup), str(query), str(gallery), "--top-k", "3", "--no-progress"]
+    assert retrieve.main(args) == 0
+    assert list(cwd.iterdir()) == []
+    assert f"saved to {expected}" in capsys.readouterr().out
+    assert retrieve.main([*args, "--out", str(tmp_path / "given.json")]) == 0
+    assert json.loads(expected.read_text()) == json.loads((tmp_path / "given.json").read_text())
+    if kind == "images":  # nothing was written into the user's image folder
+        assert sorted(gallery.rglob("*.json")) == []
