@@ -259,10 +259,15 @@ def trns_png(mode: str) -> tuple[np.ndarray, Image.Image]:
         under = np.where(opaque, gray.astype(np.uint16) * 257, 1234).astype(np.uint16)
         shown = np.repeat(np.where(opaque, gray, 255)[..., None], 3, -1)
         return shown, reopened(Image.fromarray(under), "PNG", transparency=1234)
+    if mode == "L":  # 8-bit grey, transparent value 3 (already right: kept right)
+        gray = np.maximum(rgb[..., 0], 4)
+        under = np.where(opaque, gray, 3).astype(np.uint8)
+        shown = np.repeat(np.where(opaque, gray, 255)[..., None], 3, -1)
+        return shown, reopened(Image.fromarray(under, "L"), "PNG", transparency=3)
     raise AssertionError(mode)
 
 
-@pytest.mark.parametrize("mode", ["RGB", "I;16"])
+@pytest.mark.parametrize("mode", ["RGB", "I;16", "L"])
 def test_png_transparent_colour_is_composited_on_white_on_both_paths(mode):
     """Issue 28 item 9: an RGB PNG's tRNS colour was ignored (the RGB shortcut) and a 16-bit
     grey PNG's tRNS pixels stayed (near) black."""
