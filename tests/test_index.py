@@ -137,6 +137,17 @@ def test_recorded_recall_is_that_of_new_queries(kind) -> None:
     assert record["recall_index_rows"] == (3000 - n_queries if kind == "hnsw" else 3000)
 
 
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_a_gallery_under_eleven_rows_measures_recall_at_what_it_holds(kind) -> None:
+    """Fewer than 10 neighbours to find: recall is measured at the rows there are."""
+    x = random_unit(8, 16, seed=2)
+    _, record = build(x, Params(kind=kind, nlist=2, nprobe=2))
+    assert record["recall@10"] == 1.0  # at this size both search every row
+    assert record["recall_queries"] == 4 and record["recall_index_rows"] == (
+        4 if kind == "hnsw" else 8
+    )
+
+
 @pytest.mark.parametrize(
     "flags",
     [[], ["--kind", "ivf", "--nlist", "4", "--nprobe", "2"], ["--kind", "hnsw", "--m", "8"]],

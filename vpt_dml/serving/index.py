@@ -171,7 +171,7 @@ def measured_recall(index, x: np.ndarray, members: np.ndarray, queries: np.ndarr
     `index` holds the rows `members`, its result j meaning row members[j]; a query that is
     one of them is not counted among its own neighbours.
     """
-    k = min(RECALL_AT, len(members) - np.isin(queries, members).any())
+    k = min(RECALL_AT, len(members) - int(np.isin(queries, members).any()))
     _, approx = index.search(x[queries], k + 1)
     approx = np.where(approx >= 0, members[np.maximum(approx, 0)], -1)
     _, exact = exact_search(x[members], x[queries], k + 1)
