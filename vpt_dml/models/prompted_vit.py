@@ -121,6 +121,21 @@ def _prompt_kv(attn: Attention, norm: nn.Module, prompt: torch.Tensor, batch: in
     return k, v
 
 
+def frozen_norm_layers(module: nn.Module) -> list[nn.Module]:
+    """Layers with running statistics (BatchNorm, InstanceNorm with track_running_stats)
+    whose scale does not train; with no scale (affine=False), unless the whole module
+    trains (full fine-tuning)."""
+    layers = []
+    trains = all(p.requires_grad for p in module.parameters())
+    for m in module.modules():
+        if not isinstance(m, nn.modules.batchnorm._NormBase) or not m.track_running_stats:
+            continue
+        scale = getattr(m, "weight", None)
+        if (scale is not None and not scale.requires_grad) or (scale is None and not trains):
+            layers.append(m)
+    return layers
+
+
 class PromptedViT(nn.Module):
     """Runs a timm ViT with per-layer prompts; returns the pooled pre-logits feature."""
 
@@ -132,6 +147,18 @@ class PromptedViT(nn.Module):
         counts = list(prompt_counts) + [0] * (self.num_layers - len(prompt_counts))
         self.prompts = PromptTokens(counts[: self.num_layers], self.dim)
         self._checkpointed: frozenset[int] = frozenset()
+
+    def train(self, mode: bool = True) -> PromptedViT:
+        """Train mode, except for frozen normalisation layers with running statistics
+        (BatchNorm in hybrid ViTs' CNN stems): their statistics belong to the frozen
+        backbone, so they stay in eval mode and normalise with the pretrained ones.
+        Frozen: the layer's scale does not train (linear, VPT, BitFit, adapters, LoRA);
+        under full fine-tuning it trains and updates its statistics, as in timm."""
+        super().train(mode)
+        if mode:
+            for layer in frozen_norm_layers(self.vit):
+                layer.eval()
+        return self
 
     def set_grad_checkpointing(self, setting: bool | float = True) -> None:
         """Recompute activations in backward: True (every layer), False, or a fraction."""
