@@ -441,7 +441,9 @@ def built_architecture(vit: nn.Module) -> dict:
         "patch_embed": type(embed).__name__ if embed is not None else None,
         "width": int(getattr(vit, "embed_dim", getattr(vit, "num_features", 0))),
         "depth": len(blocks),
-        "num_heads": int(attn.num_heads) if attn is not None and hasattr(attn, "num_heads") else None,
+        "num_heads": int(attn.num_heads)
+        if attn is not None and hasattr(attn, "num_heads")
+        else None,
         "patch_size": list(patch) if patch else None,
         "image_size": list(img) if img else None,
         "prefix_tokens": int(getattr(vit, "num_prefix_tokens", 1)),
