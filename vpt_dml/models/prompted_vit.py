@@ -121,19 +121,25 @@ def _prompt_kv(attn: Attention, norm: nn.Module, prompt: torch.Tensor, batch: in
     return k, v
 
 
+def frozen_statistics(layer: nn.Module) -> bool:
+    """A normalisation layer with running statistics whose scale does not train (linear,
+    VPT, BitFit, adapters, LoRA; affine=False counts as frozen): its statistics belong to
+    the frozen backbone. Under full fine-tuning its scale trains and so do they, as in timm."""
+    if not isinstance(layer, nn.modules.batchnorm._NormBase) or not layer.track_running_stats:
+        return False
+    scale = getattr(layer, "weight", None)
+    return scale is None or not scale.requires_grad
+
+
 def frozen_norm_layers(module: nn.Module) -> list[nn.Module]:
-    """Layers with running statistics (BatchNorm, InstanceNorm with track_running_stats)
-    whose scale does not train; with no scale (affine=False), unless the whole module
-    trains (full fine-tuning)."""
-    layers = []
-    trains = all(p.requires_grad for p in module.parameters())
-    for m in module.modules():
-        if not isinstance(m, nn.modules.batchnorm._NormBase) or not m.track_running_stats:
-            continue
-        scale = getattr(m, "weight", None)
-        if (scale is not None and not scale.requires_grad) or (scale is None and not trains):
-            layers.append(m)
-    return layers
+    return [m for m in module.modules() if frozen_statistics(m)]
+
+
+def _keep_frozen_statistics(layer: nn.Module, args) -> None:
+    # forward pre-hook: Lightning sets `training` flags directly (and modules start in
+    # train mode), bypassing train(); a frozen layer must normalise with its statistics
+    if layer.training and frozen_statistics(layer):
+        layer.training = False
 
 
 class PromptedViT(nn.Module):
@@ -147,13 +153,15 @@ class PromptedViT(nn.Module):
         counts = list(prompt_counts) + [0] * (self.num_layers - len(prompt_counts))
         self.prompts = PromptTokens(counts[: self.num_layers], self.dim)
         self._checkpointed: frozenset[int] = frozenset()
+        for layer in vit.modules():  # BatchNorm of hybrid ViTs' CNN stems
+            if isinstance(layer, nn.modules.batchnorm._NormBase):
+                layer.register_forward_pre_hook(_keep_frozen_statistics)
 
     def train(self, mode: bool = True) -> PromptedViT:
         """Train mode, except for frozen normalisation layers with running statistics
-        (BatchNorm in hybrid ViTs' CNN stems): their statistics belong to the frozen
-        backbone, so they stay in eval mode and normalise with the pretrained ones.
-        Frozen: the layer's scale does not train (linear, VPT, BitFit, adapters, LoRA);
-        under full fine-tuning it trains and updates its statistics, as in timm."""
+        (BatchNorm in hybrid ViTs' CNN stems, `frozen_statistics`): they stay in eval mode
+        and normalise with the pretrained statistics (a pre-hook keeps that too when a
+        trainer sets the flags directly)."""
         super().train(mode)
         if mode:
             for layer in frozen_norm_layers(self.vit):
