@@ -257,3 +257,21 @@ def test_task_name_follows_the_data_set(tmp_path: Path):
     assert resolved(compose_config([], tmp_path))["task_name"] == "demo"
     preset = resolved(compose_config([], tmp_path, experiment="cub_deep_small"))
     assert preset["task_name"] == "cub_deep_small"
+
+
+def test_cached_pretraining_file_is_reused_only_for_what_it_was_made_for(tmp_path: Path):
+    """The demo's weights file has a fixed name: a run with other kwargs must not reuse it
+    (pos-embed resampling would load a 32-px file into the 64-px demo, every tensor present)."""
+    from vpt_dml.models.synthetic_pretraining import pretrain_backbone
+
+    out = tmp_path / "demo_backbone" / "w.safetensors"
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)
+    spec = dict(num_classes=4, images_per_class=4, epochs=1, batch_size=8)
+    pretrain_backbone("vit_tiny_patch16_224", kwargs, out, **spec)
+    made = out.stat().st_mtime_ns
+    assert pretrain_backbone("vit_tiny_patch16_224", kwargs, out, **spec) == out  # reused
+    with pytest.raises(UserError, match=r"was pretrained for vit_tiny_patch16_224\(.*img_size=32"):
+        pretrain_backbone("vit_tiny_patch16_224", {**kwargs, "img_size": 64}, out, **spec)
+    with pytest.raises(UserError, match="synthetic_pretraining.output to another file"):
+        pretrain_backbone("vit_tiny_patch16_224", kwargs, out, **{**spec, "epochs": 2})
+    assert out.stat().st_mtime_ns == made
