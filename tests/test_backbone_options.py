@@ -275,3 +275,9 @@ def test_cached_pretraining_file_is_reused_only_for_what_it_was_made_for(tmp_pat
     with pytest.raises(UserError, match="synthetic_pretraining.output to another file"):
         pretrain_backbone("vit_tiny_patch16_224", kwargs, out, **{**spec, "epochs": 2})
     assert out.stat().st_mtime_ns == made
+
+
+def test_timm_option_without_a_name_says_which_name_to_give(tmp_path: Path):
+    cfg = compose_config(["model/backbone=timm"], tmp_path)
+    with pytest.raises(UserError, match=r"model.backbone.name is not set; name a timm ViT"):
+        check_config(cfg)

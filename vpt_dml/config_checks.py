@@ -84,11 +84,11 @@ KIND_WORDS = {
 def check_config(cfg: DictConfig) -> None:
     """Raise UserError (one line) when `cfg` holds unknown keys, wrong types, unset values
     or method settings that contradict their own name."""
-    known = known_keys(tuple(_conf_dirs(cfg)))
-    _walk(cfg, known, "", known)
     model = cfg.get("model") or {}
     if model.get("backbone") is not None:  # a name its option's kwargs/weights do not describe
         check_backbone_option(OmegaConf.to_container(model.backbone, resolve=False))
+    known = known_keys(tuple(_conf_dirs(cfg)))
+    _walk(cfg, known, "", known)
     if model.get("peft") is not None:
         check_peft(model.peft)
     if model.get("proxy") is not None:
