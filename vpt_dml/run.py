@@ -43,7 +43,7 @@ from vpt_dml.checkpoints import check_resumable, load_checkpoint
 from vpt_dml.config_checks import check_command_line, check_config
 from vpt_dml.errors import UserError
 from vpt_dml.evaluation import per_query
-from vpt_dml.models.backbone import data_config, weights_report
+from vpt_dml.models.backbone import built_report, data_config, weights_report
 from vpt_dml.models.build import prepare_backbone
 from vpt_dml.models.method_summary import effective_method
 from vpt_dml.module import VPTDMLModule
@@ -180,6 +180,8 @@ def backbone_provenance(b: DictConfig, vit=None) -> dict:
         out["made_by"] = "vpt_dml synthetic pretraining on generated classes outside the dataset"
     if vit is not None and weights_report(vit) is not None:
         out["weights_file"] = weights_report(vit)
+    if vit is not None:  # what was built, read off the model (not the config)
+        out["built"] = built_report(vit)
     return out
 
 
