@@ -303,11 +303,13 @@ def _saved_recall(folder: Path) -> float | None:
 
 
 class Skip(Exception):
-    """This sweep job already finished; `.value` is what it returned then."""
+    """This sweep job already finished; `.value` is what it returned then; `failed`: it
+    had diverged (skipped, since it would diverge again, but still a failed job)."""
 
-    def __init__(self, message: str, value: float | None) -> None:
+    def __init__(self, message: str, value: float | None, failed: bool = False) -> None:
         super().__init__(message)
         self.value = value
+        self.failed = failed
 
 
 def continue_in_folder(cfg: DictConfig) -> None:
@@ -342,6 +344,8 @@ def continue_in_folder(cfg: DictConfig) -> None:
     if status in ("finished", "diverged"):
         if not sweep:
             return  # a requeued job that had finished: the run folder refuses it
+        if status == "diverged":
+            raise Skip(f"skipped: {job}diverged earlier in {folder}", None, failed=True)
         raise Skip(f"skipped: {job}finished earlier in {folder}", _saved_recall(folder))
     if last.is_file():
         with _open(cfg):
@@ -352,6 +356,73 @@ def continue_in_folder(cfg: DictConfig) -> None:
     # interrupted before any checkpoint: start it again
     with _open(cfg):
         cfg.overwrite = True
+
+
+# -- an in-process sweep: a failed job is recorded, the next one runs -----------------------
+# Hydra's basic launcher runs the jobs one after another in this process; an exit code is
+# the whole sweep's, so a failed job (bad input, diverged, a crash) is noted here and
+# `vpt_dml.run` says so, one line per job, when the sweep is over.
+class _FailedJobs:
+    lines: list[str] = []
+    codes: list[int] = []
+
+
+_failed = _FailedJobs()
+
+
+def in_process_sweep() -> bool:
+    """`-m` with Hydra's own launcher: every job runs inside this process."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    return launcher_kind(HydraConfig.get()) is None
+
+
+def _swept(argv: list[str], task: list[str]) -> list[str]:
+    """The job's values of the keys the command line sweeps (all of its overrides when the
+    command line cannot be read)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(
+            [a for a in argv if not a.startswith("-")]
+        )
+        keys = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    except Exception:  # noqa: BLE001 - the line is still useful with every override
+        return list(task)
+    return [t for t in task if t.split("=", 1)[0].lstrip("+~") in keys] or list(task)
+
+
+def record_failed_job(code: int, why: str) -> None:
+    """This job of an in-process sweep failed with exit code `code` for reason `why`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    shown = " ".join(_swept(sys.argv[1:], list(hc.overrides.task)))
+    _failed.lines.append(
+        f"failed: job {hc.job.num} ({shown}) in {hc.runtime.output_dir}: {why} (exit {code})"
+    )
+    _failed.codes.append(code)
+
+
+def report_failed_jobs() -> int | None:
+    """After the sweep: one line per failed job on stderr; the exit code of the first
+    failed job, None when none failed."""
+    if not _failed.lines:
+        return None
+    for line in _failed.lines:
+        print(line, file=sys.stderr)
+    n = len(_failed.lines)
+    print(
+        f"sweep: {n} job(s) failed, the others ran; rerun the same command (same "
+        "hydra.sweep.dir) after a fix: finished jobs are skipped",
+        file=sys.stderr,
+    )
+    code = _failed.codes[0]
+    _failed.lines, _failed.codes = [], []
+    return code
 
 
 def _open(cfg: DictConfig):

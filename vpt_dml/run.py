@@ -17,6 +17,7 @@ import os
 import secrets
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -453,6 +454,16 @@ def stop_interrupted(line: str) -> None:
     sys.exit(SIGTERM_EXIT)
 
 
+def job_failed(code: int, why: str) -> None:
+    """The run failed (its line already printed): exit with `code`; in a sweep run inside
+    this process (Hydra's own launcher) the job is recorded instead and the next job runs,
+    and `cli` prints one line per failed job and exits non-zero when the sweep is over."""
+    if cluster.in_process_sweep():
+        cluster.record_failed_job(code, why)
+        return None
+    sys.exit(code)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     debug = bool(cfg.get("debug", False)) or os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -466,6 +477,8 @@ def main(cfg: DictConfig) -> float | None:
             )
     except cluster.Skip as e:
         print(e, file=sys.stderr)
+        if e.failed and cluster.in_process_sweep():
+            cluster.record_failed_job(DIVERGED_EXIT, "diverged in an earlier run (skipped)")
         return e.value
     except Interrupted as e:
         stop_interrupted(str(e))
@@ -476,13 +489,18 @@ def main(cfg: DictConfig) -> float | None:
         )
     except Diverged as e:  # metrics.json says "status": "diverged" (callbacks/divergence.py)
         print(f"diverged: {e}", file=sys.stderr)
-        sys.exit(DIVERGED_EXIT)
+        return job_failed(DIVERGED_EXIT, f"diverged: {e}")
     except (UserError, InstantiationException) as e:
         if debug:
             raise
         if distributed.is_rank_zero_process():  # every DDP rank hits the same error
             print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        return job_failed(2, f"error: {one_line(e)}")
+    except Exception as e:  # a crash: its traceback, and in a sweep the next job still runs
+        if not cluster.in_process_sweep():
+            raise
+        traceback.print_exc()
+        return job_failed(1, f"crashed: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
     finally:
         finish_wandb()  # the next job of a sweep opens its own W&B run
     # the value a Hydra sweeper (e.g. optuna) optimises
@@ -504,7 +522,13 @@ def cli() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     cluster.pin_run_stamp()  # torchrun workers / a requeued SLURM job share one run folder
-    main()
+    try:
+        main()
+    except SystemExit:  # an interrupted sweep still names the jobs that failed before it
+        cluster.report_failed_jobs()
+        raise
+    if (code := cluster.report_failed_jobs()) is not None:  # a sweep with failed jobs
+        sys.exit(code)
 
 
 if __name__ == "__main__":
