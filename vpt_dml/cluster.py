@@ -71,6 +71,15 @@ def external_world_size() -> int:
     return 1
 
 
+def lightning_child_rank() -> bool:
+    """This process is a rank > 0 that Lightning's subprocess launcher started (it re-runs
+    the command line with `hydra.job.name=train_ddp_process_<rank>` added); not torchrun,
+    srun or submitit, whose launchers read every rank's exit code."""
+    return "LOCAL_RANK" in os.environ and any(
+        a.startswith("hydra.job.name=train_ddp_process_") for a in sys.argv
+    )
+
+
 def launcher_kind(hydra_cfg: Any) -> str | None:
     """The submitit launcher of this sweep ("slurm" or "local"); None for Hydra's own."""
     target = str(OmegaConf.select(hydra_cfg, "launcher._target_", default="") or "")

@@ -56,6 +56,7 @@ from vpt_dml.summary import print_summary
 from vpt_dml.watchdog import (
     SigtermGuard,
     enable_watchdog,
+    end_together,
     exit_within,
     sigterm_received,
     timeout_from_env,
@@ -209,6 +210,20 @@ def refuse_ddp_sweep(cfg: DictConfig) -> None:
         )
 
 
+def refuse_training_nothing(cfg: DictConfig) -> None:
+    """A run that trains no step would record the untrained model as a finished training
+    (metrics.json "finished", its `final` and `best` rows the untrained model's)."""
+    trainer = cfg.get("trainer") or {}
+    for key in ("max_epochs", "max_steps", "limit_train_batches"):
+        value = trainer.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+            raise UserError(
+                f"trainer.{key}={value} trains nothing, and metrics.json would record the "
+                f"untrained model as a finished run; give trainer.{key}>=1 (the untrained "
+                "model's metrics are every run's \"before\" row: eval_before_training=true)"
+            )
+
+
 def start_run(cfg: DictConfig) -> tuple[dict | None, ResumePlan | None]:
     """Before any work: ckpt_path, when given, is a checkpoint that loads safely
     (checkpoints.py), written with this run's config (resume.py; checked against the built
@@ -309,6 +324,7 @@ def record_interrupted(
 @run_folder.owns_run_folder  # lock, writable check, config_resolved.yaml; released after
 def train(cfg: DictConfig) -> dict:
     check_config(cfg)  # typos, wrong types, self-contradictory methods: before anything runs
+    refuse_training_nothing(cfg)
     # ckpt_path is a checkpoint that loads safely, written with this config
     resume, plan = start_run(cfg)
     refuse_ddp_sweep(cfg)
@@ -448,9 +464,14 @@ def stop_interrupted(line: str) -> None:
     """Exit 143 after an interruption: the `interrupted:` line, the SLURM requeue when one
     was asked for, and an exit bounded in time whatever the shutdown waits for."""
     exit_within(timeout_from_env())
-    print(f"interrupted: {line}", file=sys.stderr)
+    if distributed.is_rank_zero_process():  # rank 0 speaks for the run
+        print(f"interrupted: {line}", file=sys.stderr)
     if requeued := cluster.requeue_if_asked():
         print(requeued, file=sys.stderr)
+    if cluster.lightning_child_rank():
+        # Lightning's launcher SIGKILLs rank 0 (its parent) when a child ends non-zero:
+        # rank 0's exit code is the run's (Lightning's own SIGTERM exit is 0 too)
+        sys.exit(0)
     sys.exit(SIGTERM_EXIT)
 
 
@@ -468,9 +489,16 @@ def job_failed(code: int, why: str) -> None:
 def main(cfg: DictConfig) -> float | None:
     debug = bool(cfg.get("debug", False)) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
+        if sigterm_received():  # between two jobs of a sweep
+            stop_interrupted(
+                "SIGTERM came between two jobs of the sweep: the jobs before it are complete; "
+                "rerun the same command to run the rest"
+            )
         cluster.enter_job(cfg)  # ranks, requeued job / sweep rerun (resume, skip), SIGUSR
         metrics = train(cfg)
-        if sigterm_received():  # too late to stop the run, which finished: stop the process
+        # every rank waits for rank 0's record; too late to stop the run, which finished:
+        # stop the process (on every rank, if any rank got the signal)
+        if end_together(stopped=False):
             stop_interrupted(
                 "SIGTERM came as the run finished; its metrics.json is complete "
                 "(a sweep rerun skips it)"
@@ -481,8 +509,10 @@ def main(cfg: DictConfig) -> float | None:
             cluster.record_failed_job(DIVERGED_EXIT, "diverged in an earlier run (skipped)")
         return e.value
     except Interrupted as e:
+        end_together(stopped=True)  # rank 0 has written metrics.json before any rank leaves
         stop_interrupted(str(e))
     except SIGTERMException:  # outside fit: the evaluation before training or the final test
+        end_together(stopped=True)
         stop_interrupted(
             "SIGTERM outside training (evaluation before it, or the final test); "
             "metrics.json was not written"
@@ -529,6 +559,8 @@ def cli() -> None:
         raise
     if (code := cluster.report_failed_jobs()) is not None:  # a sweep with failed jobs
         sys.exit(code)
+    if sigterm_received():  # noted after the run's last check: its record is complete
+        stop_interrupted("SIGTERM came as the run ended; its metrics.json is complete")
 
 
 if __name__ == "__main__":
