@@ -152,6 +152,22 @@ if not OmegaConf.has_resolver("vpt_gpus_per_node"):
     OmegaConf.register_new_resolver("vpt_gpus_per_node", _gpus_per_node)
 
 
+def _job_log(output_dir: str, job_name: str) -> str:
+    """Hydra's job log file (conf/hydra/default.yaml): `<run dir>/<job name>.log` (run.log)
+    for rank 0 only. Lightning re-runs the command line for each further DDP rank with
+    `hydra.job.name=train_ddp_process_<rank>`, which left `train_ddp_process_1.log` beside
+    run.log; those ranks print to the console (the same stderr) and log to no file."""
+    from vpt_dml.run_folder import is_global_zero
+
+    if not is_global_zero():
+        return os.devnull
+    return str(Path(output_dir) / f"{job_name}.log")
+
+
+if not OmegaConf.has_resolver("vpt_job_log"):
+    OmegaConf.register_new_resolver("vpt_job_log", _job_log)
+
+
 def check_launcher_resources(config: DictConfig) -> None:
     """Before a submitit sweep starts: the trainer's devices must be a count of devices,
     since the processes (one task per device) and GPUs per node are derived from it."""
