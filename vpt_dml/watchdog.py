@@ -304,27 +304,35 @@ class SigtermGuard(L.Callback):
             launcher.kill(signum)  # the ranks this process started stop too
 
     def _what_happens(self) -> str:
-        """What this signal does now, by where the run is."""
+        """What this signal does now, by where the run is (the final test cannot be cut
+        once its last batch is in: the run then completes its record)."""
         from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 
         trainer = self._trainer
         state = getattr(trainer, "state", None)
-        running = state is not None and state.status == TrainerStatus.RUNNING
-        if self._closed:
-            return "the run is over and recorded; exiting with 143"
-        if running and state.fn == TrainerFn.FITTING:
-            return "stopping training at the next batch end (last.ckpt keeps the last epoch)"
-        if running and state.fn == TrainerFn.TESTING:
+        if self._closed or state is None:
+            return "the run is over or not started; exiting with 143"
+        running = state.status == TrainerStatus.RUNNING
+        if state.fn == TrainerFn.TESTING:
+            loop = getattr(trainer, "test_loop", None)
+            last = bool(getattr(getattr(loop, "batch_progress", None), "is_last_batch", False))
+            if not running or last:
+                return (
+                    "too late to stop the final test, which has ended: the run writes its "
+                    "complete metrics.json, then exits with 143"
+                )
             return (
-                "stopping the final test at its next batch end (training is complete; "
-                "metrics.json will say interrupted, without test metrics); if the test is "
-                "already at its last batch, the run finishes and exits with 143"
+                "stopping the final test at its next batch end: training is complete "
+                "(last.ckpt), metrics.json will say interrupted, without test metrics"
             )
-        if running:
-            return "stopping this evaluation at its next batch end"
-        return (
-            "stopping before the next training or evaluation step, or after the record is written"
-        )
+        if state.fn == TrainerFn.FITTING and running:
+            return "stopping training at the next batch end (last.ckpt keeps the last epoch)"
+        if state.fn == TrainerFn.FITTING:
+            return (
+                "training has ended: the final test stops at its next batch end (or completes "
+                "if that is its last), then exit 143"
+            )
+        return "stopping this evaluation at its next batch end, then exit 143"
 
     def _listen(self) -> None:
         """Python runs a handler only when the main thread returns to bytecode: a main thread
