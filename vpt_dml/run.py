@@ -5,7 +5,9 @@ metrics.json (before / final / best metrics, cost and provenance: vpt_dml/result
 config_resolved.yaml (written at start).
 Bad input ends in one `error:` line and exit 2 (`debug=true` or HYDRA_FULL_ERROR=1 show the
 traceback); SIGTERM ends in exit 143 with metrics.json marked "status": "interrupted"; a NaN/inf loss
-or weights end in exit 3 with "status": "diverged" (callbacks/divergence.py).
+or weights end in exit 3 with "status": "diverged" (callbacks/divergence.py). In a sweep
+run inside this process (Hydra's own launcher) a failed job is recorded and the next one
+runs; the sweep ends with one `failed:` line per failed job (cluster.py).
 """
 
 from __future__ import annotations
