@@ -327,6 +327,11 @@ def _saved_recall(folder: Path) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+class WrongSweepFolder(UserError):
+    """The sweep folder holds runs of another config: the whole sweep stops (a job that
+    went on would mix two configs in one folder)."""
+
+
 class Skip(Exception):
     """This sweep job already finished; `.value` is what it returned then; `failed`: it
     had diverged (skipped, since it would diverge again, but still a failed job)."""
@@ -362,7 +367,7 @@ def continue_in_folder(cfg: DictConfig) -> None:
     job = f"job {HydraConfig.get().job.num} " if sweep else ""
     if changed:
         shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
-        raise UserError(
+        raise WrongSweepFolder(
             f"{job}folder {folder} holds a run of another config ({shown} differ); give "
             "another hydra.sweep.dir, or replace the earlier runs with overwrite=true"
         )

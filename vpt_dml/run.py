@@ -527,6 +527,8 @@ def main(cfg: DictConfig) -> float | None:
             raise
         if distributed.is_rank_zero_process():  # every DDP rank hits the same error
             print(f"error: {one_line(e)}", file=sys.stderr)
+        if isinstance(e, cluster.WrongSweepFolder):  # not this job's fault: the sweep stops
+            sys.exit(2)
         return job_failed(2, f"error: {one_line(e)}")
     except Exception as e:  # a crash: its traceback, and in a sweep the next job still runs
         if not cluster.in_process_sweep():
