@@ -72,9 +72,16 @@ class Interrupted(Exception):
     """SIGTERM stopped training; the message says what was saved (exit 143)."""
 
 
-class Skip(Exception):
-    """This sweep job already finished; `.value` is what it returned then (exit 0)."""
+class WrongSweepFolder(UserError):
+    """The sweep folder holds runs of another config: the whole sweep stops (a job that
+    went on would mix two configs in one folder)."""
 
-    def __init__(self, message: str, value: float | None) -> None:
+
+class Skip(Exception):
+    """This sweep job already finished; `.value` is what it returned then; `failed`: it
+    had diverged (skipped, since it would diverge again, but still a failed job)."""
+
+    def __init__(self, message: str, value: float | None, failed: bool = False) -> None:
         super().__init__(message)
         self.value = value
+        self.failed = failed

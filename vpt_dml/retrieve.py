@@ -10,6 +10,9 @@ suite's tie rule (equal similarity: lower gallery index first); ivf / hnsw index
 approximate. Prints each query's top-k with the gallery images' real paths and writes
 (query, rank, gallery path, score) to --out: JSON, or CSV when the name ends in .csv;
 --gallery-png draws a contact sheet (a row per query: the query, then its top-k).
+Without --out the results go next to the gallery, never to the working directory:
+EMB_DIR/retrieval.json in an embed output, INDEX's name with .retrieval.json beside a
+saved index, IMAGE_DIR.retrieval.json beside (not into) a folder of images.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from vpt_dml.serving.search import (
     LIST_SUFFIXES,
     ONE_QUERY_HINT,
     contact_sheet,
+    default_out,
     is_embed_output,
     is_index,
     nearest,
@@ -59,8 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path("retrieval.json"),
-        help="where to save the results (.json, or .csv: query, rank, gallery_path, score)",
+        help="where to save the results (.json, or .csv: query, rank, gallery_path, score); "
+        "default: next to the gallery (EMB_DIR/retrieval.json, INDEX.retrieval.json, "
+        "IMAGE_DIR.retrieval.json)",
     )
     parser.add_argument("--gallery-png", type=Path, help="also draw a contact sheet here")
     args = parser.parse_args(argv)
@@ -74,9 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         if is_index(args.gallery):
             saved = read(args.gallery)
             check_model(saved, model_fingerprint(args.weights), args.weights)
+            kind = "index"
         elif is_embed_output(args.gallery):
             stored = read_embeddings(args.gallery)
             check_same_model(stored, model_fingerprint(args.weights), args.weights, args.gallery)
+            kind = "embed"
+        else:
+            kind = "images"
+        if args.out is None:
+            args.out = default_out(args.gallery, kind)
         model = load_exported(args.weights, backbone_weights=args.backbone_weights)
         query_files = query_files_of(args.queries)
         # one query file: skipping it would leave nothing to do, so name the file instead

@@ -5,7 +5,9 @@ metrics.json (before / final / best metrics, cost and provenance: vpt_dml/runs/r
 config_resolved.yaml (written at start).
 Bad input ends in one `error:` line and exit 2 (`debug=true` or HYDRA_FULL_ERROR=1 show the
 traceback); SIGTERM ends in exit 143 with metrics.json marked "status": "interrupted"; a NaN/inf loss
-or weights end in exit 3 with "status": "diverged" (runs/callbacks/divergence.py).
+or weights end in exit 3 with "status": "diverged" (runs/callbacks/divergence.py). In a sweep
+run inside this process (Hydra's own launcher) a failed job is recorded and the next one
+runs; the sweep ends with one `failed:` line per failed job (runs/sweep.py).
 The recipe is vpt_dml/train.py; the run around it is vpt_dml/runs/lifecycle.py.
 """
 
@@ -15,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 
 import hydra
 from hydra.errors import InstantiationException
@@ -22,13 +25,19 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from vpt_dml import distributed
-from vpt_dml.errors import Diverged, Interrupted, Skip, UserError
-from vpt_dml.runs import cluster, completion
+from vpt_dml.errors import Diverged, Interrupted, Skip, UserError, WrongSweepFolder
+from vpt_dml.runs import cluster, completion, sweep
 from vpt_dml.runs.callbacks.divergence import DIVERGED_EXIT
 from vpt_dml.runs.callbacks.wandb_logger import finish_wandb
-from vpt_dml.runs.command_line import check_command_line
+from vpt_dml.runs.command_line import check_command_line, one_line
 from vpt_dml.runs.lifecycle import enter_job, run_training
-from vpt_dml.runs.sigterm import enable_watchdog, exit_within, sigterm_received, timeout_from_env
+from vpt_dml.runs.sigterm import (
+    enable_watchdog,
+    end_together,
+    exit_within,
+    sigterm_received,
+    timeout_from_env,
+)
 
 log = logging.getLogger("vpt_dml")
 # faiss logs each missing CPU-specific build it probes (avx512, avx2) as an error-looking line
@@ -41,30 +50,18 @@ SIGTERM_EXIT = 128 + signal.SIGTERM
 train = run_training
 
 
-def one_line(e: Exception) -> str:
-    """The message of a config error, as one line."""
-    if isinstance(e, InstantiationException):
-        if isinstance(e.__cause__, UserError):
-            return str(e.__cause__)
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        key = next(
-            (line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None
-        )
-        cause = " ".join(line for line in lines[1:] if not line.startswith("full_key:"))
-        where = f"the {key} settings" if key else "a config node"
-        return (
-            f"{where} were refused: {cause or lines[0]}; fix the overrides of {key or 'that node'}"
-        )
-    return " ".join(str(e).split("\n"))
-
-
 def stop_interrupted(line: str) -> None:
     """Exit 143 after an interruption: the `interrupted:` line, the SLURM requeue when one
     was asked for, and an exit bounded in time whatever the shutdown waits for."""
     exit_within(timeout_from_env())
-    print(f"interrupted: {line}", file=sys.stderr)
+    if distributed.is_global_zero():  # rank 0 speaks for the run
+        print(f"interrupted: {line}", file=sys.stderr)
     if requeued := cluster.requeue_if_asked():
         print(requeued, file=sys.stderr)
+    if cluster.lightning_child_rank():
+        # Lightning's launcher SIGKILLs rank 0 (its parent) when a child ends non-zero:
+        # rank 0's exit code is the run's (Lightning's own SIGTERM exit is 0 too)
+        sys.exit(0)
     sys.exit(SIGTERM_EXIT)
 
 
@@ -72,32 +69,50 @@ def stop_interrupted(line: str) -> None:
 def main(cfg: DictConfig) -> float | None:
     debug = bool(cfg.get("debug", False)) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
+        if sigterm_received():  # between two jobs of a sweep
+            stop_interrupted(
+                "SIGTERM came between two jobs of the sweep: the jobs before it are complete; "
+                "rerun the same command to run the rest"
+            )
         enter_job(cfg)  # ranks, requeued job / sweep rerun (resume, skip), SIGUSR
         metrics = run_training(cfg)
-        if sigterm_received():  # too late to stop the run, which finished: stop the process
+        # every rank waits for rank 0's record; too late to stop the run, which finished:
+        # stop the process (on every rank, if any rank got the signal)
+        if end_together(stopped=False):
             stop_interrupted(
                 "SIGTERM came as the run finished; its metrics.json is complete "
                 "(a sweep rerun skips it)"
             )
     except Skip as e:
         print(e, file=sys.stderr)
+        if e.failed and sweep.in_process_sweep():
+            sweep.record_failed_job(DIVERGED_EXIT, "diverged in an earlier run (skipped)")
         return e.value
     except Interrupted as e:
+        end_together(stopped=True)  # rank 0 has written metrics.json before any rank leaves
         stop_interrupted(str(e))
     except SIGTERMException:  # outside fit: the evaluation before training or the final test
+        end_together(stopped=True)
         stop_interrupted(
             "SIGTERM outside training (evaluation before it, or the final test); "
             "metrics.json was not written"
         )
     except Diverged as e:  # metrics.json says "status": "diverged" (callbacks/divergence.py)
         print(f"diverged: {e}", file=sys.stderr)
-        sys.exit(DIVERGED_EXIT)
+        return sweep.job_failed(DIVERGED_EXIT, f"diverged: {e}")
     except (UserError, InstantiationException) as e:
         if debug:
             raise
         if distributed.is_global_zero():  # every DDP rank hits the same error
             print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        if isinstance(e, WrongSweepFolder):  # not this job's fault: the sweep stops
+            sys.exit(2)
+        return sweep.job_failed(2, f"error: {one_line(e)}")
+    except Exception as e:  # a crash: its traceback, and in a sweep the next job still runs
+        if not sweep.in_process_sweep():
+            raise
+        traceback.print_exc()
+        return sweep.job_failed(1, f"crashed: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
     finally:
         finish_wandb()  # the next job of a sweep opens its own W&B run
     # the value a Hydra sweeper (e.g. optuna) optimises
@@ -119,7 +134,15 @@ def cli() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     cluster.pin_run_stamp()  # torchrun workers / a requeued SLURM job share one run folder
-    main()
+    try:
+        main()
+    except SystemExit:  # an interrupted sweep still names the jobs that failed before it
+        sweep.report_failed_jobs()
+        raise
+    if (code := sweep.report_failed_jobs()) is not None:  # a sweep with failed jobs
+        sys.exit(code)
+    if sigterm_received():  # noted after the run's last check: its record is complete
+        stop_interrupted("SIGTERM came as the run ended; its metrics.json is complete")
 
 
 if __name__ == "__main__":

@@ -50,13 +50,7 @@ def find_runs(dirs: list[Path]) -> list[Path]:
     return sorted(set(files), key=lambda f: natural_key(str(f)))
 
 
-def parse_overrides(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if sep:
-            out[key.lstrip("+~")] = value
-    return out
+parse_overrides = grouping.parse_overrides
 
 
 @dataclass
@@ -107,7 +101,7 @@ def read_run(f: Path) -> Run:
     return Run(
         path=f.parent,
         overrides={k: grouping.shown(v) for k, v in overrides.items()},
-        key=grouping.config_key(f.parent, overrides),
+        key=(*grouping.config_key(f.parent, overrides), ("data", grouping.data_location(result))),
         seed=grouping.seed_of(f.parent, prov),
         protocol=result.get("protocol") or {},
         metrics=metrics,

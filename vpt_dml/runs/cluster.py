@@ -69,6 +69,15 @@ def external_world_size() -> int:
     return 1
 
 
+def lightning_child_rank() -> bool:
+    """This process is a rank > 0 that Lightning's subprocess launcher started (it re-runs
+    the command line with `hydra.job.name=train_ddp_process_<rank>` added); not torchrun,
+    srun or submitit, whose launchers read every rank's exit code."""
+    return "LOCAL_RANK" in os.environ and any(
+        a.startswith("hydra.job.name=train_ddp_process_") for a in sys.argv
+    )
+
+
 def launcher_kind(hydra_cfg: Any) -> str | None:
     """The submitit launcher of this sweep ("slurm" or "local"); None for Hydra's own."""
     target = str(OmegaConf.select(hydra_cfg, "launcher._target_", default="") or "")
@@ -139,6 +148,20 @@ def _gpus_per_node(accelerator: Any, devices: Any) -> int | None:
 
 if not OmegaConf.has_resolver("vpt_gpus_per_node"):
     OmegaConf.register_new_resolver("vpt_gpus_per_node", _gpus_per_node)
+
+
+def _job_log(output_dir: str, job_name: str) -> str:
+    """Hydra's job log file (conf/hydra/default.yaml): `<run dir>/<job name>.log` (run.log)
+    for rank 0 only. Lightning re-runs the command line for each further DDP rank with
+    `hydra.job.name=train_ddp_process_<rank>`, which left `train_ddp_process_1.log` beside
+    run.log; those ranks print to the console (the same stderr) and log to no file."""
+    if not is_global_zero():
+        return os.devnull
+    return str(Path(output_dir) / f"{job_name}.log")
+
+
+if not OmegaConf.has_resolver("vpt_job_log"):
+    OmegaConf.register_new_resolver("vpt_job_log", _job_log)
 
 
 def check_launcher_resources(config: DictConfig) -> None:

@@ -3,12 +3,14 @@
 `check_command_line(argv)` answers in one line what Hydra itself answers with a traceback
 or a parser dump: a config group set to null (`callbacks=null`) and non-ASCII characters
 outside quotes (a path such as `outputs/über`). Light on purpose (no torch): it runs
-before anything else.
+before anything else. `one_line` words a config error as the command prints it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from hydra.errors import InstantiationException
 
 from vpt_dml.errors import UserError
 
@@ -61,3 +63,20 @@ def _ascii_outside_quotes(text: str) -> bool:
         elif ord(ch) > 127:
             return False
     return True
+
+
+def one_line(e: Exception) -> str:
+    """The message of a config error, as one line."""
+    if isinstance(e, InstantiationException):
+        if isinstance(e.__cause__, UserError):
+            return str(e.__cause__)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        key = next(
+            (line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None
+        )
+        cause = " ".join(line for line in lines[1:] if not line.startswith("full_key:"))
+        where = f"the {key} settings" if key else "a config node"
+        return (
+            f"{where} were refused: {cause or lines[0]}; fix the overrides of {key or 'that node'}"
+        )
+    return " ".join(str(e).split("\n"))

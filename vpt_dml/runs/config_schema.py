@@ -36,6 +36,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vpt_dml.errors import UserError
+from vpt_dml.models.build import check_backbone_option
 from vpt_dml.runs.command_line import CONF_DIR
 from vpt_dml.runs.config_rules import check_optim, check_peft, check_values
 
@@ -68,9 +69,11 @@ KIND_WORDS = {
 def check_config(cfg: DictConfig) -> None:
     """Raise UserError (one line) when `cfg` holds unknown keys, wrong types, unset values
     or method settings that contradict their own name."""
+    model = cfg.get("model") or {}
+    if model.get("backbone") is not None:  # a name its option's kwargs/weights do not describe
+        check_backbone_option(OmegaConf.to_container(model.backbone, resolve=False))
     known = known_keys(tuple(_conf_dirs(cfg)))
     _walk(cfg, known, "", known)
-    model = cfg.get("model") or {}
     if model.get("peft") is not None:
         check_peft(model.peft)
     if cfg.get("optim") is not None:

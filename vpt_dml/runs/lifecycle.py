@@ -71,6 +71,20 @@ def refuse_ddp_sweep(cfg: DictConfig) -> None:
         )
 
 
+def refuse_training_nothing(cfg: DictConfig) -> None:
+    """A run that trains no step would record the untrained model as a finished training
+    (metrics.json "finished", its `final` and `best` rows the untrained model's)."""
+    trainer = cfg.get("trainer") or {}
+    for key in ("max_epochs", "max_steps", "limit_train_batches"):
+        value = trainer.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+            raise UserError(
+                f"trainer.{key}={value} trains nothing, and metrics.json would record the "
+                f"untrained model as a finished run; give trainer.{key}>=1 (the untrained "
+                "model's metrics are every run's \"before\" row: eval_before_training=true)"
+            )
+
+
 def start_run(cfg: DictConfig) -> tuple[dict | None, ResumePlan | None]:
     """Before any work: ckpt_path, when given, is a checkpoint that loads safely
     (checkpoints.py), written with this run's config (resume.py; checked against the built
@@ -127,6 +141,7 @@ def run_training(cfg: DictConfig) -> dict:
     """One whole run in this process (`vpt_dml.run.train` is this): returns the flat
     metrics; raises Interrupted (SIGTERM, recorded), Diverged (recorded), UserError."""
     check_config(cfg)  # typos, wrong types, self-contradictory methods: before anything runs
+    refuse_training_nothing(cfg)
     # ckpt_path is a checkpoint that loads safely, written with this config
     resume, plan = start_run(cfg)
     refuse_ddp_sweep(cfg)

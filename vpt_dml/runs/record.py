@@ -49,7 +49,7 @@ from vpt_dml.errors import Diverged, UserError
 from vpt_dml.evaluation import candidate_dtype_report, per_query
 from vpt_dml.evaluation.health import collapsed
 from vpt_dml.evaluation.protocol import protocol
-from vpt_dml.models.backbone import weights_report
+from vpt_dml.models.backbone import built_report, weights_report
 from vpt_dml.models.method_summary import effective_method
 from vpt_dml.runs.callbacks.metric_history import MetricHistory
 from vpt_dml.runs.provenance import environment
@@ -318,6 +318,8 @@ def backbone_provenance(b: DictConfig, vit=None) -> dict:
         out["made_by"] = "vpt_dml synthetic pretraining on generated classes outside the dataset"
     if vit is not None and weights_report(vit) is not None:
         out["weights_file"] = weights_report(vit)
+    if vit is not None:  # what was built, read off the model (not the config)
+        out["built"] = built_report(vit)
     return out
 
 

@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vpt_dml.distributed import is_global_zero
-from vpt_dml.errors import Skip, UserError
+from vpt_dml.errors import Skip, WrongSweepFolder
 from vpt_dml.runs.cluster import in_slurm_job, restart_count
 from vpt_dml.runs.provenance import cfg_without_hydra
 from vpt_dml.runs.record import saved_recall, status_of
@@ -75,13 +75,15 @@ def continue_in_folder(cfg: DictConfig) -> None:
     job = f"job {HydraConfig.get().job.num} " if sweep else ""
     if changed:
         shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
-        raise UserError(
+        raise WrongSweepFolder(
             f"{job}folder {folder} holds a run of another config ({shown} differ); give "
             "another hydra.sweep.dir, or replace the earlier runs with overwrite=true"
         )
     if status in ("finished", "diverged"):
         if not sweep:
             return  # a requeued job that had finished: the run folder refuses it
+        if status == "diverged":
+            raise Skip(f"skipped: {job}diverged earlier in {folder}", None, failed=True)
         raise Skip(f"skipped: {job}finished earlier in {folder}", saved_recall(folder))
     if last.is_file():
         with _open(cfg):

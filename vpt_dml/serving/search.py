@@ -65,6 +65,20 @@ def query_files_of(queries: Path) -> list[Path]:
     return list_images(queries)
 
 
+def default_out(gallery: Path, kind: str) -> Path:
+    """Where results go without --out: beside the gallery, as embed / index / report keep
+    their outputs with their inputs (the working directory would collect stray files)."""
+    if kind == "embed":  # our own output folder: the results join it
+        return gallery / "retrieval.json"
+    if kind == "index":  # gallery.faiss -> gallery.retrieval.json (not .faiss.json, its meta)
+        return gallery.with_suffix(".retrieval.json")
+    # a folder of images is the user's: beside it, never into it
+    folder = Path(gallery).resolve()
+    if not folder.name:
+        raise UserError(f"the gallery {gallery} has no folder beside it to write to; pass --out")
+    return folder.with_name(folder.name + ".retrieval.json")
+
+
 def write_results(results: list[dict], out: Path) -> None:
     """JSON (a query and its ranked neighbours per entry) or CSV (one row per hit)."""
     out.parent.mkdir(parents=True, exist_ok=True)
