@@ -25,23 +25,17 @@ from vpt_dml.errors import UserError
 from vpt_dml.serving.embeddings import (
     SKIP_FLAG_HINT,
     add_model_arguments,
-    check_same_model,
     embed_files,
-    list_images,
-    model_fingerprint,
-    read_embeddings,
 )
 from vpt_dml.serving.exported import load_exported
-from vpt_dml.serving.index import check_model, read
 from vpt_dml.serving.search import (
     LIST_SUFFIXES,
     ONE_QUERY_HINT,
     contact_sheet,
     default_out,
-    is_embed_output,
-    is_index,
-    nearest,
+    open_gallery,
     query_files_of,
+    search_gallery,
     write_results,
 )
 
@@ -74,20 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.top_k < 1:
             raise UserError(f"--top-k {args.top_k} must be at least 1")
         progress = not args.no_progress
-        stored = saved = None
-        # checked first: a refusal costs no embedding
-        if is_index(args.gallery):
-            saved = read(args.gallery)
-            check_model(saved, model_fingerprint(args.weights), args.weights)
-            kind = "index"
-        elif is_embed_output(args.gallery):
-            stored = read_embeddings(args.gallery)
-            check_same_model(stored, model_fingerprint(args.weights), args.weights, args.gallery)
-            kind = "embed"
-        else:
-            kind = "images"
+        source = open_gallery(args.gallery, args.weights)  # a refusal costs no embedding
         if args.out is None:
-            args.out = default_out(args.gallery, kind)
+            args.out = default_out(args.gallery, source.kind)
         model = load_exported(args.weights, backbone_weights=args.backbone_weights)
         query_files = query_files_of(args.queries)
         # one query file: skipping it would leave nothing to do, so name the file instead
@@ -106,36 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         skipped += done.skipped
         if not len(queries):
             raise UserError("no query image could be decoded (all were skipped)")
-        if saved is not None:
-            sims, idx = saved.search(queries, args.top_k)
-            gallery_paths = saved.paths
-        elif stored is not None:
-            gallery, gallery_paths = stored.embeddings, stored.paths
-        else:
-            files = list_images(args.gallery)
-            done = embed_files(
-                model, files, args.batch_size, args.device, progress, "gallery", args.skip_broken
-            )
-            gallery, gallery_paths = done.embeddings, [files[i] for i in done.kept]
-            skipped += done.skipped
-        root = (saved.meta if saved is not None else stored.meta if stored else {}).get(
-            "image_root"
-        )
-        if root and not Path(root).is_dir():
-            print(
-                f"warning: the gallery's image folder {root} is gone; "
-                "the paths below name where the images were",
-                file=sys.stderr,
-            )
-        if saved is None:
-            if not len(gallery):
-                raise UserError("no gallery image could be decoded (all were skipped)")
-            if queries.shape[1] != gallery.shape[1]:
-                raise UserError(
-                    f"gallery embeddings have dim {gallery.shape[1]}, the model gives "
-                    f"{queries.shape[1]}; embed the gallery with the same WEIGHTS"
-                )
-            sims, idx = nearest(queries, gallery, args.top_k)
+        sims, idx, gallery_paths, more = search_gallery(
+            model, source, args.gallery, queries, args.top_k, args.batch_size, args.device,
+            progress, args.skip_broken,
+        )  # fmt: skip
+        skipped += more
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -27,13 +27,13 @@ from vpt_dml.distributed import is_global_zero
 from vpt_dml.errors import Diverged, Interrupted, UserError
 from vpt_dml.runs import cluster, folder
 from vpt_dml.runs.config_schema import check_config
-from vpt_dml.runs.record import (
+from vpt_dml.runs.outcome import (
     provenance_of,
     record_finished,
     record_interrupted,
-    run_provenance,
     write_diverged,
 )
+from vpt_dml.runs.record import run_provenance
 from vpt_dml.runs.rerun import continue_in_folder
 from vpt_dml.runs.resume import ResumePlan, plan_resume, stored_run, trim_csv_history
 from vpt_dml.runs.trainer import RunCallbacks, build_trainer, task_overrides

@@ -22,6 +22,10 @@ Here instead:
   SIGKILL rank 0 before it had written metrics.json (issue 28, item 10);
 - at the very end every rank meets once more (`end_together`): none leaves before rank 0
   has written its record, and all of them learn whether any rank got the signal.
+
+Over 400 lines on purpose: the handler, the per-batch shared decision, the end-of-run
+meeting of the ranks and the watchdog share one lock and one state (what was received,
+when, by which guard); split apart, each would have to reach into the others.
 """
 
 from __future__ import annotations

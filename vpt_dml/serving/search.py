@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +30,15 @@ from vpt_dml.serving.embeddings import (
     EMBEDDINGS,
     IMAGE_SUFFIXES,
     META,
+    Gallery,
+    check_same_model,
+    embed_files,
     list_images,
+    model_fingerprint,
+    read_embeddings,
 )
-from vpt_dml.serving.index import exact_search, meta_path, normalised
+from vpt_dml.serving.exported import ExportedModel
+from vpt_dml.serving.index import SavedIndex, check_model, exact_search, meta_path, normalised, read
 
 ONE_QUERY_HINT = f"give an image file ({', '.join(sorted(IMAGE_SUFFIXES))})"
 LIST_SUFFIXES = {".txt", ".lst", ".list"}
@@ -103,3 +111,69 @@ def contact_sheet(results: list[dict], out: Path) -> str | None:
     out.parent.mkdir(parents=True, exist_ok=True)
     plot_gallery([r["query"] for r in results], neighbours, "query, then its top-k", out)
     return None
+
+
+@dataclass
+class GallerySource:
+    """What the gallery argument names: a saved index, an embed output, or images."""
+
+    kind: str  # "index" | "embed" | "images"
+    saved: SavedIndex | None = None
+    stored: Gallery | None = None
+
+
+def open_gallery(gallery: Path, weights: Path) -> GallerySource:
+    """The gallery, checked against the model before any embedding."""
+    if is_index(gallery):
+        saved = read(gallery)
+        check_model(saved, model_fingerprint(weights), weights)
+        return GallerySource("index", saved=saved)
+    if is_embed_output(gallery):
+        stored = read_embeddings(gallery)
+        check_same_model(stored, model_fingerprint(weights), weights, gallery)
+        return GallerySource("embed", stored=stored)
+    return GallerySource("images")
+
+
+def search_gallery(
+    model: ExportedModel,
+    source: GallerySource,
+    gallery_dir: Path,
+    queries: np.ndarray,
+    k: int,
+    batch_size: int,
+    device: str,
+    progress: bool,
+    skip_broken: bool,
+) -> tuple[np.ndarray, np.ndarray, list, list[tuple[Path, str]]]:
+    """(similarities, gallery rows, gallery paths, skipped gallery images) of each query's
+    top k; a folder of images is embedded first."""
+    saved, stored = source.saved, source.stored
+    skipped: list[tuple[Path, str]] = []
+    if saved is not None:
+        sims, idx = saved.search(queries, k)
+        gallery_paths = saved.paths
+    elif stored is not None:
+        gallery, gallery_paths = stored.embeddings, stored.paths
+    else:
+        files = list_images(gallery_dir)
+        done = embed_files(model, files, batch_size, device, progress, "gallery", skip_broken)
+        gallery, gallery_paths = done.embeddings, [files[i] for i in done.kept]
+        skipped = done.skipped
+    root = (saved.meta if saved is not None else stored.meta if stored else {}).get("image_root")
+    if root and not Path(root).is_dir():
+        print(
+            f"warning: the gallery's image folder {root} is gone; "
+            "the paths below name where the images were",
+            file=sys.stderr,
+        )
+    if saved is None:
+        if not len(gallery):
+            raise UserError("no gallery image could be decoded (all were skipped)")
+        if queries.shape[1] != gallery.shape[1]:
+            raise UserError(
+                f"gallery embeddings have dim {gallery.shape[1]}, the model gives "
+                f"{queries.shape[1]}; embed the gallery with the same WEIGHTS"
+            )
+        sims, idx = nearest(queries, gallery, k)
+    return sims, idx, gallery_paths, skipped
