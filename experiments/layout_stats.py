@@ -122,6 +122,9 @@ def main() -> None:
     for name in ORDER + ["package", "other"]:
         if per_layer[name]:
             print(f"  {name:9s} {per_layer[name]:6d}  {100 * per_layer[name] / total:5.1f}%")
+    data = sum(n for m, n in lines.items() if m.split(".")[1:2] == ["data"])
+    science = per_layer["method"] - data  # model, losses, step, metrics (the "method")
+    print(f"  method without data/: {science} ({100 * science / total:.1f}%); data/: {data}")
 
     edges: dict[str, set[str]] = defaultdict(set)
     function_level = []
