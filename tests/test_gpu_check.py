@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,6 +140,17 @@ def test_the_measurements_are_the_runs_own_record():
     assert gc.project(cfg, seen, layout, run_wall_s=100.0)["startup_h"] == pytest.approx(
         (100.0 - 40.0 - 17.0 - 1.0) / 3600, abs=1e-4
     )
+
+
+def test_skipped_benches_are_described(tmp_path):
+    """--skip-bench: each entry of the bench block is described (it ended the check with
+    "gpu_check.py itself failed: AttributeError" after both presets had run)."""
+    lib = importlib.import_module("gpu_check_lib.benches")
+    args = argparse.Namespace(skip_bench=True, cpu=True)
+    out = lib.benches(args, tmp_path, deadline=time.monotonic() + 100)
+    lines = [lib.describe_bench(label, b) for label, b in out.items()]
+    assert lines and all(line.endswith("skipped: --skip-bench") for line in lines)
+    assert lib.sop_vs_bench({"sop_deep": {"train_images_per_s": 10.0}}, out) is None
 
 
 # -- layouts --------------------------------------------------------------------------

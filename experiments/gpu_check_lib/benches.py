@@ -29,8 +29,8 @@ def run_bench(label: str, cmd: list[str], work: Path, cpu: bool, timeout: float)
 
 def benches(args, work: Path, deadline: float) -> dict:
     py, exp = sys.executable, REPO / "experiments"
-    if args.skip_bench:
-        return {"skipped": "--skip-bench"}
+    if args.skip_bench:  # one entry like the others (label -> result), not a bare string
+        return {"benches": {"skipped": "--skip-bench"}}
     if args.cpu:
         plan = [
             (
