@@ -39,11 +39,13 @@ def test_run_writes_metrics_and_provenance(tmp_path: Path):
     # counts verified against what the generator was asked for: 4 train / 4 test classes x 6
     assert prov["dataset"]["counts"]["train_images"] == 24
     assert prov["dataset"]["counts"]["test_images"] == 24
+    built = prov["backbone"].pop("built")  # read off the model (tests/test_backbone_options.py)
     assert prov["backbone"] == {
         "name": "vit_tiny_patch16_224",
         "pretrained": False,
         "weights": "random init",
     }
+    assert (built["width"], built["depth"], built["image_size"]) == (32, 2, [32, 32])
     assert prov["global_step"] == 2 * (24 // 8)
     assert prov["eval_candidates"]["dtype"] in ("bfloat16", "float32")
     assert prov["eval_candidates"]["reason"]

@@ -138,11 +138,17 @@ def no_space_message(path: Path, need: int) -> str:
     free = shutil.disk_usage(path.parent).free
     earlier = sorted(p.name for p in path.parent.glob("*.ckpt"))
     kept = f"the checkpoints there ({', '.join(earlier)}) are intact" if earlier else ""
+    last = path.parent / "last.ckpt"
+    # advise only what exists: before the first epoch's last.ckpt there is nothing to resume
+    then = (
+        f"then resume with ckpt_path={last}"
+        if last.is_file()
+        else "then start the run again (no epoch was saved to resume from)"
+    )
     return (
         f"no space left in {path.parent} to write {path.name}: it needs about {mib(need)}, "
         f"{mib(free)} free; {kept + '; ' if kept else ''}free space there (or point "
-        "paths.output_dir at a larger disk), then resume with "
-        f"ckpt_path={path.parent / 'last.ckpt'}"
+        f"paths.output_dir at a larger disk), {then}"
     )
 
 

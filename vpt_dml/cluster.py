@@ -71,6 +71,15 @@ def external_world_size() -> int:
     return 1
 
 
+def lightning_child_rank() -> bool:
+    """This process is a rank > 0 that Lightning's subprocess launcher started (it re-runs
+    the command line with `hydra.job.name=train_ddp_process_<rank>` added); not torchrun,
+    srun or submitit, whose launchers read every rank's exit code."""
+    return "LOCAL_RANK" in os.environ and any(
+        a.startswith("hydra.job.name=train_ddp_process_") for a in sys.argv
+    )
+
+
 def launcher_kind(hydra_cfg: Any) -> str | None:
     """The submitit launcher of this sweep ("slurm" or "local"); None for Hydra's own."""
     target = str(OmegaConf.select(hydra_cfg, "launcher._target_", default="") or "")
@@ -141,6 +150,22 @@ def _gpus_per_node(accelerator: Any, devices: Any) -> int | None:
 
 if not OmegaConf.has_resolver("vpt_gpus_per_node"):
     OmegaConf.register_new_resolver("vpt_gpus_per_node", _gpus_per_node)
+
+
+def _job_log(output_dir: str, job_name: str) -> str:
+    """Hydra's job log file (conf/hydra/default.yaml): `<run dir>/<job name>.log` (run.log)
+    for rank 0 only. Lightning re-runs the command line for each further DDP rank with
+    `hydra.job.name=train_ddp_process_<rank>`, which left `train_ddp_process_1.log` beside
+    run.log; those ranks print to the console (the same stderr) and log to no file."""
+    from vpt_dml.run_folder import is_global_zero
+
+    if not is_global_zero():
+        return os.devnull
+    return str(Path(output_dir) / f"{job_name}.log")
+
+
+if not OmegaConf.has_resolver("vpt_job_log"):
+    OmegaConf.register_new_resolver("vpt_job_log", _job_log)
 
 
 def check_launcher_resources(config: DictConfig) -> None:
@@ -302,12 +327,19 @@ def _saved_recall(folder: Path) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
-class Skip(Exception):
-    """This sweep job already finished; `.value` is what it returned then."""
+class WrongSweepFolder(UserError):
+    """The sweep folder holds runs of another config: the whole sweep stops (a job that
+    went on would mix two configs in one folder)."""
 
-    def __init__(self, message: str, value: float | None) -> None:
+
+class Skip(Exception):
+    """This sweep job already finished; `.value` is what it returned then; `failed`: it
+    had diverged (skipped, since it would diverge again, but still a failed job)."""
+
+    def __init__(self, message: str, value: float | None, failed: bool = False) -> None:
         super().__init__(message)
         self.value = value
+        self.failed = failed
 
 
 def continue_in_folder(cfg: DictConfig) -> None:
@@ -335,13 +367,15 @@ def continue_in_folder(cfg: DictConfig) -> None:
     job = f"job {HydraConfig.get().job.num} " if sweep else ""
     if changed:
         shown = ", ".join(changed[:4]) + (" ..." if len(changed) > 4 else "")
-        raise UserError(
+        raise WrongSweepFolder(
             f"{job}folder {folder} holds a run of another config ({shown} differ); give "
             "another hydra.sweep.dir, or replace the earlier runs with overwrite=true"
         )
     if status in ("finished", "diverged"):
         if not sweep:
             return  # a requeued job that had finished: the run folder refuses it
+        if status == "diverged":
+            raise Skip(f"skipped: {job}diverged earlier in {folder}", None, failed=True)
         raise Skip(f"skipped: {job}finished earlier in {folder}", _saved_recall(folder))
     if last.is_file():
         with _open(cfg):
@@ -352,6 +386,73 @@ def continue_in_folder(cfg: DictConfig) -> None:
     # interrupted before any checkpoint: start it again
     with _open(cfg):
         cfg.overwrite = True
+
+
+# -- an in-process sweep: a failed job is recorded, the next one runs -----------------------
+# Hydra's basic launcher runs the jobs one after another in this process; an exit code is
+# the whole sweep's, so a failed job (bad input, diverged, a crash) is noted here and
+# `vpt_dml.run` says so, one line per job, when the sweep is over.
+class _FailedJobs:
+    lines: list[str] = []
+    codes: list[int] = []
+
+
+_failed = _FailedJobs()
+
+
+def in_process_sweep() -> bool:
+    """`-m` with Hydra's own launcher: every job runs inside this process."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    return launcher_kind(HydraConfig.get()) is None
+
+
+def _swept(argv: list[str], task: list[str]) -> list[str]:
+    """The job's values of the keys the command line sweeps (all of its overrides when the
+    command line cannot be read)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(
+            [a for a in argv if not a.startswith("-")]
+        )
+        keys = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    except Exception:  # noqa: BLE001 - the line is still useful with every override
+        return list(task)
+    return [t for t in task if t.split("=", 1)[0].lstrip("+~") in keys] or list(task)
+
+
+def record_failed_job(code: int, why: str) -> None:
+    """This job of an in-process sweep failed with exit code `code` for reason `why`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    shown = " ".join(_swept(sys.argv[1:], list(hc.overrides.task)))
+    _failed.lines.append(
+        f"failed: job {hc.job.num} ({shown}) in {hc.runtime.output_dir}: {why} (exit {code})"
+    )
+    _failed.codes.append(code)
+
+
+def report_failed_jobs() -> int | None:
+    """After the sweep: one line per failed job on stderr; the exit code of the first
+    failed job, None when none failed."""
+    if not _failed.lines:
+        return None
+    for line in _failed.lines:
+        print(line, file=sys.stderr)
+    n = len(_failed.lines)
+    print(
+        f"sweep: {n} job(s) failed, the others ran; rerun the same command (same "
+        "hydra.sweep.dir) after a fix: finished jobs are skipped",
+        file=sys.stderr,
+    )
+    code = _failed.codes[0]
+    _failed.lines, _failed.codes = [], []
+    return code
 
 
 def _open(cfg: DictConfig):

@@ -79,6 +79,24 @@ def _table(run: Path, which: str) -> tuple[dict, dict]:
     return per_query.read(path)
 
 
+def _measured_ks(meta: dict) -> list[int]:
+    """The Recall@K cut-offs a per-query file measured exactly (its `ks`, none past its
+    `max_rank_exact`: a deeper first-positive rank only says "deeper than that")."""
+    ks = [int(k) for k in meta.get("ks") or [1]]
+    deepest = int(meta.get("max_rank_exact") or max(ks))
+    return [k for k in ks if k <= deepest]
+
+
+def common_ks(ma: dict, mb: dict) -> tuple[list[int], list[str]]:
+    """The cut-offs both runs measured, and one note line naming those only one measured
+    (comparing those would read the other run's deeper ranks as if they were exact)."""
+    ka, kb = _measured_ks(ma), _measured_ks(mb)
+    ks = sorted(set(ka) & set(kb))
+    only = [f"recall@{k} ({'A' if k in ka else 'B'} only)" for k in sorted(set(ka) ^ set(kb))]
+    notes = [f"note: not compared, measured by one run only: {', '.join(only)}"] if only else []
+    return ks, notes
+
+
 def _pts(x: float) -> str:
     return "" if math.isnan(x) else f"{100 * x:+.2f}"
 
@@ -86,10 +104,17 @@ def _pts(x: float) -> str:
 def compare_runs(a: Path, b: Path, which: str, resamples: int, seed: int) -> list[str]:
     ra, rb = _result(a), _result(b)
     notes = check_same_split(ra, rb, a, b)
-    (ta, ma), (tb, _) = _table(a, which), _table(b, which)
-    ks = ma.get("ks") or [1]
+    (ta, ma), (tb, mb) = _table(a, which), _table(b, which)
+    ks, dropped = common_ks(ma, mb)
+    notes += dropped
     results = paired.compare_tables(ta, tb, ks, resamples, seed)
     some = next(iter(results.values()))
+    if some.classes < paired.MIN_CLASSES:
+        notes.append(
+            f"warning: only {some.classes} classes: a class bootstrap needs about "
+            f"{paired.MIN_CLASSES} or more, so the interval is unreliable (and p cannot go "
+            f"below {paired.smallest_p(some.classes):.3g}); compare on a split with more classes"
+        )
     lines = [
         f"A = {a}", f"B = {b}",
         f"{which} epoch, {len(ta['index'])} queries in {some.classes} classes; "

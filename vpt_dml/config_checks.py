@@ -35,6 +35,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from vpt_dml.errors import UserError
+from vpt_dml.models.build import check_backbone_option
 from vpt_dml.models.method_summary import (
     CUSTOM,
     PEFT_METHODS,
@@ -83,9 +84,11 @@ KIND_WORDS = {
 def check_config(cfg: DictConfig) -> None:
     """Raise UserError (one line) when `cfg` holds unknown keys, wrong types, unset values
     or method settings that contradict their own name."""
+    model = cfg.get("model") or {}
+    if model.get("backbone") is not None:  # a name its option's kwargs/weights do not describe
+        check_backbone_option(OmegaConf.to_container(model.backbone, resolve=False))
     known = known_keys(tuple(_conf_dirs(cfg)))
     _walk(cfg, known, "", known)
-    model = cfg.get("model") or {}
     if model.get("peft") is not None:
         check_peft(model.peft)
     if model.get("proxy") is not None:

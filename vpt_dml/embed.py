@@ -65,6 +65,27 @@ def relative_name(file: Path | str, root: Path) -> str:
     return str(Path(os.path.abspath(file)).relative_to(root))
 
 
+def check_listable(names: list[str], root: Path) -> None:
+    """files.txt holds one name per line (UTF-8): refuse a name that cannot round-trip
+    (a line break of any kind splits it into two rows' names; undecodable bytes)."""
+    bad = []
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            bad.append((name, "is not valid UTF-8"))
+            continue
+        if name.splitlines() != [name]:
+            bad.append((name, "holds a line break"))
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        name, why = bad[0]
+        raise UserError(
+            f"the file name {name!r} under {root} {why}{more}; {FILE_LIST} lists one name "
+            "per line, so its rows would not match the embeddings: rename the file"
+        )
+
+
 def model_fingerprint(weights: Path) -> dict:
     """What identifies an exported model: its backbone fingerprint and its tuned tensors."""
     tensors, meta = read_export(weights)
@@ -173,6 +194,7 @@ def embed_folder(
     files = list_images(image_dir)
     root = image_root(image_dir)
     names = [relative_name(f, root) for f in files]
+    check_listable(names, root)  # before any work: files.txt must pair with the rows
     plan = _plan(fingerprint, root, names, chunk_size)
     chunk_dir = out / CHUNKS
     meta_path = out / META

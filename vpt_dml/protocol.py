@@ -6,16 +6,23 @@ same test split (same images, same labels, same query / gallery roles), at one i
 resolution and decode path, with the best epoch chosen on the same split, and with the
 same metric definitions; `vpt_dml.report` only ranks rows of one stamp together.
 
-The split hash is the data manifest's (`provenance.dataset.split_sha256`) when the run
-recorded one, else the SHA-256 of the sorted (path relative to the dataset root, label,
-role) triples of the evaluated test split.
+The split hash is the data manifest's (`provenance.dataset.split_sha256`, which sees each
+file's size and content digest: data/manifest.py) when the run recorded one, else the
+SHA-256 of the sorted (path relative to the dataset root, label, role, size, digest) rows
+of the evaluated test split. When `data.skip_broken=true` left test images out, the hash
+is of the images actually evaluated (the split's hash and the skipped files), so such a
+run is never ranked or paired beside a run of the whole split. `data_root` (not a stamp
+field) is the resolved dataset folder: `report` groups on it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
+
+from vpt_dml.data.manifest import file_digests
 
 MAP_AT_R = (
     "map@r: AP over the top R, R = same-class gallery items (query excluded), lone queries "
@@ -36,11 +43,36 @@ def _relative(path: str, root: str) -> str:
 def records_sha256(query, gallery=None, root: str = "") -> str:
     """SHA-256 of the sorted (relative path, label, role) of an evaluation split;
     `query` / `gallery`: ImageRecords-like (paths, labels)."""
-    items = [(_relative(p, root), int(lbl), "query") for p, lbl in zip(query.paths, query.labels)]
-    if gallery is not None:
-        items += [(_relative(p, root), int(lbl), "gallery")
-                  for p, lbl in zip(gallery.paths, gallery.labels)]  # fmt: skip
-    text = "\n".join(f"{p}\t{lbl}\t{role}" for p, lbl, role in sorted(items))
+    items = []
+    for records, role in ((query, "query"), (gallery, "gallery")):
+        if records is None:
+            continue
+        digests = file_digests(list(records.paths), root)
+        items += [(_relative(p, root), int(lbl), role, size, digest)
+                  for p, lbl, (size, digest) in zip(records.paths, records.labels, digests)]  # fmt: skip
+    text = "\n".join("\t".join(map(str, item)) for item in sorted(items))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _skipped_test_images(dm) -> list[str]:
+    """Test-split images data.skip_broken left out, over every rank (each rank only saw
+    its shard's)."""
+    test_set = getattr(dm, "test_set", None)
+    mine = test_set.skipped_paths() if test_set is not None else []
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        every: list = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        mine = [p for paths in every for p in paths or []]
+    return sorted(set(mine))
+
+
+def evaluated_split_hash(split_hash: str, skipped: list[str], root: str) -> str:
+    """The hash of the images actually evaluated: the split's, unless some were skipped."""
+    if not skipped:
+        return split_hash
+    text = "\n".join([split_hash, "skipped", *sorted(_relative(p, root) for p in skipped)])
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -57,6 +89,8 @@ def protocol(dm, result: dict) -> dict:
     if not split_hash:
         splits = dm.load()
         split_hash = records_sha256(splits.test, splits.gallery, str(dm.root))
+    skipped = _skipped_test_images(dm)
+    split_hash = evaluated_split_hash(split_hash, skipped, str(dm.root))
     decode = dataset.get("decode") or (
         "fast" if getattr(dm, "fast_decode", True) else "torchvision"
     )
@@ -69,7 +103,12 @@ def protocol(dm, result: dict) -> dict:
         "embedding": EMBEDDING,
         "ks": [int(k) for k in dm.recall_ks],
     }
-    return {"stamp": stamp_of(fields), **fields}
+    block = {"stamp": stamp_of(fields), **fields}
+    root = getattr(dm, "root", None)
+    block["data_root"] = os.path.realpath(os.path.expanduser(str(root))) if root else None
+    if skipped:
+        block["skipped_test_images"] = len(skipped)
+    return block
 
 
 def differing_fields(protocols: list[dict]) -> list[str]:

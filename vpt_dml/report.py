@@ -72,13 +72,7 @@ def find_runs(dirs: list[Path]) -> list[Path]:
     return sorted(set(files), key=lambda f: natural_key(str(f)))
 
 
-def parse_overrides(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if sep:
-            out[key.lstrip("+~")] = value
-    return out
+parse_overrides = grouping.parse_overrides
 
 
 @dataclass
@@ -127,7 +121,7 @@ def read_run(f: Path) -> Run:
     return Run(
         path=f.parent,
         overrides={k: grouping.shown(v) for k, v in overrides.items()},
-        key=grouping.config_key(f.parent, overrides),
+        key=(*grouping.config_key(f.parent, overrides), ("data", grouping.data_location(result))),
         seed=grouping.seed_of(f.parent, prov),
         protocol=result.get("protocol") or {},
         metrics=metrics,
@@ -391,9 +385,31 @@ def as_number(value: str | None) -> float | None:
         return None
 
 
+LABEL_CHARS = 32  # plot labels wrap at this width (a long override must not leave the figure)
+
+
+def wrapped(text: str, width: int = LABEL_CHARS) -> str:
+    """`text` on lines of at most `width` characters, broken after `,` or at spaces where it
+    can, else mid-word (an override's value often has neither)."""
+    import textwrap
+
+    spaced = text.replace(",", ", ")
+    lines = textwrap.wrap(spaced, width, break_long_words=True, break_on_hyphens=False)
+    return "\n".join(line.replace(", ", ",") for line in lines) or text
+
+
 def plot(
     groups: list[Group], override_cols: list[str], out: Path, metric: str = "recall@1"
 ) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(groups, override_cols, metric)
+    fig.savefig(out, dpi=120, bbox_inches="tight")  # and nothing past the edge is cut
+    plt.close(fig)
+
+
+def figure(groups: list[Group], override_cols: list[str], metric: str = "recall@1"):
+    """The report's plot as a matplotlib Figure, laid out so every label lies inside it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -413,9 +429,12 @@ def plot(
     fig, ax = plt.subplots(figsize=(6, 4))
     if x_key is None:
         labels = [
-            ",".join(f"{k}={g.overrides.get(k, '')}" for k in override_cols) or g.label
+            wrapped(",".join(f"{k}={g.overrides.get(k, '')}" for k in override_cols) or g.label)
             for g, _ in points
         ]
+        # room below the bars for the tallest label (7 pt lines, rotated 30 degrees)
+        rows = max((label.count("\n") + 1 for label in labels), default=1)
+        fig.set_size_inches(max(6, 0.5 * len(points) + 2), 4 + 0.12 * rows)
         errors = [err(s) for _, s in points]
         ax.bar(
             range(len(points)),
@@ -428,7 +447,7 @@ def plot(
         group_key = next((k for k in override_cols if k != x_key), None)
         lines: dict[str, list[tuple[float, Stat]]] = {}
         for g, s in points:
-            label = f"{group_key}={g.overrides.get(group_key)}" if group_key else metric
+            label = wrapped(f"{group_key}={g.overrides.get(group_key)}") if group_key else metric
             lines.setdefault(label, []).append((as_number(g.overrides[x_key]), s))
         for label in sorted(lines, key=natural_key):
             line = sorted(lines[label], key=lambda p: p[0])
@@ -441,14 +460,14 @@ def plot(
                 capsize=3,
                 label=label,
             )
-        ax.set_xlabel("prompt count N" if x_key == PROMPT_NUM else x_key)
-        ax.legend(fontsize=7)
+        ax.set_xlabel(wrapped("prompt count N" if x_key == PROMPT_NUM else x_key, 60))
+        # beside the axes, not over the lines: a long label widens the figure, never clipped
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     seeds = max((s.n for _, s in points), default=1)
-    ax.set_ylabel(f"{metric} (%)" + (", mean and 95% CI over seeds" if seeds > 1 else ""))
+    ax.set_ylabel(f"{metric} (%)" + (",\nmean and 95% CI over seeds" if seeds > 1 else ""))
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def write_report(

@@ -10,6 +10,9 @@ suite's tie rule (equal similarity: lower gallery index first); ivf / hnsw index
 approximate. Prints each query's top-k with the gallery images' real paths and writes
 (query, rank, gallery path, score) to --out: JSON, or CSV when the name ends in .csv;
 --gallery-png draws a contact sheet (a row per query: the query, then its top-k).
+Without --out the results go next to the gallery, never to the working directory:
+EMB_DIR/retrieval.json in an embed output, INDEX's name with .retrieval.json beside a
+saved index, IMAGE_DIR.retrieval.json beside (not into) a folder of images.
 """
 
 from __future__ import annotations
@@ -75,6 +78,20 @@ def query_files_of(queries: Path) -> list[Path]:
     return list_images(queries)
 
 
+def default_out(gallery: Path, kind: str) -> Path:
+    """Where results go without --out: beside the gallery, as embed / index / report keep
+    their outputs with their inputs (the working directory would collect stray files)."""
+    if kind == "embed":  # our own output folder: the results join it
+        return gallery / "retrieval.json"
+    if kind == "index":  # gallery.faiss -> gallery.retrieval.json (not .faiss.json, its meta)
+        return gallery.with_suffix(".retrieval.json")
+    # a folder of images is the user's: beside it, never into it
+    folder = Path(gallery).resolve()
+    if not folder.name:
+        raise UserError(f"the gallery {gallery} has no folder beside it to write to; pass --out")
+    return folder.with_name(folder.name + ".retrieval.json")
+
+
 def write_results(results: list[dict], out: Path) -> None:
     """JSON (a query and its ranked neighbours per entry) or CSV (one row per hit)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path("retrieval.json"),
-        help="where to save the results (.json, or .csv: query, rank, gallery_path, score)",
+        help="where to save the results (.json, or .csv: query, rank, gallery_path, score); "
+        "default: next to the gallery (EMB_DIR/retrieval.json, INDEX.retrieval.json, "
+        "IMAGE_DIR.retrieval.json)",
     )
     parser.add_argument("--gallery-png", type=Path, help="also draw a contact sheet here")
     args = parser.parse_args(argv)
@@ -137,9 +155,15 @@ def main(argv: list[str] | None = None) -> int:
 
             saved = read(args.gallery)
             check_model(saved, model_fingerprint(args.weights), args.weights)
+            kind = "index"
         elif is_embed_output(args.gallery):
             stored = read_embeddings(args.gallery)
             check_same_model(stored, model_fingerprint(args.weights), args.weights, args.gallery)
+            kind = "embed"
+        else:
+            kind = "images"
+        if args.out is None:
+            args.out = default_out(args.gallery, kind)
         model = load_exported(args.weights, backbone_weights=args.backbone_weights)
         query_files = query_files_of(args.queries)
         # one query file: skipping it would leave nothing to do, so name the file instead

@@ -5,7 +5,9 @@ metrics.json (before / final / best metrics, cost and provenance: vpt_dml/result
 config_resolved.yaml (written at start).
 Bad input ends in one `error:` line and exit 2 (`debug=true` or HYDRA_FULL_ERROR=1 show the
 traceback); SIGTERM ends in exit 143 with metrics.json marked "status": "interrupted"; a NaN/inf loss
-or weights end in exit 3 with "status": "diverged" (callbacks/divergence.py).
+or weights end in exit 3 with "status": "diverged" (callbacks/divergence.py). In a sweep
+run inside this process (Hydra's own launcher) a failed job is recorded and the next one
+runs; the sweep ends with one `failed:` line per failed job (cluster.py).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import secrets
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -43,7 +46,7 @@ from vpt_dml.checkpoints import check_resumable, load_checkpoint
 from vpt_dml.config_checks import check_command_line, check_config
 from vpt_dml.errors import UserError
 from vpt_dml.evaluation import per_query
-from vpt_dml.models.backbone import data_config, weights_report
+from vpt_dml.models.backbone import built_report, data_config, weights_report
 from vpt_dml.models.build import prepare_backbone
 from vpt_dml.models.method_summary import effective_method
 from vpt_dml.module import VPTDMLModule
@@ -55,6 +58,7 @@ from vpt_dml.summary import print_summary
 from vpt_dml.watchdog import (
     SigtermGuard,
     enable_watchdog,
+    end_together,
     exit_within,
     sigterm_received,
     timeout_from_env,
@@ -180,6 +184,8 @@ def backbone_provenance(b: DictConfig, vit=None) -> dict:
         out["made_by"] = "vpt_dml synthetic pretraining on generated classes outside the dataset"
     if vit is not None and weights_report(vit) is not None:
         out["weights_file"] = weights_report(vit)
+    if vit is not None:  # what was built, read off the model (not the config)
+        out["built"] = built_report(vit)
     return out
 
 
@@ -206,6 +212,20 @@ def refuse_ddp_sweep(cfg: DictConfig) -> None:
             "process: add hydra/launcher=local or hydra/launcher=slurm (one process per job), or "
             'loop over the values in the shell (README "On a cluster")'
         )
+
+
+def refuse_training_nothing(cfg: DictConfig) -> None:
+    """A run that trains no step would record the untrained model as a finished training
+    (metrics.json "finished", its `final` and `best` rows the untrained model's)."""
+    trainer = cfg.get("trainer") or {}
+    for key in ("max_epochs", "max_steps", "limit_train_batches"):
+        value = trainer.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0:
+            raise UserError(
+                f"trainer.{key}={value} trains nothing, and metrics.json would record the "
+                f"untrained model as a finished run; give trainer.{key}>=1 (the untrained "
+                "model's metrics are every run's \"before\" row: eval_before_training=true)"
+            )
 
 
 def start_run(cfg: DictConfig) -> tuple[dict | None, ResumePlan | None]:
@@ -308,6 +328,7 @@ def record_interrupted(
 @run_folder.owns_run_folder  # lock, writable check, config_resolved.yaml; released after
 def train(cfg: DictConfig) -> dict:
     check_config(cfg)  # typos, wrong types, self-contradictory methods: before anything runs
+    refuse_training_nothing(cfg)
     # ckpt_path is a checkpoint that loads safely, written with this config
     resume, plan = start_run(cfg)
     refuse_ddp_sweep(cfg)
@@ -447,42 +468,75 @@ def stop_interrupted(line: str) -> None:
     """Exit 143 after an interruption: the `interrupted:` line, the SLURM requeue when one
     was asked for, and an exit bounded in time whatever the shutdown waits for."""
     exit_within(timeout_from_env())
-    print(f"interrupted: {line}", file=sys.stderr)
+    if distributed.is_rank_zero_process():  # rank 0 speaks for the run
+        print(f"interrupted: {line}", file=sys.stderr)
     if requeued := cluster.requeue_if_asked():
         print(requeued, file=sys.stderr)
+    if cluster.lightning_child_rank():
+        # Lightning's launcher SIGKILLs rank 0 (its parent) when a child ends non-zero:
+        # rank 0's exit code is the run's (Lightning's own SIGTERM exit is 0 too)
+        sys.exit(0)
     sys.exit(SIGTERM_EXIT)
+
+
+def job_failed(code: int, why: str) -> None:
+    """The run failed (its line already printed): exit with `code`; in a sweep run inside
+    this process (Hydra's own launcher) the job is recorded instead and the next job runs,
+    and `cli` prints one line per failed job and exits non-zero when the sweep is over."""
+    if cluster.in_process_sweep():
+        cluster.record_failed_job(code, why)
+        return None
+    sys.exit(code)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     debug = bool(cfg.get("debug", False)) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
+        if sigterm_received():  # between two jobs of a sweep
+            stop_interrupted(
+                "SIGTERM came between two jobs of the sweep: the jobs before it are complete; "
+                "rerun the same command to run the rest"
+            )
         cluster.enter_job(cfg)  # ranks, requeued job / sweep rerun (resume, skip), SIGUSR
         metrics = train(cfg)
-        if sigterm_received():  # too late to stop the run, which finished: stop the process
+        # every rank waits for rank 0's record; too late to stop the run, which finished:
+        # stop the process (on every rank, if any rank got the signal)
+        if end_together(stopped=False):
             stop_interrupted(
                 "SIGTERM came as the run finished; its metrics.json is complete "
                 "(a sweep rerun skips it)"
             )
     except cluster.Skip as e:
         print(e, file=sys.stderr)
+        if e.failed and cluster.in_process_sweep():
+            cluster.record_failed_job(DIVERGED_EXIT, "diverged in an earlier run (skipped)")
         return e.value
     except Interrupted as e:
+        end_together(stopped=True)  # rank 0 has written metrics.json before any rank leaves
         stop_interrupted(str(e))
     except SIGTERMException:  # outside fit: the evaluation before training or the final test
+        end_together(stopped=True)
         stop_interrupted(
             "SIGTERM outside training (evaluation before it, or the final test); "
             "metrics.json was not written"
         )
     except Diverged as e:  # metrics.json says "status": "diverged" (callbacks/divergence.py)
         print(f"diverged: {e}", file=sys.stderr)
-        sys.exit(DIVERGED_EXIT)
+        return job_failed(DIVERGED_EXIT, f"diverged: {e}")
     except (UserError, InstantiationException) as e:
         if debug:
             raise
         if distributed.is_rank_zero_process():  # every DDP rank hits the same error
             print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        if isinstance(e, cluster.WrongSweepFolder):  # not this job's fault: the sweep stops
+            sys.exit(2)
+        return job_failed(2, f"error: {one_line(e)}")
+    except Exception as e:  # a crash: its traceback, and in a sweep the next job still runs
+        if not cluster.in_process_sweep():
+            raise
+        traceback.print_exc()
+        return job_failed(1, f"crashed: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
     finally:
         finish_wandb()  # the next job of a sweep opens its own W&B run
     # the value a Hydra sweeper (e.g. optuna) optimises
@@ -504,7 +558,15 @@ def cli() -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     cluster.pin_run_stamp()  # torchrun workers / a requeued SLURM job share one run folder
-    main()
+    try:
+        main()
+    except SystemExit:  # an interrupted sweep still names the jobs that failed before it
+        cluster.report_failed_jobs()
+        raise
+    if (code := cluster.report_failed_jobs()) is not None:  # a sweep with failed jobs
+        sys.exit(code)
+    if sigterm_received():  # noted after the run's last check: its record is complete
+        stop_interrupted("SIGTERM came as the run ended; its metrics.json is complete")
 
 
 if __name__ == "__main__":

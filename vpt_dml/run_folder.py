@@ -47,6 +47,10 @@ from vpt_dml.provenance import cfg_without_hydra
 
 LOCK = "run.lock"
 KEY = "hydra.run.dir"
+# Free space a run needs before it starts: Hydra's .hydra/ files, run.log, run.lock and
+# config_resolved.yaml (~20 kB on 4 kB blocks), with room to spare; Hydra's own writes
+# would end in its traceback (checkpoints are announced by checkpoint_io.DiskSpaceCheck).
+START_FREE_BYTES = 256 * 2**10
 # What an earlier run leaves that a new run would overwrite (deleted by overwrite=true).
 RESULTS = ("metrics.json", "config_resolved.yaml", "checkpoints", "csv", "images", "per_query")
 _held: set[Path] = set()  # locks this process holds, released at exit
@@ -78,6 +82,13 @@ def make_folder(folder: Path, key: str = KEY) -> None:
         ) from None
     if not folder.is_dir():  # mkdir(exist_ok) accepts an existing file on some systems
         raise UserError(f"{key}={folder} is a file, not a folder; give another {key}")
+    free = shutil.disk_usage(folder).free
+    if free < START_FREE_BYTES:
+        raise UserError(
+            f"{key}={folder} has {free / 2**10:,.0f} KiB free: a run needs at least "
+            f"{START_FREE_BYTES // 2**10} KiB to start (and room for its checkpoints); free "
+            f"space there or give another {key}"
+        )
 
 
 # -- lock -------------------------------------------------------------------------------
@@ -287,9 +298,16 @@ def prepare(cfg: DictConfig) -> Path:
     folder = Path(cfg.paths.output_dir)
     claim(folder, cfg.get("ckpt_path"), bool(cfg.get("overwrite", False)))
     if is_global_zero():
-        (folder / "config_resolved.yaml").write_text(
-            OmegaConf.to_yaml(cfg_without_hydra(cfg), resolve=True)
-        )
+        try:
+            (folder / "config_resolved.yaml").write_text(
+                OmegaConf.to_yaml(cfg_without_hydra(cfg), resolve=True)
+            )
+        except OSError as e:  # a full disk or quota: one line, the lock given back
+            release(folder)
+            raise UserError(
+                f"cannot write {folder / 'config_resolved.yaml'} ({e.strerror or e}); free "
+                "space there or give another hydra.run.dir"
+            ) from None
     return folder
 
 

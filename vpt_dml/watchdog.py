@@ -17,6 +17,11 @@ Here instead:
   (env VPT_DML_SIGTERM_TIMEOUT_S, default 120) if it has not stopped by then, e.g. a
   collective whose peer rank is gone never returns. Rank 0 then writes metrics.json
   "status": "interrupted" itself unless the run wrote one after the signal.
+- after the run (the guard closed) the command-line process keeps noting SIGTERM instead
+  of dying of it: a rank that finished first and died of the group kill made Lightning
+  SIGKILL rank 0 before it had written metrics.json (issue 28, item 10);
+- at the very end every rank meets once more (`end_together`): none leaves before rank 0
+  has written its record, and all of them learn whether any rank got the signal.
 """
 
 from __future__ import annotations
@@ -64,6 +69,34 @@ def sigterm_received() -> bool:
 def enable_watchdog() -> None:
     global _COMMAND_LINE
     _COMMAND_LINE = True
+
+
+def _note_after_run(signum, frame) -> None:
+    """SIGTERM once a run of the command-line process is over (its guard closed): noted
+    for `end_together` / `sigterm_received`, not a death mid-way through the exit."""
+    if get_worker_info() is not None:
+        return
+    global _RECEIVED
+    _RECEIVED = True
+
+
+def end_together(stopped: bool, timeout_s: float | None = None) -> bool:
+    """The last step of a run under DDP, on every rank: wait for the others (so no rank
+    exits, and makes its launcher kill the rest, before rank 0 has written metrics.json)
+    and return whether any rank was stopped or got SIGTERM, so that all ranks end alike.
+    Bounded: a rank that never comes ends this process with 143 after `timeout_s`."""
+    mine = bool(stopped or _RECEIVED)
+    if distributed.world_size() == 1:
+        return mine
+    timer = threading.Timer(timeout_s or timeout_from_env(), os._exit, args=(SIGTERM_EXIT,))
+    timer.daemon = True
+    timer.start()
+    try:
+        return distributed.any_rank(mine)
+    except Exception:  # noqa: BLE001 - a rank already gone (its connection closed)
+        return mine
+    finally:
+        timer.cancel()
 
 
 def timeout_from_env() -> float:
@@ -218,6 +251,8 @@ class SigtermGuard(L.Callback):
                 self._wakeup_r, self._wakeup_w = r, w
                 threading.Thread(target=self._listen, name="sigterm-listener", daemon=True).start()
             self._previous = (handler, fd)
+        if self.watchdog and _RECEIVED:  # came while the run was being built (a sweep's next job)
+            self._note()
 
     def close(self) -> None:
         """The run is over (finished, or stopped and recorded): the watchdog disarmed and
@@ -231,6 +266,8 @@ class SigtermGuard(L.Callback):
             self._closed = True
             if self._previous is not None and threading.current_thread() is threading.main_thread():
                 handler, fd = self._previous
+                if self.watchdog:  # the command line: noted until it exits (end_together)
+                    handler = _note_after_run
                 signal.signal(signal.SIGTERM, handler if handler is not None else signal.SIG_DFL)
                 if fd is not None:
                     signal.set_wakeup_fd(fd)
@@ -261,10 +298,41 @@ class SigtermGuard(L.Callback):
                 self._timer = threading.Timer(self.timeout_s, self._expire)
                 self._timer.daemon = True
                 self._timer.start()
-        log.info("received SIGTERM: stopping at the next batch end")
+        log.info(f"received SIGTERM: {self._what_happens()}")
         launcher = getattr(getattr(self._trainer, "strategy", None), "launcher", None)
         if launcher is not None and hasattr(launcher, "kill"):
             launcher.kill(signum)  # the ranks this process started stop too
+
+    def _what_happens(self) -> str:
+        """What this signal does now, by where the run is (the final test cannot be cut
+        once its last batch is in: the run then completes its record)."""
+        from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
+
+        trainer = self._trainer
+        state = getattr(trainer, "state", None)
+        if self._closed or state is None:
+            return "the run is over or not started; exiting with 143"
+        running = state.status == TrainerStatus.RUNNING
+        if state.fn == TrainerFn.TESTING:
+            loop = getattr(trainer, "test_loop", None)
+            last = bool(getattr(getattr(loop, "batch_progress", None), "is_last_batch", False))
+            if not running or last:
+                return (
+                    "too late to stop the final test, which has ended: the run writes its "
+                    "complete metrics.json, then exits with 143"
+                )
+            return (
+                "stopping the final test at its next batch end: training is complete "
+                "(last.ckpt), metrics.json will say interrupted, without test metrics"
+            )
+        if state.fn == TrainerFn.FITTING and running:
+            return "stopping training at the next batch end (last.ckpt keeps the last epoch)"
+        if state.fn == TrainerFn.FITTING:
+            return (
+                "training has ended: the final test stops at its next batch end (or completes "
+                "if that is its last), then exit 143"
+            )
+        return "stopping this evaluation at its next batch end, then exit 143"
 
     def _listen(self) -> None:
         """Python runs a handler only when the main thread returns to bytecode: a main thread

@@ -21,6 +21,13 @@ class SafeWandbLogger(WandbLogger):
 
     _failed = False
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Lightning passes anonymous=None to wandb.init, which wandb >= 0.19 answers with a
+        # deprecation warning on every run: a setting left unset is not passed at all
+        if getattr(self, "_wandb_init", {}).get("anonymous", False) is None:
+            del self._wandb_init["anonymous"]
+
     def _guard(self, what: str, fn, *args, **kwargs) -> None:
         if self._failed:
             return

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from collections.abc import Mapping
 from functools import partial
@@ -50,6 +51,8 @@ NESTED_KEYS = (
 # keys whose suffix locates a ViT state dict under a prefix
 ANCHORS = ("patch_embed.proj.weight", "cls_token", "pos_embed", "blocks.0.norm1.weight")
 _REPORT_ATTR = "weights_report"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".npz", ".ckpt")
+_BUILT_ATTR = "built_report"
 
 
 def create_backbone(
@@ -63,6 +66,13 @@ def create_backbone(
     path = None
     if weights:
         path = Path(weights).expanduser()
+        if path.is_dir():
+            found = sorted(p.name for p in path.iterdir() if p.suffix.lower() in WEIGHT_SUFFIXES)
+            hint = f" (it holds {', '.join(found[:3])})" if found else " (it holds no such file)"
+            raise WeightsError(
+                f"model.backbone.weights={weights} is a folder{hint}; give the checkpoint file "
+                f"itself: model.backbone.weights={path / (found[0] if found else 'model.safetensors')}"
+            )
         if not path.is_file():
             raise WeightsError(
                 f"model.backbone.weights={weights} does not exist; give the path of a downloaded "
@@ -76,17 +86,18 @@ def create_backbone(
             raise UserError(
                 f"timm has no model {name!r}; see timm.list_models('vit_*') for valid names"
             ) from None
-        raise _weights_error(name, e) from None
+        raise _weights_error(name, e, pretrained) from None
     except (OSError, ValueError, ImportError) as e:
         if not pretrained:
             raise
-        raise _weights_error(name, e) from None
+        raise _weights_error(name, e, pretrained) from None
     if not isinstance(model, VisionTransformer):
         raise UserError(
             f"{name} is a {type(model).__name__}, not a timm VisionTransformer; pick a ViT (vit_*, deit_*)"
         )
     if path is not None:
         load_weights(model, name, path)
+    setattr(model, _BUILT_ATTR, built_architecture(model))
     return model
 
 
@@ -392,13 +403,61 @@ def _load_npz(model: VisionTransformer, name: str, path: Path) -> None:
         )
 
 
-def _weights_error(name: str, cause: Exception) -> WeightsError:
+def _weights_error(name: str, cause: Exception, pretrained: bool = False) -> WeightsError:
     first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
+    if pretrained:  # already asked for the hub: say what stands in its way, not to ask again
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        reach = (
+            "HF_HUB_OFFLINE is set in the environment: unset it"
+            if offline
+            else "this machine could not fetch it from the Hugging Face hub: check the network "
+            "(or HF_ENDPOINT / proxy settings)"
+        )
+        return WeightsError(
+            f"could not load timm's pretrained weights for {name} ({first}); {reach}, or download "
+            f"the checkpoint elsewhere and set model.backbone.weights=/path/to/model.safetensors"
+        )
     return WeightsError(
         f"could not load pretrained weights for {name} ({first}); either allow downloads from the "
         f"Hugging Face hub (model.backbone.pretrained=true) or download the checkpoint yourself and set "
         f"model.backbone.weights=/path/to/model.safetensors"
     )
+
+
+def built_architecture(vit: nn.Module) -> dict:
+    """What was built, read off the model object (not the config): timm's architecture
+    name, width, depth, heads, patch and image size, parameter count. `metrics.json`
+    records it beside the configured name, so a name never stands for another model.
+    A hybrid ViT's patch is its CNN stem's stride (image size / token grid)."""
+    embed = getattr(vit, "patch_embed", None)
+    img = tuple(int(v) for v in getattr(embed, "img_size", None) or ()) or None
+    grid = tuple(int(v) for v in getattr(embed, "grid_size", None) or ()) or None
+    patch = tuple(i // g for i, g in zip(img, grid)) if img and grid else None
+    blocks = getattr(vit, "blocks", ())
+    attn = getattr(blocks[0], "attn", None) if len(blocks) else None
+    return {
+        "architecture": (getattr(vit, "pretrained_cfg", None) or {}).get("architecture"),
+        "class": type(vit).__name__,
+        "patch_embed": type(embed).__name__ if embed is not None else None,
+        "width": int(getattr(vit, "embed_dim", getattr(vit, "num_features", 0))),
+        "depth": len(blocks),
+        "num_heads": int(attn.num_heads)
+        if attn is not None and hasattr(attn, "num_heads")
+        else None,
+        "patch_size": list(patch) if patch else None,
+        "image_size": list(img) if img else None,
+        "prefix_tokens": int(getattr(vit, "num_prefix_tokens", 1)),
+        "parameters": sum(p.numel() for p in vit.parameters()),
+        "batchnorm_layers": sum(
+            1 for m in vit.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+        ),
+    }
+
+
+def built_report(vit: nn.Module) -> dict:
+    """`built_architecture` as the backbone was created, before PEFT added adapters or
+    LoRA (create_backbone attaches it); computed now for a ViT made elsewhere."""
+    return dict(getattr(vit, _BUILT_ATTR, None) or built_architecture(vit))
 
 
 def data_config(model: nn.Module) -> dict:

@@ -67,12 +67,59 @@ def require_vit(name: str) -> None:
         )
 
 
+# a backbone option's own settings that describe one architecture (kwargs), or one
+# architecture's weights (weights, synthetic_pretraining): neutral values first
+OPTION_SETTINGS = {"kwargs": {}, "weights": None, "synthetic_pretraining": None}
+
+
+def check_backbone_option(b: Mapping) -> None:
+    """Refuse a backbone name that the chosen option's own settings do not describe.
+
+    An option such as vit_tiny_demo sets `option_for: vit_tiny_patch16_224` beside its
+    kwargs (64 px, width 96, depth 4) and weights file. `model.backbone.name=X` alone
+    replaces only the name: the run would build the option's architecture (or load its
+    weights) under the name X. Refused in one line pointing at model/backbone=timm, the
+    option that builds any timm ViT by name as timm defines it.
+    """
+    name = b.get("name")
+    if name in (None, "", "???"):
+        raise UserError(
+            "model.backbone.name is not set; name a timm ViT, e.g. "
+            "model/backbone=timm model.backbone.name=vit_small_patch16_224"
+        )
+    owner = b.get("option_for")
+    if not owner or name == owner:
+        return
+    require_vit(name)  # a non-ViT name: that is the line to give
+    kept = [
+        f"{key}={_short(b.get(key))}"
+        for key, neutral in OPTION_SETTINGS.items()
+        if b.get(key) not in (neutral, {}, None)
+    ]
+    if kept:
+        pretrained = "true" if b.get("pretrained") else "false"
+        raise UserError(
+            f"model.backbone.name={name} keeps the backbone option's settings for {owner} "
+            f"({'; '.join(kept)}), which would build or load {owner}'s model under the name "
+            f"{name}; choose the option that builds any timm ViT as timm defines it: "
+            f"model/backbone=timm model.backbone.name={name} model.backbone.pretrained={pretrained}"
+        )
+
+
+def _short(value) -> str:
+    if isinstance(value, Mapping):
+        inner = ", ".join(f"{k}: {_short(v)}" for k, v in value.items())
+        return "{" + inner + "}"
+    return str(value)
+
+
 def prepare_backbone(model_cfg: Mapping) -> Path | None:
     """Make the demo's backbone weights file once (synthetic pretraining), if asked for.
 
     Only for the spec's own output file: a mistyped weights path must fail, not be invented.
     """
     b = model_cfg["backbone"]
+    check_backbone_option(b)
     spec = dict(b.get("synthetic_pretraining") or {})
     if not (spec and b.get("weights") and str(b["weights"]) == str(spec.get("output"))):
         return None
@@ -83,6 +130,7 @@ def prepare_backbone(model_cfg: Mapping) -> Path | None:
 def build_embedder(model_cfg: Mapping) -> Embedder:
     """Backbone (frozen), PEFT switches (peft.py), shared prompts, checkpointing, head."""
     b = model_cfg["backbone"]
+    check_backbone_option(b)
     try:
         vit = create_backbone(
             b["name"], b.get("pretrained", False), b.get("weights"), b.get("kwargs")
