@@ -40,8 +40,9 @@ GROUPS = {
 # shared bases, not options (their name/kind is ???; check_config refuses them)
 BASES = {"base", "semantic_base"}
 # Keys a preset legitimately sets inside these nodes whatever option is picked, per group:
-# none. A preset's own values live in its own option files (model/peft/vptsp_sop_b.yaml).
-PRESET_SETS: dict[str, set[str]] = {group: set() for group in GROUPS}
+# the batch sampler (the preset's recipe, not the dataset's); nothing else. A preset's own
+# values live in its own option files (model/peft/vptsp_sop_b.yaml).
+PRESET_SETS: dict[str, set[str]] = {group: set() for group in GROUPS} | {"data": {"sampler"}}
 
 NUM_CLASSES = 4
 TINY = {"D": 32, "L": 12, "E": 16}  # TINY_BACKBONE_12: embed_dim 32, depth 12; embed_dim 16

@@ -138,8 +138,7 @@ def reference_epoch(image_dict: dict, n_images: int, bs: int, k: int, seed: int,
 @pytest.mark.parametrize("bs,k", [(32, 1), (8, 2), (12, 4)])
 def test_equals_the_global_stream_reseeded_each_epoch(bs: int, k: int):
     # 60 classes of 1-5 images (random.sample: its set-based path for 2-3 classes, its pool
-    # path for 32),
-    # sparse class ids, records in a scrambled order
+    # path for 32), sparse class ids, records in a scrambled order
     gen = np.random.default_rng(0)
     ids = np.repeat(gen.choice(1000, 60, replace=False), gen.integers(1, 6, 60))
     labels = gen.permutation(ids)
