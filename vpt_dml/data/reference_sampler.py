@@ -86,9 +86,10 @@ class ReferenceBatchSampler(Sampler[list[int]]):
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
-        classes, inverse = np.unique(self.labels, return_inverse=True)
+        classes, inverse, counts = np.unique(self.labels, return_inverse=True, return_counts=True)
         # dataset indices of each class (ascending label), in the records' order
-        self.members = [np.flatnonzero(inverse == i).tolist() for i in range(len(classes))]
+        by_class = np.argsort(inverse, kind="stable")
+        self.members = [m.tolist() for m in np.split(by_class, np.cumsum(counts)[:-1])]
         self.class_positions = list(range(len(classes)))
         if self.classes_per_batch > len(classes):
             log.warning(
