@@ -40,8 +40,9 @@ GROUPS = {
 # shared bases, not options (their name/kind is ???; check_config refuses them)
 BASES = {"base", "semantic_base"}
 # Keys a preset legitimately sets inside these nodes whatever option is picked, per group:
-# none. A preset's own values live in its own option files (model/peft/vptsp_sop_b.yaml).
-PRESET_SETS: dict[str, set[str]] = {group: set() for group in GROUPS}
+# the batch sampler (the preset's recipe, not the dataset's); nothing else. A preset's own
+# values live in its own option files (model/peft/vptsp_sop_b.yaml).
+PRESET_SETS: dict[str, set[str]] = {group: set() for group in GROUPS} | {"data": {"sampler"}}
 
 NUM_CLASSES = 4
 TINY = {"D": 32, "L": 12, "E": 16}  # TINY_BACKBONE_12: embed_dim 32, depth 12; embed_dim 16
@@ -253,7 +254,7 @@ def test_prompt_length_sweep_on_a_preset_sets_the_prompts():
 def test_seeds_sweep_runs_five_seeds():
     jobs = sweep_jobs("cub_deep_small", "seeds", [])
     seeds = [[o for o in job if o.startswith("seed=")] for job in jobs]
-    assert seeds == [[f"seed={s}"] for s in range(5)]
+    assert seeds == [[f"seed={s}"] for s in range(0, 5000, 1000)]  # spaced: seed + epoch streams
 
 
 # -- the real multirun ---------------------------------------------------------------------
