@@ -21,14 +21,15 @@ import torch.nn as nn
 from conftest import REPO, bare_trainer, compose_config, run_cli, tiny_overrides
 from omegaconf import open_dict
 from test_ddp import ddp_overrides, free_port
+from vpt_dml.config_checks import check_config
 
 from tests.fake_layouts import fake_sop
-from vpt_dml.config_checks import check_config
 from vpt_dml.data.datamodule import RetrievalDataModule
 from vpt_dml.data.reference_sampler import ReferenceBatchSampler
 from vpt_dml.data.sampler import ClassBalancedBatchSampler
 from vpt_dml.errors import UserError
-from vpt_dml.run import build_datamodule, train
+from vpt_dml.run import train
+from vpt_dml.train import build_datamodule
 
 PRESETS = [
     "cub_deep_small", "cub_deep", "cars_deep_small", "cars_deep", "sop_deep_small",
@@ -303,7 +304,7 @@ def test_ddp_ranks_train_on_their_turns_of_the_reference_batches(tmp_path: Path)
     args = overrides + [
         "trainer=ddp_cpu",
         f"hydra.run.dir={run_dir}",
-        "+callbacks.save_rank_state._target_=vpt_dml.callbacks.rank_state.SaveRankState",
+        "+callbacks.save_rank_state._target_=vpt_dml.runs.callbacks.rank_state.SaveRankState",
         f"+callbacks.save_rank_state.dirpath={state_dir}",
     ]
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
