@@ -21,7 +21,6 @@ import torch.nn as nn
 from conftest import REPO, bare_trainer, compose_config, run_cli, tiny_overrides
 from omegaconf import open_dict
 from test_ddp import ddp_overrides, free_port
-from vpt_dml.config_checks import check_config
 
 from tests.fake_layouts import fake_sop
 from vpt_dml.data.datamodule import RetrievalDataModule
@@ -29,6 +28,7 @@ from vpt_dml.data.reference_sampler import ReferenceBatchSampler
 from vpt_dml.data.sampler import ClassBalancedBatchSampler
 from vpt_dml.errors import UserError
 from vpt_dml.run import train
+from vpt_dml.runs.config_schema import check_config
 from vpt_dml.train import build_datamodule
 
 PRESETS = [
