@@ -37,6 +37,7 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from vpt_dml.errors import UserError
+from vpt_dml.models import families
 
 # One layer's prompt: (n, D) shared by all samples, (B, n, D) per sample, or None.
 Prompt = torch.Tensor | None
@@ -195,36 +196,36 @@ class PromptedViT(nn.Module):
         self._branch_block = torch.compile(PromptedViT._branch_block)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        vit = self.vit
-        x = vit.patch_embed(images)
-        x = vit._pos_embed(x)
-        x = vit.patch_drop(x)
-        return vit.norm_pre(x)
+        return families.embed(self.vit, images)[0]
 
-    def _layers(self, x: torch.Tensor, block, prompts: Sequence, last_keep: int | None):
-        """x through every block as `block(blk, x, prompts[l], keep)`; the one place that
-        applies gradient checkpointing."""
+    def _layers(self, x: torch.Tensor, block, prompts: Sequence, last_keep: int | None, rope=None):
+        """x through every block as `block(blk, x, prompts[l], keep[, rope_l])`; the one
+        place that applies gradient checkpointing."""
         ckpt = self._checkpointed if self.training and torch.is_grad_enabled() else ()
         for layer, blk in enumerate(self.vit.blocks):
             keep = last_keep if layer == self.num_layers - 1 else None
+            args = (blk, x, prompts[layer], keep)
+            if rope is not None:  # an Eva with RoPE (models/families.py)
+                args += (families.layer_rope(self.vit, rope, layer),)
             if layer in ckpt:
-                x = checkpoint(block, blk, x, prompts[layer], keep, use_reentrant=False)
+                x = checkpoint(block, *args, use_reentrant=False)
             else:
-                x = block(blk, x, prompts[layer], keep)
+                x = block(*args)
         return x
 
     def _prompted_block(
-        self, blk: nn.Module, x: torch.Tensor, prompt: Prompt, _keep: None
+        self, blk: nn.Module, x: torch.Tensor, prompt: Prompt, _keep: None, rope=None
     ) -> torch.Tensor:
-        """timm's block on [prefix, prompt, patches]; the prompt outputs are dropped."""
+        """timm's block on [prefix, prompt, patches]; the prompt outputs are dropped.
+        With RoPE the prompts get identity rows: no position (models/families.py)."""
         if _prompt_len(prompt) == 0:
-            return blk(x)
+            return families.run_block(blk, x, rope)
         p = self.vit.num_prefix_tokens
         if prompt.dim() == 2:
             prompt = prompt.expand(x.shape[0], -1, -1)
         n = prompt.shape[1]
         x = torch.cat([x[:, :p], prompt.to(x.dtype), x[:, p:]], dim=1)
-        x = blk(x)
+        x = families.run_block(blk, x, None if rope is None else families.with_prompt_rows(rope, n))
         return torch.cat([x[:, :p], x[:, p + n :]], dim=1)
 
     def forward(
@@ -234,7 +235,8 @@ class PromptedViT(nn.Module):
         if prompts is None:
             prompts = self.prompts.per_layer()
         per_layer = [prompts[i] if i < len(prompts) else None for i in range(self.num_layers)]
-        x = self._layers(self.embed(images), self._prompted_block, per_layer, None)
+        x, rope = families.embed(self.vit, images)
+        x = self._layers(x, self._prompted_block, per_layer, None, rope)
         return self.vit.forward_head(self.vit.norm(x), pre_logits=True)
 
     def forward_branches(
