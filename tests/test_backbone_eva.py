@@ -75,7 +75,12 @@ RTOL, ATOL = 1e-5, 1e-6  # float32 (dtype-derived: GEMM summation order)
 def cfg_of(family: str, prompts: int = 0, **peft) -> dict:
     name, extra, *_ = FAMILIES[family]
     return {
-        "backbone": {"name": name, "pretrained": False, "weights": None, "kwargs": {**TINY, **extra}},
+        "backbone": {
+            "name": name,
+            "pretrained": False,
+            "weights": None,
+            "kwargs": {**TINY, **extra},
+        },
         "peft": {"prompts": {"num": prompts, "depth": 2, "step": 1}, "bitfit": True, **peft},
         "proxy": {
             "kind": "semantic_gru",
