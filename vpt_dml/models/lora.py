@@ -80,6 +80,8 @@ def refuse_bypassed(vit: nn.Module, targets) -> None:
     size = tuple(getattr(vit.patch_embed, "img_size", None) or (224, 224))
     chans = getattr(vit.patch_embed.proj, "in_channels", 3)
     param = next(vit.parameters())
+    if param.is_meta:  # built for its structure only: nothing to run
+        return
     was_training = vit.training
     try:
         vit.eval()
