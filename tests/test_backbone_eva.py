@@ -3,9 +3,8 @@
 Per family (tiny pretrained=False instances of timm's own architectures):
 - zero prompts + BitFit at its initial values: the suite's feature equals timm's
   forward_features + pooling (forward_head(pre_logits=True));
-- with prompts: the fused step equals the two-pass step in values and gradients where the
-  suite has both paths (timm's VisionTransformer); an Eva (EVA-02, DINOv3, PE, RoPE ViT)
-  has the two-pass path only and the build says so (model.fused False);
+- with prompts: the fused step (K/V-only prompts for timm's ViT Block, timm's own Eva
+  blocks on padded + masked prompts) equals the two-pass step in values and gradients;
 - Eva with RoPE: prompts get no rotary embedding and patches keep theirs, checked against
   timm's own way of exempting tokens from RoPE (counting them as prefix tokens), values
   and gradients; the prompts do act;
@@ -49,22 +48,22 @@ FAMILIES = {
         True,
         "map",
     ),
-    "EVA-02": ("eva02_tiny_patch14_224", {}, "Eva", False, "avg"),
+    "EVA-02": ("eva02_tiny_patch14_224", {}, "Eva", True, "avg"),
     # layer scale 0.5 instead of 1e-5 so that the prompts visibly act at init
-    "DINOv3": ("vit_small_patch16_dinov3", {"init_values": 0.5}, "Eva", False, "avg"),
+    "DINOv3": ("vit_small_patch16_dinov3", {"init_values": 0.5}, "Eva", True, "avg"),
     "DINOv3, CLS pool, qkv bias": (
         "vit_small_patch16_dinov3_qkvb",
         {"init_values": 0.5, "global_pool": "token"},
         "Eva",
-        False,
+        True,
         "token",
     ),
-    "Perception Encoder": ("vit_pe_core_tiny_patch16_384", {}, "Eva", False, "map"),
+    "Perception Encoder": ("vit_pe_core_tiny_patch16_384", {}, "Eva", True, "map"),
     "RoPE ViT, mixed (per-layer) RoPE": (
         "vit_small_patch16_rope_mixed_224",
         {"init_values": 0.5},
         "Eva",
-        False,
+        True,
         "token",
     ),
 }
@@ -72,7 +71,7 @@ EVA = [f for f, spec in FAMILIES.items() if spec[2] == "Eva"]
 RTOL, ATOL = 1e-5, 1e-6  # float32 (dtype-derived: GEMM summation order)
 
 
-def cfg_of(family: str, prompts: int = 0, **peft) -> dict:
+def cfg_of(family: str, prompts: int = 0, class_depth: int = 2, **peft) -> dict:
     name, extra, *_ = FAMILIES[family]
     return {
         "backbone": {
@@ -85,7 +84,7 @@ def cfg_of(family: str, prompts: int = 0, **peft) -> dict:
         "proxy": {
             "kind": "semantic_gru",
             "bias_ratio": 0.5,
-            "class_prompts": {"num": 2, "depth": 2, "step": 0},
+            "class_prompts": {"num": 2, "depth": class_depth, "step": 0},
         },
         "embed_dim": 16,
         "fused_branches": True,
@@ -126,20 +125,21 @@ def step(model, x, labels, fused: bool):
     return emb.detach(), prox.detach(), {n: p.grad for n, p in named if p.requires_grad}
 
 
+# image prompts 3, 2 per layer; class prompts 2, 2 (layer 1: same length, no mask) or
+# 2, 0 (every layer: lengths differ, the Eva pass pads and masks)
+@pytest.mark.parametrize("class_depth", [2, 1])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_prompted_step_fused_equals_two_pass_or_two_pass_only(family):
+def test_prompted_step_fused_equals_two_pass(family, class_depth):
     fuses = FAMILIES[family][3]
     torch.manual_seed(0)
-    model = build_model({"model": cfg_of(family, prompts=3)}, 4)
-    assert model.fused == fuses  # an Eva says two passes, never a silent half-fused step
+    model = build_model({"model": cfg_of(family, prompts=3, class_depth=class_depth)}, 4)
+    assert model.fused == fuses
     x, labels = images(8), torch.tensor([2, 2, 0, 0, 3, 3, 1, 1])
     reference = step(copy.deepcopy(model), x, labels, fused=False)
     for key in ("backbone.prompts.tokens.0", "class_prompts.tokens.0"):
         assert reference[2][key].abs().sum() > 0, key  # both prompt sets train
-    if not fuses:
-        biases = [k for k in reference[2] if k.startswith("backbone.vit.blocks.0.attn")]
-        assert biases and all(reference[2][k].abs().sum() > 0 for k in biases), biases
-        return
+    biases = [k for k in reference[2] if k.startswith("backbone.vit.blocks.0.attn")]
+    assert biases and all(reference[2][k].abs().sum() > 0 for k in biases), biases
     fused = step(model, x, labels, fused=True)
     for got, want in zip(fused[:2], reference[:2], strict=True):
         torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)

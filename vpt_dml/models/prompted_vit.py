@@ -18,7 +18,9 @@ branch) over the same images as one G*B pass, with the same maths and less work:
   eligible), or once over G*B when every branch has as many prompts at that layer;
 - the last block computes only the tokens the pooled feature reads (CLS; CLS and the
   distillation token of a distilled DeiT), when the pooling reads only those.
-That needs timm's plain `Block`/`Attention` with a Linear qkv (`fuses_branches`); the
+timm's Eva blocks (RoPE) take another fused pass: their own forward on padded, masked
+prompts (models/masked_branches.py); the two-pass forward serves both classes.
+The K/V-only pass needs timm's plain `Block`/`Attention` with a Linear qkv (`fuses_branches`); the
 caller (models/build.py) decides once whether to use it. Prompts sit after the image
 tokens in the key sequence there: attention does not depend on the order of its keys,
 so only float summation order differs. With drop-path or attention dropout on, the
@@ -28,6 +30,7 @@ random masks are drawn differently than in separate passes (same distribution).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -38,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from vpt_dml.errors import UserError
 from vpt_dml.models import families
+from vpt_dml.models.masked_branches import fuses_by_mask, masked_branch_block
 
 # One layer's prompt: (n, D) shared by all samples, (B, n, D) per sample, or None.
 Prompt = torch.Tensor | None
@@ -181,8 +185,8 @@ class PromptedViT(nn.Module):
     def fuses_branches(self) -> bool:
         """Whether `forward_branches` can run: timm's plain blocks with a Linear qkv (a LoRA
         wrapper would be bypassed by the K/V-only prompt projection). Adapters that replace
-        `blk.mlp` are fine: the block calls it."""
-        return all(
+        `blk.mlp` are fine: the block calls it. timm's Eva blocks: models/masked_branches.py."""
+        return fuses_by_mask(self.vit) or all(
             type(b) is Block and type(b.attn) is Attention and type(b.attn.qkv) is nn.Linear
             for b in self.vit.blocks
         )
@@ -253,13 +257,17 @@ class PromptedViT(nn.Module):
                 "run one forward per branch instead"
             )
         n_branch = len(branches)
-        x = self.embed(images)  # shared by every branch
+        x, rope = families.embed(self.vit, images)  # shared by every branch
         x = x.repeat(n_branch, 1, 1) if n_branch > 1 else x
         per_layer = [
             [b[i] if i < len(b) and _prompt_len(b[i]) > 0 else None for b in branches]
             for i in range(self.num_layers)
         ]
-        x = self._layers(x, self._branch_block, per_layer, _head_tokens(self.vit))
+        if fuses_by_mask(self.vit):  # timm's own Eva blocks, padded prompts masked
+            block = partial(masked_branch_block, self.vit.num_prefix_tokens)
+            x = self._layers(x, block, per_layer, None, rope)
+        else:
+            x = self._layers(x, self._branch_block, per_layer, _head_tokens(self.vit))
         feats = self.vit.forward_head(self.vit.norm(x), pre_logits=True)
         return list(feats.chunk(n_branch)) if n_branch > 1 else [feats]
 
