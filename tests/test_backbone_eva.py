@@ -266,3 +266,19 @@ def test_prompted_forward_on_eva_equals_timm_with_zero_length_prompts():
         got = PromptedViT(vit, [0, 0])(images())
         want = vit.forward_head(vit.forward_features(images()), pre_logits=True)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_dinov3", "vit_small_patch16_rope_mixed_224"])
+def test_fused_pass_with_patch_dropout_equals_two_passes_under_the_same_draw(name):
+    """timm's patch dropout gives the rope rows a batch dim: the fused pass repeats them
+    per branch. Under the same seed both branches keep the same patches as the fused pass."""
+    torch.manual_seed(0)
+    vit = timm.create_model(name, pretrained=False, num_classes=0, patch_drop_rate=0.5, **TINY)
+    backbone = PromptedViT(vit, [3, 2]).train()
+    x = images(4)
+    branches = [backbone.prompts.per_layer(), [torch.randn(4, 2, 64), None]]
+    torch.manual_seed(5)
+    fused = backbone.forward_branches(x, branches)
+    for got, prompts in zip(fused, branches, strict=True):
+        torch.manual_seed(5)
+        torch.testing.assert_close(got, backbone(x, prompts), rtol=RTOL, atol=ATOL)

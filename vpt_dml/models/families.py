@@ -65,6 +65,17 @@ def layer_rope(vit: nn.Module, rope: torch.Tensor | None, layer: int) -> torch.T
     return rope
 
 
+def repeat_for_branches(vit: nn.Module, rope: torch.Tensor | None, groups: int):
+    """The rope rows for G branches stacked along the batch (x.repeat(G, 1, 1)): only a rope
+    with a batch dim (timm's patch dropout keeps different patches per sample) repeats."""
+    if rope is None or groups == 1:
+        return rope
+    mixed = getattr(vit, "rope_mixed", False)
+    if rope.dim() != (5 if mixed else 4):  # (depth,) (heads,) N, dim: shared by every sample
+        return rope
+    return torch.cat([rope] * groups, dim=1 if mixed else 0)
+
+
 def with_prompt_rows(rope: torch.Tensor, n: int) -> torch.Tensor:
     """`rope` (..., N, 2*half) with n identity rows in front: prompt tokens are not rotated.
 

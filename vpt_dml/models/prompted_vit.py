@@ -259,6 +259,7 @@ class PromptedViT(nn.Module):
         n_branch = len(branches)
         x, rope = families.embed(self.vit, images)  # shared by every branch
         x = x.repeat(n_branch, 1, 1) if n_branch > 1 else x
+        rope = families.repeat_for_branches(self.vit, rope, n_branch)
         per_layer = [
             [b[i] if i < len(b) and _prompt_len(b[i]) > 0 else None for b in branches]
             for i in range(self.num_layers)
