@@ -282,3 +282,17 @@ def test_fused_pass_with_patch_dropout_equals_two_passes_under_the_same_draw(nam
     for got, prompts in zip(fused, branches, strict=True):
         torch.manual_seed(5)
         torch.testing.assert_close(got, backbone(x, prompts), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradient_checkpointing_on_eva_changes_nothing(fused):
+    """Checkpointed layers get their rope rows again in the recomputation."""
+    torch.manual_seed(0)
+    model = build_model({"model": cfg_of("DINOv3", prompts=3, class_depth=1)}, 4)
+    x, labels = images(8), torch.tensor([2, 2, 0, 0, 3, 3, 1, 1])
+    reference = step(copy.deepcopy(model), x, labels, fused)
+    model.embedder.backbone.set_grad_checkpointing(True)
+    got = step(model, x, labels, fused)
+    torch.testing.assert_close(got[0], reference[0], rtol=RTOL, atol=ATOL)
+    for key, want in reference[2].items():
+        torch.testing.assert_close(got[2][key], want, rtol=RTOL, atol=ATOL)

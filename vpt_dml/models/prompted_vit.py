@@ -18,10 +18,10 @@ branch) over the same images as one G*B pass, with the same maths and less work:
   eligible), or once over G*B when every branch has as many prompts at that layer;
 - the last block computes only the tokens the pooled feature reads (CLS; CLS and the
   distillation token of a distilled DeiT), when the pooling reads only those.
-timm's Eva blocks (RoPE) take another fused pass: their own forward on padded, masked
-prompts (models/masked_branches.py); the two-pass forward serves both classes.
-The K/V-only pass needs timm's plain `Block`/`Attention` with a Linear qkv (`fuses_branches`); the
-caller (models/build.py) decides once whether to use it. Prompts sit after the image
+The K/V-only pass needs timm's plain `Block`/`Attention` with a Linear qkv; timm's Eva
+blocks (RoPE) take another fused pass, their own forward on padded, masked prompts
+(models/masked_branches.py); `fuses_branches` says whether either applies and the
+caller (models/build.py) decides once whether to use it. `forward` serves both classes. Prompts sit after the image
 tokens in the key sequence there: attention does not depend on the order of its keys,
 so only float summation order differs. With drop-path or attention dropout on, the
 random masks are drawn differently than in separate passes (same distribution).
