@@ -296,3 +296,15 @@ def test_gradient_checkpointing_on_eva_changes_nothing(fused):
     torch.testing.assert_close(got[0], reference[0], rtol=RTOL, atol=ATOL)
     for key, want in reference[2].items():
         torch.testing.assert_close(got[2][key], want, rtol=RTOL, atol=ATOL)
+
+
+def test_lora_on_a_layer_the_forward_never_calls_is_refused_in_one_line(monkeypatch):
+    """Without the switch to call `qkv`, EVA's attention reads qkv.weight directly: the
+    wrapped layer is never called, and the build says so instead of training nothing."""
+    pytest.importorskip("peft")
+    import vpt_dml.models.lora as lora
+
+    monkeypatch.setattr(lora, "call_qkv_module", lambda vit: None)
+    with pytest.raises(UserError, match="never called") as e:
+        apply_peft(eva02(), {"lora": {"enabled": True, "rank": 2}})
+    assert "blocks.0.attn.qkv" in str(e.value) and "\n" not in str(e.value)
