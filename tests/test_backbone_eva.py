@@ -308,3 +308,15 @@ def test_lora_on_a_layer_the_forward_never_calls_is_refused_in_one_line(monkeypa
     with pytest.raises(UserError, match="never called") as e:
         apply_peft(eva02(), {"lora": {"enabled": True, "rank": 2}})
     assert "blocks.0.attn.qkv" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("family", ["DINOv3", "EVA-02", "Perception Encoder", "SigLIP 2, map pool"])
+def test_prompted_embedder_exports_to_onnx_with_the_same_embeddings(family, tmp_path):
+    """The inference model (prompts, RoPE rows, pool) through ONNX, checked by onnxruntime."""
+    pytest.importorskip("onnxruntime")
+    from vpt_dml.serving.onnx_export import export_onnx
+
+    torch.manual_seed(0)
+    embedder = build_embedder(cfg_of(family, prompts=3)).eval()
+    report = export_onnx(embedder, 32, tmp_path / "m.onnx", "vptsp", "tracer")
+    assert report["max_abs_diff"] <= report["atol"]
