@@ -20,6 +20,7 @@ import pytest
 import timm
 import torch
 from conftest import REPO, compose_config, run_cli, tiny_overrides
+from hydra.utils import instantiate
 from PIL import Image
 
 from vpt_dml.errors import UserError
@@ -57,8 +58,6 @@ def local_overrides(folder: Path, *extra: str) -> list[str]:
 
 
 def test_folder_weights_load_strictly_and_its_mean_std_reach_the_transforms(tmp_path, caplog):
-    from vpt_dml.run import build_datamodule
-
     folder, saved = timm_folder(tmp_path)
     with caplog.at_level(logging.WARNING, logger="vpt_dml"):
         vit = create_backbone(f"local-dir:{folder}")
@@ -77,7 +76,7 @@ def test_folder_weights_load_strictly_and_its_mean_std_reach_the_transforms(tmp_
 
     # the datamodule's transforms, set up as a run sets them (data_config -> set_preprocessing)
     cfg = compose_config(local_overrides(folder), tmp_path)
-    dm = build_datamodule(cfg)
+    dm = instantiate(cfg.data, _convert_="all")  # as a run builds its datamodule
     dm.load()
     pre = data_config(vit)
     dm.set_preprocessing(pre["image_size"], pre["mean"], pre["std"])
