@@ -320,3 +320,16 @@ def test_prompted_embedder_exports_to_onnx_with_the_same_embeddings(family, tmp_
     embedder = build_embedder(cfg_of(family, prompts=3)).eval()
     report = export_onnx(embedder, 32, tmp_path / "m.onnx", "vptsp", "tracer")
     assert report["max_abs_diff"] <= report["atol"]
+
+
+def test_lora_qkv_on_eva02_with_separate_projections_names_them_in_one_line():
+    """EVA-02 B/L have q_proj, k_proj, v_proj instead of qkv: the refusal names them."""
+    pytest.importorskip("peft")
+    kwargs = {**TINY, "img_size": 28, "patch_size": 14}
+    vit = timm.create_model("eva02_base_patch14_224", pretrained=False, num_classes=0, **kwargs)
+    with pytest.raises(UserError, match=r"targets=\[q_proj,k_proj,v_proj\]") as e:
+        apply_peft(vit, {"lora": {"enabled": True}})
+    assert "\n" not in str(e.value)
+    apply_peft(vit, {"lora": {"enabled": True, "targets": ["q_proj", "k_proj", "v_proj"]}})
+    vit.forward_features(torch.randn(1, 3, 28, 28)).square().sum().backward()
+    assert vit.blocks[0].attn.k_proj.lora_B["default"].weight.grad.abs().sum() > 0

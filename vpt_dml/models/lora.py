@@ -35,9 +35,12 @@ def add_lora(
     try:
         inject_adapter_in_model(config, vit)
     except ValueError as e:
+        names = block_linears(vit)
+        qkv = [n for n in names if n.endswith(("qkv", "_proj"))] or ["qkv"]
         raise UserError(
             f"model.peft.lora.targets={list(targets)} fits no layer of the backbone ({e}); "
-            "timm ViTs name theirs qkv, proj, fc1, fc2"
+            f"its blocks name their Linear layers {', '.join(names)}: for the attention's "
+            f"input projections, model.peft.lora.targets=[{','.join(qkv)}]"
         ) from None
     params = []
     for name, p in vit.named_parameters():
@@ -51,6 +54,15 @@ def add_lora(
         raise UserError(f"model.peft.lora.targets={list(targets)} matched no layer of the backbone")
     refuse_bypassed(vit, targets)
     return params
+
+
+def block_linears(vit: nn.Module) -> list[str]:
+    """The last name part of every Linear layer in the first block (qkv, proj, fc1, ...;
+    q_proj, k_proj, v_proj for an EVA-02 with separate projections)."""
+    blocks = getattr(vit, "blocks", None)
+    first = blocks[0] if blocks is not None and len(blocks) else vit
+    names = [n.rsplit(".", 1)[-1] for n, m in first.named_modules() if isinstance(m, nn.Linear)]
+    return list(dict.fromkeys(names))
 
 
 def call_qkv_module(vit: nn.Module) -> None:
