@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.models.eva import Eva, EvaBlock, EvaBlockPostNorm
+from timm.models.eva import Eva, EvaBlock
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from vpt_dml.errors import UserError
@@ -40,10 +40,6 @@ def refuse_unserved(model: nn.Module, name: str) -> None:
             "the prompted forward serves); pick a ViT (vit_*, deit_*: in21k, CLIP, DINOv2, SigLIP) "
             "or an Eva (eva02_*, vit_*_dinov3, vit_pe_core_*)"
         )
-
-
-def uses_rope(vit: nn.Module) -> bool:
-    return isinstance(vit, Eva)
 
 
 def embed(vit: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -91,5 +87,6 @@ def run_block(blk: nn.Module, x: torch.Tensor, rope: torch.Tensor | None) -> tor
 
 
 def adaptable_block(blk: nn.Module) -> bool:
-    """Pre-norm blocks computing x + ls(mlp(norm2(x))), which adapters can wrap."""
-    return isinstance(blk, (Block, EvaBlock)) and not isinstance(blk, EvaBlockPostNorm)
+    """Pre-norm blocks computing x + ls(mlp(norm2(x))), which adapters can wrap (not
+    EvaBlockPostNorm, which normalises the MLP's output)."""
+    return isinstance(blk, (Block, EvaBlock))
