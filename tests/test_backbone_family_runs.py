@@ -57,18 +57,19 @@ def test_documented_command_builds_the_backbone_with_its_preprocessing(
     assert len(built["preprocessing"]["config_sha256"]) == 64
 
 
+# run -> (timm name, PEFT option, class, pool as timm defines it)
 RUNS = {
-    "dinov3-vptsp": ("vit_small_patch16_dinov3", "model/peft=vptsp", "Eva"),
-    "dinov3-lora": ("vit_small_patch16_dinov3", "model/peft=lora", "Eva"),
-    "siglip-vptsp": ("vit_base_patch16_siglip_224", "model/peft=vptsp", "VisionTransformer"),
-    "siglip-lora": ("vit_base_patch16_siglip_224", "model/peft=lora", "VisionTransformer"),
+    "dinov3-vptsp": ("vit_small_patch16_dinov3", "model/peft=vptsp", "Eva", "avg"),
+    "dinov3-lora": ("vit_small_patch16_dinov3", "model/peft=lora", "Eva", "avg"),
+    "siglip-vptsp": ("vit_base_patch16_siglip_224", "model/peft=vptsp", "VisionTransformer", "map"),
+    "siglip-lora": ("vit_base_patch16_siglip_224", "model/peft=lora", "VisionTransformer", "map"),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", list(RUNS))
 def test_tiny_run_through_the_cli_finishes(run, tmp_path: Path):
-    name, peft, cls = RUNS[run]
+    name, peft, cls, pool = RUNS[run]
     run_dir = tmp_path / "run"
     res = run_cli(
         [
@@ -91,5 +92,6 @@ def test_tiny_run_through_the_cli_finishes(run, tmp_path: Path):
     result = json.loads((run_dir / "metrics.json").read_text())
     assert result["status"] == "finished"
     assert result["provenance"]["global_step"] == 2
-    assert result["provenance"]["backbone"]["built"]["class"] == cls
+    built = result["provenance"]["backbone"]["built"]
+    assert (built["class"], built["pooling"]["pool"]) == (cls, pool)
     assert 0.0 <= result["metrics"]["recall@1"] <= 1.0
