@@ -24,10 +24,10 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from vpt_dml.config_checks import check_config
 from vpt_dml.errors import UserError
 from vpt_dml.models.backbone import built_architecture, built_report, create_backbone
 from vpt_dml.models.build import build_embedder, check_backbone_option
+from vpt_dml.runs.config_schema import check_config
 
 # the demo's option files: what +experiment=demo (= the default run) selects per group
 DEMO = {

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tests.conftest import compose_config, run_cli, tiny_overrides
-from vpt_dml.callbacks.divergence import Diverged
-from vpt_dml.checkpoint_io import AtomicCheckpointIO, DiskFull
 from vpt_dml.checkpoints import load_checkpoint
+from vpt_dml.errors import Diverged
 from vpt_dml.run import train
+from vpt_dml.runs.checkpoint_io import AtomicCheckpointIO, DiskFull
 
 
 @contextlib.contextmanager

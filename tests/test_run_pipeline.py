@@ -25,7 +25,7 @@ def test_run_writes_metrics_and_provenance(tmp_path: Path):
     written = json.loads((run_dir / "metrics.json").read_text())
     assert written["status"] == "finished"
     assert written["metrics"] == pytest.approx(metrics)
-    # the flat metrics are the final epoch's (documented in vpt_dml/results.py)
+    # the flat metrics are the final epoch's (documented in vpt_dml/runs/record.py)
     final = dict(written["final"]["metrics"], **{"recall@1_before": metrics["recall@1_before"]})
     assert written["metrics"] == pytest.approx(final)
     assert written["final"]["epoch"] == 1

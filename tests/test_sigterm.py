@@ -17,8 +17,8 @@ import pytest
 from conftest import REPO, compose_config, run_cli, tiny_overrides
 
 from vpt_dml.checkpoints import load_checkpoint
-from vpt_dml.export import export_run
 from vpt_dml.run import Interrupted, train
+from vpt_dml.serving.exported import export_run
 
 
 class SigtermAt(L.Callback):
@@ -220,7 +220,7 @@ def test_sigterm_to_the_process_group_ends_in_143_interrupted(tmp_path, arrangem
 
 WATCHDOG_CHILD = """
 import os, sys, time
-from vpt_dml.watchdog import SigtermGuard
+from vpt_dml.runs.sigterm import SigtermGuard
 SigtermGuard(sys.argv[1], sys.argv[2], timeout_s=2, watchdog=True)
 r, w = os.pipe()
 print("ready", flush=True)
@@ -309,7 +309,7 @@ def test_ddp_error_is_printed_once(tmp_path):
 EXIT_WITH_A_LIVE_WORKER = """
 import sys, torch
 from torch.utils.data import DataLoader
-from vpt_dml.watchdog import WorkerInit
+from vpt_dml.runs.sigterm import WorkerInit
 
 loader = DataLoader(list(range(64)), batch_size=2, num_workers=1, worker_init_fn=WorkerInit())
 it = iter(loader)  # kept alive to the end, as an error's traceback keeps a fit's iterator

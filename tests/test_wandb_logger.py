@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import compose_config, tiny_overrides
-from vpt_dml.callbacks.wandb_logger import finish_wandb
 from vpt_dml.run import train
+from vpt_dml.runs.callbacks.wandb_logger import finish_wandb
 
 
 def test_offline_run_leaves_metrics_and_images(tmp_path: Path, monkeypatch) -> None:
@@ -53,7 +53,7 @@ def test_a_wandb_run_starts_without_the_anonymous_deprecation_warning(
     """Issue 28 item 16: Lightning passed anonymous=None to wandb.init and wandb warned
     "The anonymous setting has no effect" on every logger=wandb run."""
     pytest.importorskip("wandb")
-    from vpt_dml.callbacks.wandb_logger import wandb_logger
+    from vpt_dml.runs.callbacks.wandb_logger import wandb_logger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_SILENT", raising=False)
