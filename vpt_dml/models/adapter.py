@@ -14,9 +14,10 @@ import math
 
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import VisionTransformer
 
 from vpt_dml.errors import UserError
+from vpt_dml.models.families import adaptable_block
 
 STYLES = ("parallel", "sequential")
 NORMS = ("none", "pre", "post")
@@ -87,9 +88,9 @@ def add_adapters(
     )
     adapters = []
     for blk in chosen:
-        if not isinstance(blk, Block) or isinstance(blk.mlp, AdaptedFeedForward):
+        if not adaptable_block(blk) or isinstance(blk.mlp, AdaptedFeedForward):
             raise UserError(
-                f"adapters need timm's pre-norm Block, got {type(blk).__name__}; "
+                f"adapters need timm's pre-norm Block or EvaBlock, got {type(blk).__name__}; "
                 "use another model.peft for this backbone"
             )
         adapter = Adapter(vit.embed_dim, bottleneck, scale, norm)

@@ -16,6 +16,9 @@ import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
 from vpt_dml.errors import UserError, WeightsError
+from vpt_dml.models import local_dir
+from vpt_dml.models.families import refuse_unserved
+from vpt_dml.models.pooling import pooling_of
 from vpt_dml.models.weights import WEIGHT_SUFFIXES, _weights_error, load_weights
 
 log = logging.getLogger("vpt_dml")
@@ -31,6 +34,17 @@ def create_backbone(
     """A timm ViT without its classifier. `weights` (a local file) wins over the hub."""
     kwargs = dict(kwargs or {})
     path = None
+    if local_dir.is_local_dir(name):  # the folder's architecture, weights and preprocessing
+        if weights:
+            raise UserError(
+                f"model.backbone.name={name} loads the folder's own weights; "
+                "unset model.backbone.weights (or name the architecture instead of the folder)"
+            )
+        model, path, arch = local_dir.create_from_folder(name, kwargs)
+        refuse_unserved(model, name)
+        load_weights(model, arch, path)
+        setattr(model, _BUILT_ATTR, built_architecture(model))
+        return model
     if weights:
         path = Path(weights).expanduser()
         if path.is_dir():
@@ -58,12 +72,10 @@ def create_backbone(
         if not pretrained:
             raise
         raise _weights_error(name, e, pretrained) from None
-    if not isinstance(model, VisionTransformer):
-        raise UserError(
-            f"{name} is a {type(model).__name__}, not a timm VisionTransformer; pick a ViT (vit_*, deit_*)"
-        )
+    refuse_unserved(model, name)  # VisionTransformer and Eva (models/families.py)
     if path is not None:
         load_weights(model, name, path)
+        local_dir.warn_config_beside(model, path)
     setattr(model, _BUILT_ATTR, built_architecture(model))
     return model
 
@@ -95,6 +107,8 @@ def built_architecture(vit: nn.Module) -> dict:
         "batchnorm_layers": sum(
             1 for m in vit.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
         ),
+        "pooling": pooling_of(vit) if hasattr(vit, "global_pool") else None,
+        "preprocessing": local_dir.preprocessing_report(vit),
     }
 
 

@@ -24,12 +24,12 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn as nn
-from timm.models.vision_transformer import VisionTransformer
 
 from vpt_dml.errors import UserError
 from vpt_dml.models.backbone import create_backbone
 from vpt_dml.models.depth import prompt_counts
 from vpt_dml.models.embedder import Embedder
+from vpt_dml.models.families import refuse_unserved
 from vpt_dml.models.heads import EmbeddingHead
 from vpt_dml.models.peft import apply_peft
 from vpt_dml.models.precision import cast_frozen_weights_
@@ -65,11 +65,7 @@ def require_vit(name: str) -> None:
             model = timm.create_model(name, pretrained=False)
     except Exception:  # noqa: BLE001 - unknown names are create_backbone's to report
         return
-    if not isinstance(model, VisionTransformer):
-        raise UserError(
-            f"{name} is a {type(model).__name__}, not a timm VisionTransformer; "
-            "pick a ViT (vit_*, deit_*)"
-        )
+    refuse_unserved(model, name)
 
 
 # a backbone option's own settings that describe one architecture (kwargs), or one

@@ -22,8 +22,9 @@ KNOWN_KEYS = {"name", "prompts", "bitfit", "full", "adapter", "lora"}
 
 
 def bias_parameters(vit: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """BitFit's set: every bias of the backbone (patch embed, qkv, proj, MLPs, all norms)."""
-    return [(n, p) for n, p in vit.named_parameters() if n.endswith(".bias") or n == "bias"]
+    """BitFit's set: every bias of the backbone (patch embed, qkv, proj, MLPs, all norms),
+    including biases kept outside a Linear (EVA's attn.q_bias / attn.v_bias)."""
+    return [(n, p) for n, p in vit.named_parameters() if n.rsplit(".", 1)[-1].endswith("bias")]
 
 
 def set_backbone_trainable(vit: nn.Module, bitfit: bool, full: bool) -> None:

@@ -18,8 +18,10 @@ branch) over the same images as one G*B pass, with the same maths and less work:
   eligible), or once over G*B when every branch has as many prompts at that layer;
 - the last block computes only the tokens the pooled feature reads (CLS; CLS and the
   distillation token of a distilled DeiT), when the pooling reads only those.
-That needs timm's plain `Block`/`Attention` with a Linear qkv (`fuses_branches`); the
-caller (models/build.py) decides once whether to use it. Prompts sit after the image
+The K/V-only pass needs timm's plain `Block`/`Attention` with a Linear qkv; timm's Eva
+blocks (RoPE) take another fused pass, their own forward on padded, masked prompts
+(models/masked_branches.py); `fuses_branches` says whether either applies and the
+caller (models/build.py) decides once whether to use it. `forward` serves both classes. Prompts sit after the image
 tokens in the key sequence there: attention does not depend on the order of its keys,
 so only float summation order differs. With drop-path or attention dropout on, the
 random masks are drawn differently than in separate passes (same distribution).
@@ -28,6 +30,7 @@ random masks are drawn differently than in separate passes (same distribution).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -37,6 +40,8 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch.utils.checkpoint import checkpoint
 
 from vpt_dml.errors import UserError
+from vpt_dml.models import families
+from vpt_dml.models.masked_branches import fuses_by_mask, masked_branch_block
 
 # One layer's prompt: (n, D) shared by all samples, (B, n, D) per sample, or None.
 Prompt = torch.Tensor | None
@@ -180,8 +185,8 @@ class PromptedViT(nn.Module):
     def fuses_branches(self) -> bool:
         """Whether `forward_branches` can run: timm's plain blocks with a Linear qkv (a LoRA
         wrapper would be bypassed by the K/V-only prompt projection). Adapters that replace
-        `blk.mlp` are fine: the block calls it."""
-        return all(
+        `blk.mlp` are fine: the block calls it. timm's Eva blocks: models/masked_branches.py."""
+        return fuses_by_mask(self.vit) or all(
             type(b) is Block and type(b.attn) is Attention and type(b.attn.qkv) is nn.Linear
             for b in self.vit.blocks
         )
@@ -195,36 +200,36 @@ class PromptedViT(nn.Module):
         self._branch_block = torch.compile(PromptedViT._branch_block)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        vit = self.vit
-        x = vit.patch_embed(images)
-        x = vit._pos_embed(x)
-        x = vit.patch_drop(x)
-        return vit.norm_pre(x)
+        return families.embed(self.vit, images)[0]
 
-    def _layers(self, x: torch.Tensor, block, prompts: Sequence, last_keep: int | None):
-        """x through every block as `block(blk, x, prompts[l], keep)`; the one place that
-        applies gradient checkpointing."""
+    def _layers(self, x: torch.Tensor, block, prompts: Sequence, last_keep: int | None, rope=None):
+        """x through every block as `block(blk, x, prompts[l], keep[, rope_l])`; the one
+        place that applies gradient checkpointing."""
         ckpt = self._checkpointed if self.training and torch.is_grad_enabled() else ()
         for layer, blk in enumerate(self.vit.blocks):
             keep = last_keep if layer == self.num_layers - 1 else None
+            args = (blk, x, prompts[layer], keep)
+            if rope is not None:  # an Eva with RoPE (models/families.py)
+                args += (families.layer_rope(self.vit, rope, layer),)
             if layer in ckpt:
-                x = checkpoint(block, blk, x, prompts[layer], keep, use_reentrant=False)
+                x = checkpoint(block, *args, use_reentrant=False)
             else:
-                x = block(blk, x, prompts[layer], keep)
+                x = block(*args)
         return x
 
     def _prompted_block(
-        self, blk: nn.Module, x: torch.Tensor, prompt: Prompt, _keep: None
+        self, blk: nn.Module, x: torch.Tensor, prompt: Prompt, _keep: None, rope=None
     ) -> torch.Tensor:
-        """timm's block on [prefix, prompt, patches]; the prompt outputs are dropped."""
+        """timm's block on [prefix, prompt, patches]; the prompt outputs are dropped.
+        With RoPE the prompts get identity rows: no position (models/families.py)."""
         if _prompt_len(prompt) == 0:
-            return blk(x)
+            return families.run_block(blk, x, rope)
         p = self.vit.num_prefix_tokens
         if prompt.dim() == 2:
             prompt = prompt.expand(x.shape[0], -1, -1)
         n = prompt.shape[1]
         x = torch.cat([x[:, :p], prompt.to(x.dtype), x[:, p:]], dim=1)
-        x = blk(x)
+        x = families.run_block(blk, x, None if rope is None else families.with_prompt_rows(rope, n))
         return torch.cat([x[:, :p], x[:, p + n :]], dim=1)
 
     def forward(
@@ -234,7 +239,8 @@ class PromptedViT(nn.Module):
         if prompts is None:
             prompts = self.prompts.per_layer()
         per_layer = [prompts[i] if i < len(prompts) else None for i in range(self.num_layers)]
-        x = self._layers(self.embed(images), self._prompted_block, per_layer, None)
+        x, rope = families.embed(self.vit, images)
+        x = self._layers(x, self._prompted_block, per_layer, None, rope)
         return self.vit.forward_head(self.vit.norm(x), pre_logits=True)
 
     def forward_branches(
@@ -251,13 +257,18 @@ class PromptedViT(nn.Module):
                 "run one forward per branch instead"
             )
         n_branch = len(branches)
-        x = self.embed(images)  # shared by every branch
+        x, rope = families.embed(self.vit, images)  # shared by every branch
         x = x.repeat(n_branch, 1, 1) if n_branch > 1 else x
+        rope = families.repeat_for_branches(self.vit, rope, n_branch)
         per_layer = [
             [b[i] if i < len(b) and _prompt_len(b[i]) > 0 else None for b in branches]
             for i in range(self.num_layers)
         ]
-        x = self._layers(x, self._branch_block, per_layer, _head_tokens(self.vit))
+        if fuses_by_mask(self.vit):  # timm's own Eva blocks, padded prompts masked
+            block = partial(masked_branch_block, self.vit.num_prefix_tokens)
+            x = self._layers(x, block, per_layer, None, rope)
+        else:
+            x = self._layers(x, self._branch_block, per_layer, _head_tokens(self.vit))
         feats = self.vit.forward_head(self.vit.norm(x), pre_logits=True)
         return list(feats.chunk(n_branch)) if n_branch > 1 else [feats]
 

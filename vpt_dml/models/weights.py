@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from timm.models.eva import Eva
+from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter_fn
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from vpt_dml.errors import WeightsError
@@ -90,7 +92,7 @@ def load_weights(model: VisionTransformer, name: str, path: Path) -> dict:
         report["prefix_stripped"], report["keys_outside_prefix"] = prefix or None, outside
         try:
             # timm's own filter (as for the hub): foreign layouts, pos-embed resampling
-            state = partial(checkpoint_filter_fn, adapt_layer_scale=True)(dict(state), model)
+            state = _checkpoint_filter(model)(dict(state), model)
         except Exception:  # noqa: BLE001 - a foreign file: the strict check below says why
             pass
         report["classifier_keys_dropped"] = _load_strict(model, name, path, state)
@@ -109,6 +111,12 @@ def load_weights(model: VisionTransformer, name: str, path: Path) -> dict:
         f" ({', '.join(where)})" if where else "",
     )
     return report
+
+
+def _checkpoint_filter(model: nn.Module):
+    if isinstance(model, Eva):  # EVA-02 / DINOv3 / PE layouts, as timm's hub loading maps them
+        return eva_checkpoint_filter_fn
+    return partial(checkpoint_filter_fn, adapt_layer_scale=True)
 
 
 # -- reading ------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ def backbone_provenance(b: DictConfig, vit=None) -> dict:
         out["made_by"] = "vpt_dml synthetic pretraining on generated classes outside the dataset"
     if vit is not None and weights_report(vit) is not None:
         out["weights_file"] = weights_report(vit)
+        if not b.weights:  # local-dir:/folder loads the folder's weights file
+            out["pretrained"], out["weights"] = True, out["weights_file"]["file"]
     if vit is not None:  # what was built, read off the model (not the config)
         out["built"] = built_report(vit)
     return out
