@@ -178,7 +178,7 @@ def test_tiny_run_trains_the_loss_and_not_the_backbone(preset, peft, tmp_path):
     start, end, trainable = snap["start"], snap["end"], snap["trainable"]
     moved = {n for n in start if not torch.equal(start[n], end[n])}
     own = {n for n in start if n.startswith("criterion.")}
-    assert (own and own <= trainable) == (preset in OWN_PARAMETERS)
+    assert bool(own) == (preset in OWN_PARAMETERS) and own <= trainable
     assert own <= moved, "the loss's own parameters did not train"
     frozen = set(start) - trainable
     assert frozen and not (frozen & moved), f"frozen weights moved: {sorted(frozen & moved)[:3]}"

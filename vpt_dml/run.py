@@ -51,6 +51,7 @@ from vpt_dml.protocol import protocol
 from vpt_dml.provenance import cfg_without_hydra
 from vpt_dml.results import add_embedding_health, build_result, run_provenance
 from vpt_dml.resume import ResumePlan, plan_resume, run_config, trim_csv_history, warn_uncompared
+from vpt_dml.runs.search import check_search
 from vpt_dml.summary import print_summary
 from vpt_dml.watchdog import (
     SigtermGuard,
@@ -458,6 +459,7 @@ def main(cfg: DictConfig) -> float | None:
     debug = bool(cfg.get("debug", False)) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
         cluster.enter_job(cfg)  # ranks, requeued job / sweep rerun (resume, skip), SIGUSR
+        check_search(cfg)  # an Optuna trial's objective is never the test split's
         metrics = train(cfg)
         if sigterm_received():  # too late to stop the run, which finished: stop the process
             stop_interrupted(
@@ -485,7 +487,8 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     finally:
         finish_wandb()  # the next job of a sweep opens its own W&B run
-    # the value a Hydra sweeper (e.g. optuna) optimises
+    # the value a Hydra sweeper (e.g. optuna) optimises; under data.val_classes>0 the
+    # validation classes' (metrics.json `final`, runs/search.py)
     return metrics.get("recall@1")
 
 
