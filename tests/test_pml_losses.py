@@ -173,6 +173,8 @@ def test_tiny_run_trains_the_loss_and_not_the_backbone(preset, peft, tmp_path):
     metrics = train(cfg)
     record = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert record["status"] == "finished" and 0.0 <= metrics["recall@1"] <= 1.0
+    loss_name = OmegaConf.select(cfg, "loss.name")
+    assert record["method"]["label"] == f"{peft} / {loss_name}"  # not "learned" proxies
 
     snap = SNAPSHOTS.pop(key)
     start, end, trainable = snap["start"], snap["end"], snap["trainable"]
