@@ -5,7 +5,8 @@
 - a trial without validation classes is refused before it trains;
 - a tiny 3-trial search through `python -m vpt_dml.run -m +experiment=demo
   +hparams_search=optuna`, rerun for 2 more trials: one study of 5, each trial's value the
-  validation Recall@1 of its run folder, best_trial.yaml beside the study.
+  validation Recall@1 of its run folder, best_trial.yaml beside the study; a diverging
+  trial is recorded as failed and the search goes on.
 """
 
 from __future__ import annotations
@@ -119,18 +120,30 @@ def test_tiny_search_continues_its_study(tmp_path: Path):
     trials = study.trials
     assert [t.number for t in trials] == [0, 1, 2, 3, 4]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    best_before = study.best_trial.number
+
+    # a diverging trial is a failed trial: recorded as such, the search goes on
+    done = run_cli([*_args(tmp_path, 1), "optim.lr=1e20"], cwd=tmp_path, env=env)
+    assert done.returncode == 0 and "diverged:" in done.stderr, done.stderr[-3000:]
+    study = optuna.load_study(study_name="vptsp_g", storage=f"sqlite:///{search}/study.db")
+    assert [t.state for t in study.trials][5:] == [optuna.trial.TrialState.FAIL]
+    assert study.best_trial.number == best_before
 
     # two dated runs of job folders; each trial's value is its folder's validation R@1
     folders = sorted(p.parent for p in search.glob("*/metrics.json"))
-    assert len(folders) == 5 and len({f.name.rsplit("_job", 1)[0] for f in folders}) == 2
     records = [json.loads((f / "metrics.json").read_text()) for f in folders]
+    assert [r["status"] for r in records].count("diverged") == 1
+    folders = [f for f, r in zip(folders, records) if r["status"] != "diverged"]
+    records = [r for r in records if r["status"] != "diverged"]
+    assert len(folders) == 5 and len({f.name.rsplit("_job", 1)[0] for f in folders}) == 2
     assert all(r["status"] == "finished" and r["final"]["split"] == VALIDATION for r in records)
     assert sorted(t.value for t in trials) == sorted(
         r["final"]["metrics"]["recall@1"] for r in records
     )
 
     best = OmegaConf.to_container(OmegaConf.load(search / BEST_FILE))
-    assert best["trials_complete"] == 5 and best["best"]["value"] == study.best_value
+    assert best["trials_complete"] == 5 and best["trials_total"] == 6
+    assert best["best"]["value"] == study.best_value
     assert best["best"]["trial"] == study.best_trial.number
     folder = json.loads((Path(best["best"]["folder"]) / "metrics.json").read_text())
     assert folder["final"]["metrics"]["recall@1"] == study.best_value

@@ -51,7 +51,7 @@ from vpt_dml.protocol import protocol
 from vpt_dml.provenance import cfg_without_hydra
 from vpt_dml.results import add_embedding_health, build_result, run_provenance
 from vpt_dml.resume import ResumePlan, plan_resume, run_config, trim_csv_history, warn_uncompared
-from vpt_dml.runs.search import check_search
+from vpt_dml.runs.search import check_search, in_optuna_search
 from vpt_dml.summary import print_summary
 from vpt_dml.watchdog import (
     SigtermGuard,
@@ -478,6 +478,8 @@ def main(cfg: DictConfig) -> float | None:
         )
     except Diverged as e:  # metrics.json says "status": "diverged" (callbacks/divergence.py)
         print(f"diverged: {e}", file=sys.stderr)
+        if in_optuna_search():  # a failed trial (no value); the study goes on (runs/search.py)
+            return None
         sys.exit(DIVERGED_EXIT)
     except (UserError, InstantiationException) as e:
         if debug:
