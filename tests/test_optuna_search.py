@@ -6,7 +6,8 @@
 - a tiny 3-trial search through `python -m vpt_dml.run -m +experiment=demo
   +hparams_search=optuna`, rerun for 2 more trials: one study of 5, each trial's value the
   validation Recall@1 of its run folder, best_trial.yaml beside the study; a diverging
-  trial is recorded as failed and the search goes on.
+  trial is recorded as failed and the search goes on; a rerun with other fixed settings
+  is refused before it adds a trial.
 """
 
 from __future__ import annotations
@@ -116,16 +117,24 @@ def test_tiny_search_continues_its_study(tmp_path: Path):
         done = run_cli(_args(tmp_path, trials), cwd=tmp_path, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
     search = tmp_path / "search"
-    study = optuna.load_study(study_name="vptsp_g", storage=f"sqlite:///{search}/study.db")
+    storage = f"sqlite:///{search}/study.db"
+    study = optuna.load_study(study_name="vptsp_g", storage=storage)
     trials = study.trials
     assert [t.number for t in trials] == [0, 1, 2, 3, 4]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     best_before = study.best_trial.number
 
+    # other fixed settings would rank unlike runs in one study: refused before any trial
+    done = run_cli([*_args(tmp_path, 1), "optim.weight_decay=0.1"], cwd=tmp_path, env=env)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(lines) == 1 and "optim.weight_decay" in lines[0]
+    assert len(optuna.load_study(study_name="vptsp_g", storage=storage).trials) == 5
+
     # a diverging trial is a failed trial: recorded as such, the search goes on
-    done = run_cli([*_args(tmp_path, 1), "optim.lr=1e20"], cwd=tmp_path, env=env)
+    diverging = "optim.lr=tag(log, interval(1e19, 1e20))"  # a range: no fixed setting changes
+    done = run_cli([*_args(tmp_path, 1), diverging], cwd=tmp_path, env=env)
     assert done.returncode == 0 and "diverged:" in done.stderr, done.stderr[-3000:]
-    study = optuna.load_study(study_name="vptsp_g", storage=f"sqlite:///{search}/study.db")
+    study = optuna.load_study(study_name="vptsp_g", storage=storage)
     assert [t.state for t in study.trials][5:] == [optuna.trial.TrialState.FAIL]
     assert study.best_trial.number == best_before
 

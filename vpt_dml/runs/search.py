@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -98,13 +99,50 @@ except ImportError:  # pragma: no cover - hydra-core < 1.1
     Callback = object  # type: ignore[misc,assignment]
 
 
+def fixed_overrides(task_overrides: list[str]) -> dict[str, str]:
+    """The command line's fixed settings as the sweeper stores them on each trial."""
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+
+    return {k: str(v) for k, v in create_params_from_overrides(list(task_overrides))[1].items()}
+
+
+def study_mismatch(storage: str, study_name: str, fixed: dict[str, str]) -> list[str]:
+    """Fixed settings this command gives differently from the stored study's trials (a
+    study whose trials ran other settings would rank unlike runs against each other)."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:  # no such study yet
+        return []
+    stored: dict[str, str] = {}
+    for t in study.trials:
+        stored.update({k: str(v) for k, v in t.user_attrs.items()})
+    return sorted(k for k in set(stored) | set(fixed) if stored.get(k) != fixed.get(k))
+
+
 class StudyFolder(Callback):
     """hydra.callbacks entry of +hparams_search=optuna (see the module docstring)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        path = _storage_path(str(config.hydra.sweeper.storage or ""))
-        if path is not None:  # sqlite does not make folders
-            path.parent.mkdir(parents=True, exist_ok=True)
+        sweeper = config.hydra.sweeper
+        path = _storage_path(str(sweeper.storage or ""))
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)  # sqlite does not make folders
+        task = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+        differ = study_mismatch(
+            str(sweeper.storage), str(sweeper.study_name), fixed_overrides(task)
+        )
+        if differ:  # before any trial: one line and exit 2, as every refused command
+            shown = ", ".join(differ[:4]) + (" ..." if len(differ) > 4 else "")
+            print(
+                f"error: the study {sweeper.study_name} in {path} ran with other fixed settings "
+                f"({shown} differ); continue it with the same command, or give "
+                "hydra.sweeper.study_name=<new> (or another hydra.sweep.dir)",
+                file=sys.stderr,
+            )
+            sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = config.hydra.sweeper
