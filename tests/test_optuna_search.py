@@ -95,6 +95,16 @@ def test_a_trial_without_validation_classes_is_refused(tmp_path: Path):
         check_search(cfg)
 
 
+@pytest.mark.slow
+def test_a_search_without_validation_classes_is_refused_before_any_trial(tmp_path: Path):
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    done = run_cli([*_args(tmp_path, 2), "data.val_classes=0"], cwd=tmp_path, env=env)
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(lines) == 1 and "data.val_classes>0" in lines[0]
+    assert not list((tmp_path / "search").glob("*/metrics.json"))
+    assert not (tmp_path / "search" / "study.db").exists()
+
+
 def _args(tmp_path: Path, trials: int) -> list[str]:
     tiny = [o for o in tiny_overrides(*HELD_OUT) if not o.startswith(("logger=", "data="))]
     return [

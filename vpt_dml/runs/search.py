@@ -41,14 +41,24 @@ def in_optuna_search() -> bool:
     return hc.mode == RunMode.MULTIRUN and "optuna" in target.lower()
 
 
+NO_VALIDATION = (
+    "an Optuna search optimises the held-out validation classes' Recall@1, and "
+    "data.val_classes=0 would make it the test split's: set data.val_classes>0 "
+    "(+hparams_search=optuna sets 0.25)"
+)
+
+
 def check_search(cfg: DictConfig) -> None:
-    """Refuse a trial whose objective would read the test split."""
+    """Refuse a trial whose objective would read the test split (`StudyFolder` refuses the
+    whole search first; this catches a trial whose own overrides zero it)."""
     if in_optuna_search() and not (cfg.get("data") or {}).get("val_classes"):
-        raise UserError(
-            "an Optuna search optimises the held-out validation classes' Recall@1, and "
-            "data.val_classes=0 would make it the test split's: set data.val_classes>0 "
-            "(+hparams_search=optuna sets 0.25)"
-        )
+        raise UserError(NO_VALIDATION)
+
+
+def _refuse(line: str) -> None:
+    """Before any trial: one line and exit 2, as every refused command."""
+    print(f"error: {line}", file=sys.stderr)
+    sys.exit(2)
 
 
 def _storage_path(storage: str) -> Path | None:
@@ -125,6 +135,8 @@ class StudyFolder(Callback):
     """hydra.callbacks entry of +hparams_search=optuna (see the module docstring)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not OmegaConf.select(config, "data.val_classes"):
+            _refuse(NO_VALIDATION)
         sweeper = config.hydra.sweeper
         path = _storage_path(str(sweeper.storage or ""))
         if path is None:
@@ -134,15 +146,13 @@ class StudyFolder(Callback):
         differ = study_mismatch(
             str(sweeper.storage), str(sweeper.study_name), fixed_overrides(task)
         )
-        if differ:  # before any trial: one line and exit 2, as every refused command
+        if differ:
             shown = ", ".join(differ[:4]) + (" ..." if len(differ) > 4 else "")
-            print(
-                f"error: the study {sweeper.study_name} in {path} ran with other fixed settings "
+            _refuse(
+                f"the study {sweeper.study_name} in {path} ran with other fixed settings "
                 f"({shown} differ); continue it with the same command, or give "
-                "hydra.sweeper.study_name=<new> (or another hydra.sweep.dir)",
-                file=sys.stderr,
+                "hydra.sweeper.study_name=<new> (or another hydra.sweep.dir)"
             )
-            sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweeper = config.hydra.sweeper
