@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from conftest import compose_config, tiny_overrides
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
@@ -210,3 +210,31 @@ def test_semantic_proxies_refused(tmp_path):
     with pytest.raises(UserError, match="add model/proxy=learned") as e:
         train(cfg)
     assert "\n" not in str(e.value)
+
+
+def _run(tmp_path: Path, name: str, *extra: str) -> dict:
+    cfg = compose_config(tiny_overrides("loss=pml_arcface", "model/peft=lora", *extra), tmp_path)
+    with open_dict(cfg):  # one generated dataset, one folder per run
+        cfg.paths.data_dir = str(tmp_path / "data")
+        cfg.paths.output_dir = cfg.hydra.runtime.output_dir = str(tmp_path / name)
+    HydraConfig.instance().set_config(cfg)
+    train(cfg)
+    return torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def test_resume_with_a_pml_loss_equals_a_straight_run(tmp_path):
+    """The loss's own weights and their optimizer group travel in the checkpoint."""
+    straight = _run(tmp_path, "straight", "trainer.max_epochs=2")
+    first = _run(tmp_path, "first", "trainer.max_epochs=1")
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    resumed = _run(tmp_path, "resumed", "trainer.max_epochs=2", f"ckpt_path={last}")
+    weights = "criterion.loss.W"
+    assert not torch.equal(first["state_dict"][weights], straight["state_dict"][weights])
+    for key, value in straight["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][key], value, rtol=0, atol=1e-6, msg=key)
+    groups = [g.get("name") for g in resumed["optimizer_states"][0]["param_groups"]]
+    assert groups[-1] == "loss"
+    for a, b in zip(straight["optimizer_states"], resumed["optimizer_states"]):
+        for pid, state in a["state"].items():
+            for name, t in state.items():
+                torch.testing.assert_close(b["state"][pid][name], t, rtol=0, atol=1e-6)
