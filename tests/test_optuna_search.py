@@ -29,7 +29,7 @@ from vpt_dml.runs.search import BEST_FILE, check_search
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 
-VALIDATION = "validation classes"  # metrics.json split label (results.py)
+VALIDATION = "validation classes"  # metrics.json split label (runs/record.py)
 # 16 generated classes: 8 train (2 of them held out for validation), 8 test
 HELD_OUT = ["data.synthetic.num_classes=16", "data.val_classes=0.25", "trainer.max_epochs=2"]
 
