@@ -201,6 +201,8 @@ NO_DDP = r"(?!.* trainer=ddp(\b|_cpu\b))"
 MULTI = r"(?=.* (-m|--multirun)\b)"
 NO_LAUNCHER = r"(?!.* hydra/launcher=)"  # submitit launchers: entries of their own
 NO_MULTI = r"(?!.* (-m|--multirun)\b)"
+OPTUNA = r"(?=.* \+hparams_search=optuna\b)"  # trials chosen by the sampler: no grid to narrow
+NO_OPTUNA = r"(?!.* \+hparams_search=optuna\b)"
 
 # fmt: off
 HOW_RUN: dict[str, How] = {
@@ -213,9 +215,13 @@ HOW_RUN: dict[str, How] = {
     RUN + NO_DDP + NO_MULTI + r"(?=.* ckpt_path=)":
         How("resume", "ckpt_path= the last.ckpt of a finished tiny run of the same preset; one "
                       "more epoch"),
-    RUN + NO_DDP + MULTI + NO_LAUNCHER:
+    RUN + NO_DDP + MULTI + NO_LAUNCHER + NO_OPTUNA:
         How("sweep", "the sweep's own grid narrowed to its first value per swept key (one job), "
                      "tiny settings, tmp hydra.sweep.dir"),
+    RUN + NO_DDP + MULTI + NO_LAUNCHER + OPTUNA:
+        How("delegated", "an Optuna search: that test runs a tiny 3 + 2 trial search on the demo "
+                         "data through the CLI (one study, best_trial.yaml)",
+            "tests/test_optuna_search.py::test_tiny_search_continues_its_study"),
     RUN + r"(?=.* trainer=ddp_cpu\b)(?!.* (-m|--multirun)\b)(?! trainer=ddp_cpu$)":
         How("ddp_cpu", "its own subprocess (2 gloo processes re-launch the CLI), tiny settings"),
     r'^eval "\$\(python3? -m vpt_dml\.run -sc install=bash\)"$':

@@ -22,6 +22,7 @@ from vpt_dml.evaluation.epoch import epoch_metrics
 from vpt_dml.models.build import build_model
 from vpt_dml.models.class_prompt_store import ClassPromptStore
 from vpt_dml.models.params import format_breakdown, is_proxy_bias, parameter_breakdown
+from vpt_dml.models.semantic_proxies import SemanticProxies
 from vpt_dml.optim import device_step_kwargs
 
 log = logging.getLogger("vpt_dml")
@@ -57,6 +58,15 @@ class VPTDMLModule(L.LightningModule):
         # (images, labels) -> (embeddings, proxies): fused or two passes, chosen by build_model
         self.training_outputs = built.training_outputs
         self.criterion = from_config(loss, "loss")
+        if hasattr(self.criterion, "bind"):  # its own class parameters (losses/pml.py)
+            self.criterion.bind(num_classes, model.get("embed_dim") or self.embedder.feature_dim)
+        if not getattr(self.criterion, "reads_proxies", True):
+            if isinstance(self.proxies, SemanticProxies):  # the branch would train on nothing
+                raise UserError(
+                    f"loss {loss.get('name', loss['_target_'])} does not read the semantic "
+                    "proxies (VPTSP keeps its Proxy Anchor loss): add model/proxy=learned"
+                )
+            self.proxies.requires_grad_(False)  # unread: neither trained nor counted
         self.optim_cfg = dict(optim)
         self.eval_ks = tuple(eval_ks)
         self.clustering_every_epoch = clustering_every_epoch
@@ -123,8 +133,11 @@ class VPTDMLModule(L.LightningModule):
         applies the same weight decay to B; optim.weight_decay_proxy overrides it.
         """
         proxy, main = [], []
+        # a loss's own parameters (ArcFace's W, ...): their own group and lr (losses/pml.py)
+        own = self.criterion.param_group() if hasattr(self.criterion, "param_group") else None
+        in_own = {id(p) for p in own["params"]} if own else set()
         for name, p in self.named_parameters():
-            if p.requires_grad:
+            if p.requires_grad and id(p) not in in_own:
                 (proxy if is_proxy_bias(name) else main).append(p)
         o = self.optim_cfg
         wd = o.get("weight_decay", 0.0)
@@ -135,7 +148,7 @@ class VPTDMLModule(L.LightningModule):
             groups.append(
                 {"params": proxy, "lr": o["lr_proxy"], "weight_decay": wd_proxy, "name": "proxy"}
             )
-        return groups
+        return groups + ([own] if own else [])
 
     def configure_optimizers(self):
         factory = from_config(self.optim_cfg.get("optimizer"), "optim.optimizer")

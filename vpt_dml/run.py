@@ -31,6 +31,7 @@ from vpt_dml.runs.callbacks.divergence import DIVERGED_EXIT
 from vpt_dml.runs.callbacks.wandb_logger import finish_wandb
 from vpt_dml.runs.command_line import check_command_line, one_line
 from vpt_dml.runs.lifecycle import enter_job, run_training
+from vpt_dml.runs.search import check_search, in_optuna_search
 from vpt_dml.runs.sigterm import (
     enable_watchdog,
     end_together,
@@ -75,6 +76,7 @@ def main(cfg: DictConfig) -> float | None:
                 "rerun the same command to run the rest"
             )
         enter_job(cfg)  # ranks, requeued job / sweep rerun (resume, skip), SIGUSR
+        check_search(cfg)  # an Optuna trial's objective is never the test split's
         metrics = run_training(cfg)
         # every rank waits for rank 0's record; too late to stop the run, which finished:
         # stop the process (on every rank, if any rank got the signal)
@@ -99,6 +101,8 @@ def main(cfg: DictConfig) -> float | None:
         )
     except Diverged as e:  # metrics.json says "status": "diverged" (callbacks/divergence.py)
         print(f"diverged: {e}", file=sys.stderr)
+        if in_optuna_search() and not sweep.in_process_sweep():
+            return None  # a submitit trial: failed (no value), the study goes on
         return sweep.job_failed(DIVERGED_EXIT, f"diverged: {e}")
     except (UserError, InstantiationException) as e:
         if debug:
@@ -115,7 +119,8 @@ def main(cfg: DictConfig) -> float | None:
         return sweep.job_failed(1, f"crashed: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
     finally:
         finish_wandb()  # the next job of a sweep opens its own W&B run
-    # the value a Hydra sweeper (e.g. optuna) optimises
+    # the value a Hydra sweeper (e.g. optuna) optimises; under data.val_classes>0 the
+    # validation classes' (metrics.json `final`, runs/search.py)
     return metrics.get("recall@1")
 
 

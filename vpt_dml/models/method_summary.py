@@ -147,9 +147,12 @@ def effective_method(module: nn.Module) -> dict:
     features = {"prompts": prompt_depth_kind(counts), **{k: bb[k] for k in SWITCHES}}
     peft = CUSTOM if bb["partial"] else peft_method_of(features)
     proxy = _proxy_summary(module.proxies)
+    criterion = getattr(module, "criterion", None)
+    if not getattr(criterion, "reads_proxies", True):  # a PML loss: its own (or no) proxies
+        proxy = {"kind": "none", "loss": criterion.name}
     extra_fn = getattr(module.proxies, "external_parameter_counts", None)
     trainable = parameter_breakdown(module, extra_fn() if extra_fn else None)["all"]["trainable"]
-    label = proxy["kind"] + (
+    label = proxy.get("loss") or proxy["kind"] + (
         f" ({proxy['update']})" if proxy.get("update") not in (None, "mix") else ""
     )
     return {

@@ -21,11 +21,12 @@ _PREFIXES = (
     ("proxies.head.", "proxy_head"),
     ("proxies.cell.", "gru"),
     ("proxies.bias", "proxies"),
+    ("criterion.", "loss"),  # a loss's own parameters (losses/pml.py: ArcFace's W, ...)
 )
 
 
 # components that exist only to train (vpt_dml.export leaves them out)
-TRAINING_ONLY = ("gru", "proxy_head", "class_prompts", "proxies")
+TRAINING_ONLY = ("gru", "proxy_head", "class_prompts", "proxies", "loss")
 BACKBONE = ("backbone_weight", "backbone_bias")
 # rows of parameter_breakdown() that sum components rather than name one
 SUMMARY_ROWS = ("inference", "training_only", "all")

@@ -52,7 +52,7 @@ CODE_KEYS: dict[str, set[str]] = {
 # values that take more types than the option files show
 EXTRA_TYPES: dict[str, set[str]] = {"model.grad_checkpointing": {"float"}}
 # passed through to a library as they are: children not checked
-OPEN = {"model.backbone.kwargs"}
+OPEN = {"model.backbone.kwargs", "loss.kwargs", "loss.miner"}  # loss.*: losses/pml.py checks them
 # may gain new entries (each its own `_target_`, checked against that target)
 EXTENSIBLE = {"callbacks", "logger"}
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
