@@ -212,7 +212,7 @@ def interruption_record(path: Path, trainer: L.Trainer) -> dict:
         batches = (ckpt.get("loops") or {}).get("fit_loop", {})
         batches = batches.get("epoch_loop.batch_progress", {}).get("current", {}).get("completed")
         note = (
-            f"{path.name} holds the state after step {step} ({batches} batch(es) of epoch "
+            f"{path.name} holds the mid-epoch state after step {step} ({batches} batch(es) of epoch "
             f"{epoch}); a resume continues from there exactly as the uninterrupted run"
         )
     elif mid:
