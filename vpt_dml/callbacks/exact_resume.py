@@ -30,7 +30,9 @@ from the trainer.
 
 from __future__ import annotations
 
+import os
 import random
+import time
 from pathlib import Path
 
 import lightning as L
@@ -40,6 +42,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vpt_dml.checkpoints import load_checkpoint
+from vpt_dml.cluster import _process_start
+from vpt_dml.runs import requeue_budget
 
 
 def rng_state() -> dict:
@@ -83,6 +87,9 @@ class ExactResume(L.Callback):
         self._mid_epoch: bool | str = False  # while writing one: True (exact) or "inexact"
         self._resume_mid_epoch = False
         self.interrupted: dict | None = None
+        self._epoch_s: float | None = None  # measured (or recorded by the checkpoint)
+        self._epoch_started: float | None = None
+        self._warned = False
 
     def state_dict(self) -> dict:
         # Epoch-end checkpoints are written after validation: nothing draws random numbers
@@ -91,11 +98,12 @@ class ExactResume(L.Callback):
         # RNG state is where the straight run continues. An inexact one carries none.
         rng = None if self._mid_epoch == "inexact" else rng_state()
         return {"rng": rng, "run": self.run_info, "mid_epoch": bool(self._mid_epoch),
-                "exact": self._mid_epoch != "inexact"}  # fmt: skip
+                "exact": self._mid_epoch != "inexact", "epoch_s": self._epoch_s}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._pending = state_dict.get("rng")
         self._resume_mid_epoch = bool(state_dict.get("mid_epoch")) and self._pending is not None
+        self._epoch_s = state_dict.get("epoch_s")
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -127,6 +135,8 @@ class ExactResume(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A mid-epoch resume: Lightning calls no epoch-start hook for the epoch it continues.
         The epoch's plan drawn again, its finished batches skipped, then the RNG restored."""
+        if self._epoch_s is not None:  # a requeued allocation knows the epoch time already
+            self._check_budget(trainer)
         if not self._resume_mid_epoch:
             return
         self._resume_mid_epoch = False
@@ -140,7 +150,24 @@ class ExactResume(L.Callback):
         set_rng_state(self._pending)
         self._pending = None
 
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._epoch_started is not None:
+            self._epoch_s = time.monotonic() - self._epoch_started
+            self._epoch_started = None
+            self._check_budget(trainer)
+
+    def _check_budget(self, trainer: L.Trainer) -> None:
+        """Once per process: warn when an allocation cannot advance a run that redoes its
+        interrupted epoch (runs/requeue_budget.py); exact mid-epoch resumes need no warning."""
+        if self._warned or not trainer.is_global_zero or resumes_mid_epoch_exactly(trainer):
+            return
+        self._warned = True
+        started = _process_start(os.getpid())
+        startup = time.time() - started if started else 0.0
+        requeue_budget.warn_if_too_short(self._epoch_s or 0.0, startup)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_started = time.monotonic()
         batch_sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
         if hasattr(batch_sampler, "set_epoch"):
             batch_sampler.set_epoch(trainer.current_epoch)
@@ -158,17 +185,20 @@ class ExactResume(L.Callback):
             iter(fetcher)
 
 
-def exact_mid_epoch(trainer: L.Trainer) -> bool:
-    """Whether a resume from this point can continue exactly: the epoch's batches are a
-    function of (seed, epoch) (the batch sampler has set_epoch), every random number is
-    drawn in this process (no DataLoader workers), and training is between two batches
-    (not in the epoch-end validation)."""
+def resumes_mid_epoch_exactly(trainer: L.Trainer) -> bool:
+    """The epoch's batches are a function of (seed, epoch) (the batch sampler has
+    set_epoch) and every random number is drawn in this process (no DataLoader workers)."""
     loader = trainer.train_dataloader
     batch_sampler = getattr(loader, "batch_sampler", None)
+    return hasattr(batch_sampler, "set_epoch") and getattr(loader, "num_workers", 1) == 0
+
+
+def exact_mid_epoch(trainer: L.Trainer) -> bool:
+    """Whether a resume from this point can continue exactly: see above, and training is
+    between two batches (not in the epoch-end validation)."""
     progress = trainer.fit_loop.epoch_loop.batch_progress.current
     return (
-        hasattr(batch_sampler, "set_epoch")
-        and getattr(loader, "num_workers", 1) == 0
+        resumes_mid_epoch_exactly(trainer)
         and not trainer.validating
         and 0 < progress.completed < trainer.num_training_batches
     )

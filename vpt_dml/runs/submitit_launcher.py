@@ -233,14 +233,21 @@ def collect(jobs: list, states: dict[str, str], folders: list[str]) -> list[JobR
 
 
 def _last_error_line(*logs: Path) -> str | None:
+    """The job's own last `error:` / `interrupted:` / `diverged:` line, else the last line
+    that reads as an error (an exception, slurmstepd's CANCELLED / TIME LIMIT)."""
+    lines = []
     for log in logs:
         try:
-            lines = [ln.strip() for ln in Path(log).read_text(errors="replace").splitlines()]
+            lines += [ln.strip() for ln in Path(log).read_text(errors="replace").splitlines()]
         except OSError:
             continue
-        for line in reversed(lines):
-            if line.startswith(("error:", "interrupted:", "diverged:", "slurmstepd: error:")) or (
-                "Error" in line.split(":", 1)[0] and not line.startswith("File ")
-            ):
-                return line
-    return None
+    ours = [ln for ln in lines if ln.startswith(("error:", "interrupted:", "diverged:"))]
+    if ours:
+        return ours[-1]
+    others = [
+        ln
+        for ln in lines
+        if ln.startswith("slurmstepd: error:")
+        or ("Error" in ln.split(":", 1)[0] and not ln.startswith("File "))
+    ]
+    return others[-1] if others else None
