@@ -4,7 +4,10 @@ resumes from last.ckpt in the same folder; its final metrics equal an uninterrup
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -50,5 +53,63 @@ def test_time_limit_signal_requeues_and_the_resumed_run_equals_a_straight_one(tm
     assert re.search(r"SIGUSR2: the time limit is near", logs), logs[-3000:]
     assert "requeued SLURM job" in logs and "resuming: job 0 continues from" in logs, logs[-3000:]
     result = metrics(job / "sweep" / "0")
+    assert result["status"] == "finished"
+    assert result["metrics"] == straight  # bit for bit
+
+
+def csv_steps(run_dir: Path) -> int:
+    """The last training step the run's CSV history holds (flushed every step here)."""
+    path = run_dir / "csv" / "metrics.csv"
+    if not path.is_file():
+        return -1
+    steps = [ln.split(",") for ln in path.read_text().splitlines()[1:]]
+    return max((int(r[1]) for r in steps if len(r) > 1 and r[1].isdigit()), default=-1)
+
+
+def restarts(job: str) -> int:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    found = re.search(r"Restarts=(\d+)", out)
+    return int(found.group(1)) if found else -1
+
+
+@pytest.mark.timeout(600)
+def test_requeued_twice_inside_the_first_epoch_resumes_exactly(tmp_path):
+    """Slurm's warning signal (sent with `scancel --signal=USR2`, at chosen steps: the time
+    limit's own timing is a minute off) twice inside the first epoch: each allocation saves
+    its newer mid-epoch state, the next one continues from it, and the run equals one that
+    was never stopped."""
+    # 16 classes x 100 images: 100 steps per epoch; the CSV written at every step
+    settings = [
+        "data.synthetic.num_classes=16",
+        "data.synthetic.images_per_class=100",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=1",
+        "+logger.csv.flush_logs_every_n_steps=1",
+    ]
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    proc = start(sweep_args(job_dir, *settings, "hydra.launcher.timeout_min=10", "seed=0"), job_dir)
+    run_dir = job_dir / "sweep" / "0"
+    stops = []
+    for allocation in range(2):
+        end = time.monotonic() + 300
+        while csv_steps(run_dir) < (stops[-1] if stops else 0) + 5:  # 5 steps into it
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < end, f"allocation {allocation} did not train"
+            time.sleep(0.2)
+        job = json.loads((run_dir / "run.lock").read_text())["slurm_job"]
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)
+        while restarts(job) < allocation + 1:  # the run requeued its job
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < end, f"allocation {allocation} was not requeued"
+            time.sleep(0.5)
+        info = metrics(run_dir)["interrupted"]
+        assert info["mid_epoch"] and info["completed_epochs"] == 0, info  # inside epoch 0
+        assert info["global_step"] > (stops[-1] if stops else 0)  # the newer state was saved
+        stops.append(info["global_step"])
+    straight = straight_run(tmp_path / "straight", *settings, "seed=0")
+    out, _ = proc.communicate(timeout=400)
+    assert proc.returncode == 0, out[-4000:]
+    result = metrics(run_dir)
     assert result["status"] == "finished"
     assert result["metrics"] == straight  # bit for bit
