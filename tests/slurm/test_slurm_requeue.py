@@ -4,6 +4,7 @@ resumes from last.ckpt in the same folder; its final metrics equal an uninterrup
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -60,10 +61,11 @@ def test_time_limit_signal_requeues_and_the_resumed_run_equals_a_straight_one(tm
 def csv_steps(run_dir: Path) -> int:
     """The last training step the run's CSV history holds (flushed every step here)."""
     path = run_dir / "csv" / "metrics.csv"
-    if not path.is_file():
+    try:
+        rows = list(csv.DictReader(path.read_text().splitlines()))
+    except (OSError, csv.Error):
         return -1
-    steps = [ln.split(",") for ln in path.read_text().splitlines()[1:]]
-    return max((int(r[1]) for r in steps if len(r) > 1 and r[1].isdigit()), default=-1)
+    return max((int(r["step"]) for r in rows if (r.get("step") or "").isdigit()), default=-1)
 
 
 def restarts(job: str) -> int:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -149,6 +150,8 @@ class ExactResume(L.Callback):
         _skip_batches(trainer, done)
         set_rng_state(self._pending)
         self._pending = None
+        # Lightning warns that a plain DataLoader cannot resume mid-epoch: here it did
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._epoch_started is not None:
