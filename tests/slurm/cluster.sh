@@ -27,7 +27,7 @@ up() { timeout 5 sinfo -h -n "$HOST" -o %T 2>/dev/null | grep -qE '^(idle|mixed|
 
 configure() {
   local cpus mem
-  cpus=$(nproc)
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc honours OMP_NUM_THREADS
   # leave 1 GiB to the system; RealMemory in MB
   mem=$(( $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) - 1024 ))
   mkdir -p "$DIR"/{state,spool,log} /etc/slurm /var/run/munge /var/log/munge /var/lib/munge
@@ -94,7 +94,7 @@ start() {
   pgrep -x slurmctld >/dev/null || slurmctld -c 2>>"$DIR/log/slurmctld.err"
   pgrep -x slurmd >/dev/null || slurmd -c 2>>"$DIR/log/slurmd.err"
   for _ in $(seq 60); do
-    if up; then say "started: node $HOST, partition cpu, $(nproc) CPUs (state in $DIR)"; exit 0; fi
+    if up; then say "started: node $HOST, partition cpu, $(env -u OMP_NUM_THREADS nproc) CPUs (state in $DIR)"; exit 0; fi
     scontrol update nodename="$HOST" state=resume >/dev/null 2>&1
     sleep 1
   done
