@@ -29,7 +29,9 @@ def ddp(*extra: str) -> list[str]:
 
 @pytest.mark.timeout(600)
 def test_two_srun_tasks_equal_lightnings_ddp_cpu_launch(tmp_path: Path) -> None:
-    settings = ddp("trainer.max_epochs=2", "seed=0")
+    # 8 training classes: a DDP step draws 2 x 4 distinct ones
+    data = ["data.synthetic.num_classes=16", "data.synthetic.images_per_class=8"]
+    settings = ddp(*data, "trainer.max_epochs=2", "seed=0")
     job_dir, local = tmp_path / "job", tmp_path / "local"
     job_dir.mkdir()
     local.mkdir()
