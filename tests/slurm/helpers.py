@@ -11,13 +11,19 @@ from pathlib import Path
 from tests.conftest import tiny_overrides
 
 # 1 GB per job: both jobs of a sweep fit the test node at once (it has 2 CPUs)
-SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=cpu", "hydra.launcher.mem_gb=1"]
+SLURM = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.partition=cpu",
+    "hydra.launcher.mem_gb=1",
+    "hydra.launcher.cpus_per_task=1",
+]
 
 
 def sweep_args(tmp_path: Path, *extra: str) -> list[str]:
+    given = {o.split("=", 1)[0] for o in extra}
     return [
         "-m",
-        *SLURM,
+        *[o for o in SLURM if o.split("=", 1)[0] not in given],
         *tiny_overrides("eval_before_training=false", *extra),
         f"paths.data_dir={tmp_path / 'data'}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
