@@ -15,7 +15,7 @@ import pytest
 from omegaconf import open_dict
 
 from tests.conftest import compose_config, tiny_overrides
-from tests.slurm.helpers import metrics, start, sweep_args
+from tests.slurm.helpers import env, metrics, start, sweep_args
 from vpt_dml.run import train
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -115,3 +115,29 @@ def test_requeued_twice_inside_the_first_epoch_resumes_exactly(tmp_path):
     result = metrics(run_dir)
     assert result["status"] == "finished"
     assert result["metrics"] == straight  # bit for bit
+
+
+@pytest.mark.timeout(180)
+def test_a_time_limit_shorter_than_start_up_plus_an_epoch_is_warned_about(tmp_path):
+    """Where the interrupted epoch is redone (DataLoader workers), a job whose time limit
+    cannot hold start-up plus one epoch would never advance: the run says so. The limit is
+    read from Slurm inside a real job (`--time=1`: 60 s)."""
+    import sys
+
+    code = (
+        "from vpt_dml.runs.requeue_budget import warn_if_too_short as w;"
+        "assert w(30.0, 10.0) is None;"  # 40 s fit in 60 s
+        "print('LINE', w(55.0, 10.0))"
+    )
+    out = tmp_path / "out.txt"
+    subprocess.run(
+        ["sbatch", "--wait", "-p", "cpu", "-c", "1", "--mem=100", "--time=1", "-o", str(out),
+         "--wrap", f"{sys.executable} -c \"{code}\""],
+        check=True, capture_output=True, timeout=170, env=env(),
+    )  # fmt: skip
+    text = out.read_text()
+    assert (
+        "LINE warning: start-up (10 s) plus one epoch (55 s) exceed this job's time limit (60 s)"
+        in text
+    ), text
+    assert "hydra.launcher.timeout_min" in text and "data.num_workers=0" in text
