@@ -103,7 +103,7 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
 
 def resolved(cfg: DictConfig) -> dict:
     """The run's config as plain data (the `hydra` node left out: it needs a live job)."""
-    from vpt_dml.run import cfg_without_hydra
+    from vpt_dml.runs.provenance import cfg_without_hydra
 
     return OmegaConf.to_container(cfg_without_hydra(cfg), resolve=True)
 

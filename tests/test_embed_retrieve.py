@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from tests.test_export import backbone_weights_file, train_run, trained_embedder
 from vpt_dml import embed, retrieve
 from vpt_dml.data.dataset import load_transformed
 from vpt_dml.data.transforms import build_transforms
-from vpt_dml.export import export_run
+from vpt_dml.serving import embeddings
+from vpt_dml.serving.exported import export_run
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +197,7 @@ def test_embed_skip_broken_keeps_every_other_image(
 def test_interrupted_embed_resumes_without_recomputing(
     setup, reference, tmp_path: Path, monkeypatch
 ) -> None:
-    real = embed.embed_files
+    real = embeddings.embed_files
     calls: list[int] = []
     interrupt_at = [3]
 
@@ -205,7 +207,7 @@ def test_interrupted_embed_resumes_without_recomputing(
             raise KeyboardInterrupt  # the user's Ctrl-C during the third chunk
         return real(model, files, *args, **kwargs)
 
-    monkeypatch.setattr(embed, "embed_files", counting)
+    monkeypatch.setattr(embeddings, "embed_files", counting)
     out = tmp_path / "emb"
     args = [*model_args(setup), str(setup["gallery"]), str(out), "--no-progress"]
     with pytest.raises(KeyboardInterrupt):
@@ -286,3 +288,61 @@ def test_a_folder_of_symlinks_embeds_and_retrieves_under_the_links_names(
     assert retrieve.main(args) == 0
     first = json.loads(found.read_text())[0]["neighbours"][0]
     assert Path(first["path"]) == links / "q0.jpg"
+
+
+@pytest.mark.parametrize(
+    "odd", [b"two\nlines.jpg", b"carriage\rreturn.jpg", b"sep\xe2\x80\xa8.jpg", b"latin\xff.jpg"]
+)
+def test_a_file_name_files_txt_cannot_hold_is_refused_in_one_line(
+    setup, reference, tmp_path: Path, capsys, odd: bytes
+) -> None:
+    """Issue 28 item 15: a newline in a name wrote 13 lines for 12 rows (and rerunning, as
+    the reader advised, wrote them again); a non-UTF-8 name ended in a traceback."""
+    gallery = tmp_path / "gallery"
+    shutil.copytree(setup["gallery"], gallery)
+    first = sorted(gallery.rglob("*.jpg"))[0]
+    renamed = os.path.join(os.fsencode(first.parent), odd)
+    os.rename(os.fsencode(first), renamed)
+    out = tmp_path / "emb"
+    args = [*model_args(setup), str(gallery), str(out), "--no-progress"]
+    assert embed.main(args) == 2
+    line = one_error_line(capsys.readouterr().err)
+    name = str(Path(os.fsdecode(renamed)).relative_to(gallery))
+    assert repr(name) in line and "rename the file" in line
+    assert not (out / "files.txt").exists() and not (out / "embeddings.npy").exists()
+    os.rename(renamed, os.fsencode(first))  # the advice, followed: the folder embeds
+    assert embed.main(args) == 0
+    assert rows_by_name(out).keys() == rows_by_name(reference).keys()
+
+
+@pytest.mark.parametrize("kind", ["embed", "index", "images"])
+def test_retrieve_saves_next_to_the_gallery_not_the_working_directory(
+    setup, reference, tmp_path: Path, monkeypatch, capsys, kind
+) -> None:
+    """Issue 28 item 16: without --out, retrieve wrote ./retrieval.json wherever it ran."""
+    from vpt_dml import index
+
+    if kind == "embed":
+        gallery = tmp_path / "emb"
+        shutil.copytree(reference, gallery)
+        expected = gallery / "retrieval.json"
+    elif kind == "index":
+        gallery = tmp_path / "g.faiss"
+        assert index.main(["build", str(reference), str(gallery)]) == 0
+        expected = tmp_path / "g.retrieval.json"
+    else:
+        gallery = tmp_path / "images"
+        shutil.copytree(setup["gallery"], gallery)
+        expected = tmp_path / "images.retrieval.json"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    query = sorted(setup["gallery"].rglob("*.jpg"))[4]
+    args = [*model_args(setup), str(query), str(gallery), "--top-k", "3", "--no-progress"]
+    assert retrieve.main(args) == 0
+    assert list(cwd.iterdir()) == []
+    assert f"saved to {expected}" in capsys.readouterr().out
+    assert retrieve.main([*args, "--out", str(tmp_path / "given.json")]) == 0
+    assert json.loads(expected.read_text()) == json.loads((tmp_path / "given.json").read_text())
+    if kind == "images":  # nothing was written into the user's image folder
+        assert sorted(gallery.rglob("*.json")) == []

@@ -68,3 +68,39 @@ def test_images_outside_class_folders_are_refused_in_one_line(demo, tmp_path: Pa
     assert evaluate.main([*args, "--no-progress"]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert "loose.jpg" in line and "subfolder" in line
+
+
+def test_the_same_folder_as_queries_and_gallery_leaves_each_query_out(
+    demo,  # noqa: F811
+    tmp_path: Path,
+    capsys,
+) -> None:
+    """Issue 28 item 2: `--queries X --gallery X` reported Recall@1 = 100 (every query
+    found its own file). Now: the query-equals-gallery metrics of training-time evaluation."""
+    q_dir, _ = split_folders(demo["paths"], tmp_path)
+    link = tmp_path / "link_to_queries"
+    link.symlink_to(q_dir, target_is_directory=True)
+    q, names = embedded_with_labels(demo["weights"], q_dir, tmp_path / "qe")
+    labels = np.unique(names, return_inverse=True)[1]
+    expected = retrieval_metrics(q, labels, (1, 2))
+    assert expected["recall@1"] < 1.0  # else the test could not tell the two apart
+    for gallery in (q_dir, link):  # the same folder, or the same files through a link
+        out = tmp_path / f"{gallery.name}.json"
+        args = [str(demo["weights"]), "--queries", str(q_dir), "--gallery", str(gallery)]
+        assert evaluate.main([*args, "--ks", "1,2", "--out", str(out), "--no-progress"]) == 0
+        result = json.loads(out.read_text())
+        assert result["metrics"] == pytest.approx(expected, abs=1e-12)
+        assert result["mode"] == "leave-one-out" and result["gallery"] == result["queries"] == 20
+        assert result["queries_without_gallery_class"] == 0  # every class has 2 or more
+        assert "left out of its own neighbours" in capsys.readouterr().out
+
+
+def test_folders_sharing_some_files_are_refused_in_one_line(demo, tmp_path: Path, capsys) -> None:  # noqa: F811
+    q_dir, g_dir = split_folders(demo["paths"], tmp_path)
+    shared = next(q_dir.rglob("*.jpg"))
+    (g_dir / shared.parent.name).mkdir(exist_ok=True)
+    (g_dir / shared.parent.name / "same.jpg").symlink_to(shared)
+    args = [str(demo["weights"]), "--queries", str(q_dir), "--gallery", str(g_dir)]
+    assert evaluate.main([*args, "--no-progress"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "1 of the 20 query images are also gallery images" in line and shared.name in line

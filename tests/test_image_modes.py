@@ -12,6 +12,7 @@ from PIL import Image
 
 from tests.fake_layouts import fake_sop
 from tests.test_data_transforms import photo_like
+from vpt_dml.data.images import conversion
 from vpt_dml.data.transforms import build_transforms
 from vpt_dml.data.verify import main as verify_main
 
@@ -179,3 +180,103 @@ def test_exif_rotated_jpeg_is_drafted_in_its_stored_frame():
     image = exif_jpeg(np.asarray(Image.open(photo_like(1600, 400))), 6)
     model_input(image, True, size=64)
     assert image.size == (400, 100)
+
+
+# orientation tag -> what a viewer does to the stored pixels (the EXIF / TIFF definitions)
+TURNS = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def save_oriented(stored: np.ndarray, path, fmt: str, orientation: int | None) -> None:
+    im = Image.fromarray(stored)
+    if fmt == "TIFF":  # the TIFF's own Orientation tag (274), not an EXIF block
+        im.save(path, "TIFF", tiffinfo={274: orientation} if orientation else {})
+        return
+    kw = {"JPEG": {"quality": 95}, "WEBP": {"lossless": True}, "PNG": {}}[fmt]
+    if orientation is not None:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kw["exif"] = exif.tobytes()
+    im.save(path, fmt, **kw)
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "JPEG", "PNG", "WEBP"])
+def test_every_orientation_reaches_the_model_as_displayed_through_the_loader(tmp_path, fmt):
+    """Issue 28 item 7: Pillow reports a TIFF with a width/height-swapping orientation (5-8)
+    in the displayed frame already; the fast path swapped its size a second time."""
+    from vpt_dml.data.dataset import ImageDataset
+    from vpt_dml.data.records import ImageRecords
+
+    stored = _rgb(40, 64)  # not square: a swapped size distorts
+    paths = []
+    for o in range(1, 9):
+        paths.append(tmp_path / f"o{o}.{fmt.lower()}")
+        save_oriented(stored, paths[-1], fmt, o)
+    plain = tmp_path / f"plain.{fmt.lower()}"
+    save_oriented(stored, plain, fmt, None)
+    records = ImageRecords([str(p) for p in paths], np.zeros(8), ["c"])
+    with Image.open(plain) as im:  # the same file data without the tag, turned as a viewer does
+        decoded = im.convert("RGB")
+    for train in (False, True):
+        outputs = {}
+        for fast in (True, False):
+            transform = build_transforms(32, MEAN, STD, train=train, fast=fast)
+            loader = ImageDataset(records, transform)
+            for i, o in enumerate(range(1, 9)):
+                torch.manual_seed(11)
+                got = loader[i][0]
+                shown = decoded.transpose(TURNS[o]) if TURNS[o] is not None else decoded
+                want = model_input(shown.copy(), fast, train, seed=11)
+                err = (got - want).abs()
+                assert err.max() <= ONE_LEVEL, (fmt, o, fast, train, float(err.mean()))
+                outputs[fast, o] = got
+        for o in range(1, 9):  # the two paths: same crop, resampling noise only
+            assert (outputs[True, o] - outputs[False, o]).abs().mean() < 0.02, (fmt, o, train)
+
+
+def trns_png(mode: str) -> tuple[np.ndarray, Image.Image]:
+    """(what a viewer shows, a PNG whose tRNS chunk names a transparent colour): the right
+    half holds that colour, shown as the white page under it."""
+    rgb = _rgb()
+    h, w, _ = rgb.shape
+    opaque = np.zeros((h, w), bool)
+    opaque[:, : w // 2] = True
+    white = np.full_like(rgb, 255)
+    if mode == "RGB":  # 8-bit RGB, transparent colour black (no opaque pixel is black)
+        under = np.where(opaque[..., None], rgb, 0).astype(np.uint8)
+        shown = np.where(opaque[..., None], rgb, white)
+        return shown, reopened(Image.fromarray(under, "RGB"), "PNG", transparency=(0, 0, 0))
+    if mode == "I;16":  # 16-bit grey, transparent value 1234 (a near-black no pixel has)
+        gray = rgb[..., 0]
+        under = np.where(opaque, gray.astype(np.uint16) * 257, 1234).astype(np.uint16)
+        shown = np.repeat(np.where(opaque, gray, 255)[..., None], 3, -1)
+        return shown, reopened(Image.fromarray(under), "PNG", transparency=1234)
+    if mode == "L":  # 8-bit grey, transparent value 3 (already right: kept right)
+        gray = np.maximum(rgb[..., 0], 4)
+        under = np.where(opaque, gray, 3).astype(np.uint8)
+        shown = np.repeat(np.where(opaque, gray, 255)[..., None], 3, -1)
+        return shown, reopened(Image.fromarray(under, "L"), "PNG", transparency=3)
+    raise AssertionError(mode)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "I;16", "L"])
+def test_png_transparent_colour_is_composited_on_white_on_both_paths(mode):
+    """Issue 28 item 9: an RGB PNG's tRNS colour was ignored (the RGB shortcut) and a 16-bit
+    grey PNG's tRNS pixels stayed (near) black."""
+    shown, encoded = trns_png(mode)
+    assert encoded.mode == mode and "transparency" in encoded.info
+    reference = Image.fromarray(shown, "RGB")
+    for train in (False, True):
+        for fast in (True, False):
+            got = model_input(encoded.copy(), fast, train, seed=4)
+            want = model_input(reference.copy(), fast, train, seed=4)
+            assert (got - want).abs().max() <= ONE_LEVEL, (mode, fast, train)
+    assert conversion(encoded) == f"{mode}+transparency"  # what verify --decode counts

@@ -5,7 +5,9 @@ no gallery image matches (issue 19, finding 11: they were left out uncounted).""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,9 @@ import pytest
 from tests.conftest import TINY_BACKBONE, TINY_TRAINER, compose_config
 from tests.fake_layouts import distinct_images, fake_cub, fake_inshop
 from vpt_dml.data.datamodule import RetrievalDataModule
-from vpt_dml.data.manifest import split_sha256
+from vpt_dml.data.manifest import file_digests, split_sha256
 from vpt_dml.data.registry import load_splits
+from vpt_dml.evaluation.protocol import records_sha256
 
 
 def test_the_hash_follows_the_split_not_the_folder(tmp_path: Path):
@@ -94,3 +97,87 @@ def test_a_runs_metrics_json_carries_the_manifests_hash(tmp_path: Path):
     assert written["counts"]["test"] == {"images": 6, "classes": 3}
     assert dataset["inshop_images"] == "img" and dataset["decode"] == "torchvision"
     assert dataset["queries_without_gallery"] == 2
+
+
+# --- issue 28 item 3: the split hash sees the bytes, cheaply ----------------------------
+
+
+def test_same_file_names_with_other_pixels_are_another_split(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    a = distinct_images(fake_cub(tmp_path / "a", classes=4, per_class=2))
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    sha = split_sha256(load_splits("cub", str(a))[0])
+    assert split_sha256(load_splits("cub", str(b))[0]) == sha  # a true copy: one split
+    one = sorted((b / "CUB_200_2011" / "images").rglob("*.jpg"))[-1]  # a test image
+    one.write_bytes(bytes(255 - x for x in one.read_bytes()))  # same size, other pixels
+    assert split_sha256(load_splits("cub", str(b))[0]) != sha
+    test = load_splits("cub", str(a))[0].test
+    copy = load_splits("cub", str(b))[0].test
+    # the protocol's own fallback hash (runs without a manifest hash) sees them too
+    assert records_sha256(test, root=str(a)) != records_sha256(copy, root=str(b))
+
+
+def test_a_rewritten_file_is_hashed_again_even_with_its_old_size_and_mtime(
+    tmp_path: Path, monkeypatch
+):
+    """The digest cache is keyed on the stat identity; ctime moves on any rewrite."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    f = tmp_path / "data" / "x.bin"
+    f.parent.mkdir()
+    f.write_bytes(b"a" * 1000)
+    first = file_digests([str(f)], str(f.parent))
+    assert file_digests([str(f)], str(f.parent)) == first  # from the cache
+    st = f.stat()
+    time.sleep(0.01)
+    f.write_bytes(b"b" * 1000)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # as `cp -p` or tar would leave it
+    again = file_digests([str(f)], str(f.parent))
+    assert again[0][0] == 1000 and again != first
+
+
+def test_an_older_names_only_split_json_is_rewritten_not_reported_as_changed(
+    tmp_path: Path, monkeypatch, caplog
+):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = distinct_images(fake_cub(tmp_path / "cub", classes=4, per_class=2))
+    (root / "split.json").write_text(json.dumps({"sha256": "0" * 64, "dataset": "cub"}))
+    dm = RetrievalDataModule(name="cub", root=str(root), num_workers=0, strict_counts=False)
+    dm.load()
+    assert "split_json_sha256" not in dm.count_report and "written for another" not in caplog.text
+    assert (
+        json.loads((root / "split.json").read_text())["sha256"] == dm.count_report["split_sha256"]
+    )
+
+
+def test_runs_on_two_copies_with_other_pixels_are_not_paired_or_pooled(
+    tmp_path: Path, monkeypatch, capsys
+):
+    """End to end: one run on each of two In-Shop copies with the same file names, one
+    image's pixels differing. compare refuses; report will not rank them in one table and,
+    allowed to, keeps them as two groups."""
+    from vpt_dml import compare, report
+    from vpt_dml.run import train
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    a = distinct_images(fake_inshop(tmp_path / "a"))
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    one = sorted((b / "Img" / "img").rglob("*.jpg"))[0]
+    one.write_bytes(sorted((b / "Img" / "img").rglob("*.jpg"))[1].read_bytes())
+    outs = []
+    for root in (a, b):
+        data = ["data=inshop", f"data.root={root}", "data.strict_counts=false",
+                "data.num_workers=0", "data.batch_size=4", "data.samples_per_class=2",
+                "data.eval_batch_size=64", "data.recall_ks=[1,2]", "seed=0"]  # fmt: skip
+        cfg = compose_config(TINY_BACKBONE + TINY_TRAINER + data, tmp_path / root.name)
+        train(cfg)
+        outs.append(Path(cfg.paths.output_dir))
+    capsys.readouterr()
+    assert compare.main([str(outs[0]), str(outs[1])]) == 2
+    assert "different test splits" in capsys.readouterr().err
+    assert report.main([*map(str, outs), "--out", str(tmp_path / "r")]) == 2
+    assert "split_sha256" in capsys.readouterr().err
+    assert report.main([*map(str, outs), "--out", str(tmp_path / "r"), "--mixed-protocols"]) == 0
+    rows = [r for r in (tmp_path / "r.md").read_text().splitlines() if "| final |" in r]
+    assert len(rows) == 2 and all("| final | 1 |" in r for r in rows)  # not one group, n=2

@@ -28,7 +28,7 @@ def fake_run(
         "metrics": {"recall@1": recall1, "recall@2": recall1 + 0.1},
         "provenance": {"overrides": overrides, "parameters": {"all": {"tuned_pct": tuned_pct}}},
     }
-    if before is not None:  # as vpt_dml.results writes it
+    if before is not None:  # as vpt_dml.runs.record writes it
         result["before"] = {"split": "test", "metrics": before}
     if cost is not None:
         result["cost"] = cost
@@ -312,7 +312,7 @@ def test_a_crashed_job_without_metrics_is_a_failed_row_with_its_error(tmp_path: 
 
 
 def test_mixed_protocol_stamps_are_refused_without_the_flag(tmp_path: Path, capsys) -> None:
-    from vpt_dml.protocol import stamp_of
+    from vpt_dml.evaluation.protocol import stamp_of
 
     p32 = {"split_sha256": "a" * 64, "image_resolution": 32, "ks": [1, 2]}
     p64 = {**p32, "image_resolution": 64}
@@ -415,3 +415,81 @@ def test_a_task_exception_kept_by_hydras_submitit_launcher_is_a_failed_row(tmp_p
     _, rows = read_csv(sweep / "report.csv")
     assert [(Path(r["run"]).name, r["eval"]) for r in rows] == [("0", "final"), ("1", "failed")]
     assert rows[1]["note"] == "[job 4242] ValueError: Invalid learning rate: -1"
+
+
+# --- issue 28 items 3, 9, 16 ---------------------------------------------------------------
+
+
+def test_two_datasets_at_two_places_are_two_groups_not_seeds_of_one(tmp_path: Path) -> None:
+    """paths.data_dir=A,B (or VPT_DML_DATA): `paths` is no configuration key, but the
+    data a run read is; the same seed on both is no duplicate either."""
+    for data, seeds in (("A", (0, 1)), ("B", (0, 1))):
+        for seed in seeds:
+            run = resolved_run(tmp_path / "s" / f"{data}{seed}", seed, 0.5 + 0.1 * seed)
+            result = json.loads((run / "metrics.json").read_text())
+            result["protocol"] = {"stamp": "same", "data_root": str(tmp_path / data / "cub")}
+            (run / "metrics.json").write_text(json.dumps(result))
+    assert main([str(tmp_path / "s")]) == 0
+    _, rows = read_csv(tmp_path / "s" / "report.csv")
+    assert [(r["eval"], r["n"]) for r in rows] == [("final", "2"), ("final", "2")]
+
+
+def test_dict_overrides_are_read_with_hydras_grammar(tmp_path: Path) -> None:
+    for i, width in enumerate((96, 192)):
+        kwargs = f"++model.backbone.kwargs={{img_size:32,embed_dim:{width}}}"
+        fake_run(tmp_path / "s" / str(i), [kwargs, "optim.lr=1e-3"], 0.5, 1.0)
+    assert main([str(tmp_path / "s")]) == 0
+    header, rows = read_csv(tmp_path / "s" / "report.csv")
+    assert "model.backbone.kwargs" in header and "optim.lr" not in header
+    assert [json.loads(r["model.backbone.kwargs"]) for r in rows] == [
+        {"img_size": 32, "embed_dim": 96},
+        {"img_size": 32, "embed_dim": 192},
+    ]
+
+
+def _texts_outside(fig) -> list[str]:
+    """The drawn texts of a figure that reach past its edge (what a saved PNG cuts): tick
+    labels within the axis limits, axis labels, legend entries."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            texts += [t.label1 for t in axis.get_major_ticks() if lo <= t.get_loc() <= hi]
+            texts.append(axis.label)
+        if ax.get_legend() is not None:
+            texts += ax.get_legend().get_texts()
+    box = fig.bbox
+    out = []
+    for t in texts:
+        if not t.get_text():
+            continue
+        e = t.get_window_extent(renderer)
+        if e.x0 < box.x0 - 1 or e.y0 < box.y0 - 1 or e.x1 > box.x1 + 1 or e.y1 > box.y1 + 1:
+            out.append(t.get_text())
+    assert len(texts) > 5  # the check saw the labels
+    return out
+
+
+@pytest.mark.parametrize("shape", ["bars", "lines"])
+def test_report_png_keeps_long_labels_inside_the_figure(tmp_path: Path, shape: str) -> None:
+    """Issue 28 item 16: long override labels were cut at the figure's edge."""
+    import matplotlib.pyplot as plt
+
+    from vpt_dml.reporting.plots import figure
+    from vpt_dml.reporting.runs import collect, find_runs
+
+    long = "model.backbone.kwargs={img_size:224,embed_dim:768,depth:12,num_heads:12}"
+    for i in range(3):
+        if shape == "bars":
+            overrides = [f"{long[:-1]},mlp_ratio:{i}}}", f"data.name=dataset_number_{i}_long"]
+        else:
+            overrides = [f"model.peft.prompts.num={i + 1}", f"{long[:-1]},qkv_bias:{i % 2}}}"]
+        fake_run(tmp_path / "s" / str(i), overrides, 0.5 + 0.1 * i, 1.0)
+    c = collect(find_runs([tmp_path / "s"]), [tmp_path / "s"])
+    fig = figure(c.groups, c.override_cols)
+    try:
+        assert _texts_outside(fig) == []
+    finally:
+        plt.close(fig)

@@ -3,6 +3,10 @@
 Q and G are labelled folders (one subfolder per class, same name = same class); queries
 are ranked against the gallery only, by the suite's exact k-NN (vpt_dml/serving/folders.py).
 WEIGHTS is a file written by `python -m vpt_dml.export`.
+
+Q and G holding the same files (the same folder twice, or a link to it): each query is left
+out of its own neighbours, as training-time evaluation does (else every query finds itself
+at rank 1). Q and G sharing only some files: refused (a shared query would find itself).
 """
 
 from __future__ import annotations
@@ -12,10 +16,20 @@ import json
 import sys
 from pathlib import Path
 
-from vpt_dml.embed import add_model_arguments
 from vpt_dml.errors import UserError
-from vpt_dml.export import load_exported
-from vpt_dml.serving.folders import embed_labelled, folder_metrics
+from vpt_dml.serving.embeddings import add_model_arguments
+from vpt_dml.serving.exported import load_exported
+from vpt_dml.serving.folders import (
+    embed_labelled,
+    folder_metrics,
+    leave_one_out_metrics,
+    same_files,
+)
+
+LEAVE_ONE_OUT = (
+    "queries and gallery are the same {n} files: each query is left out of its own "
+    "neighbours (as training-time evaluation does)"
+)
 
 
 def parse_ks(text: str) -> tuple[int, ...]:
@@ -48,14 +62,22 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
             skip_broken=args.skip_broken,
         )
+        overlap = same_files(args.queries, args.gallery)
         queries = embed_labelled(model, args.queries, "queries", **kw)
-        gallery = embed_labelled(model, args.gallery, "gallery", **kw)
-        result = folder_metrics(queries, gallery, args.ks)
+        if overlap:  # embedded once: the gallery is the query set
+            result = leave_one_out_metrics(queries, args.ks)
+            skipped = queries.skipped
+        else:
+            gallery = embed_labelled(model, args.gallery, "gallery", **kw)
+            result = folder_metrics(queries, gallery, args.ks)
+            result["mode"] = "gallery"
+            skipped = queries.skipped + gallery.skipped
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    skipped = queries.skipped + gallery.skipped
     result["skipped"] = [f"{p}\t{r}" for p, r in skipped]
+    if overlap:
+        print(LEAVE_ONE_OUT.format(n=result["queries"]))
     print(
         f"{result['queries']} queries ({result['query_classes']} classes) against "
         f"{result['gallery']} gallery images ({result['gallery_classes']} classes)"
@@ -64,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<12} {100 * value:6.2f}")
     if result["queries_without_gallery_class"]:
         print(
-            f"{result['queries_without_gallery_class']} queries have no gallery image of their "
-            "class: left out of every metric",
+            f"{result['queries_without_gallery_class']} queries have no "
+            f"{'other ' if overlap else ''}gallery image of their class: left out of every metric",
             file=sys.stderr,
         )
     if skipped:

@@ -2,7 +2,8 @@
 
 Exact (IndexFlatIP, searched by the suite's tie rule) by default; `--kind ivf` or
 `--kind hnsw` for large galleries, with their recall@10 against exact search measured on
-held-out queries and written to INDEX.json. See vpt_dml/serving/index.py.
+held-out queries (for hnsw: not nodes of the graph while it is measured) and written to
+INDEX.json. See vpt_dml/serving/index.py.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     recall = (
-        f", recall@10 {meta['recall@10']:.4f} vs exact on {meta['recall_queries']} held-out queries"
+        f", recall@10 {meta['recall@10']:.4f} vs exact on {meta['recall_queries']} held-out "
+        f"queries over {meta['recall_index_rows']} indexed rows"
         if "recall@10" in meta
         else ""
     )

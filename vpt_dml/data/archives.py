@@ -23,18 +23,17 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from vpt_dml.data.checksums import Listed
-from vpt_dml.errors import UserError
+from vpt_dml.errors import ArchiveError
 
 BLOCK = 4 << 20
-# a member list expanding beyond this multiple of the archive's size is a bomb, not images
-MAX_RATIO = 50
-MIN_ALLOWANCE = 64 << 20
+# a member list expanding beyond this multiple of the archive file's own size is a bomb,
+# not images: JPEG/PNG in tar.gz or zip expand ~1.0-1.1x (CUB 1.15 GB -> 1.2 GB); 4x leaves
+# room for metadata and less compressed images. --max-expansion overrides it.
+MAX_RATIO = 4.0
+# tiny archives (split files, tests) may always write this much
+MIN_ALLOWANCE = 16 << 20
 MARKERS = ".prepared"
 PARTIAL = ".partial"
-
-
-class ArchiveError(UserError):
-    """An archive that must not be used (wrong hash, unsafe member)."""
 
 
 @dataclass(frozen=True)
@@ -134,9 +133,65 @@ def _inside(path: str) -> bool:
     return not p.is_absolute() and ".." not in p.parts and not (p.parts and ":" in p.parts[0])
 
 
-def check_members(archive: Path, listed_size: int | None = None) -> list[Member]:
+class LinkEscape(Exception):
+    """A path that, following the archive's own links, leaves the extraction folder."""
+
+
+def _resolve(path: str, links: dict[str, str], follow_last: bool = True) -> tuple[str, ...]:
+    """Where `path` lands inside the extraction folder once the archive's links written so
+    far (`links`: member name -> target) are followed, as the filesystem would; raises
+    LinkEscape when it leaves the folder (or loops: the kernel would refuse it too)."""
+    todo = [p for p in reversed(PurePosixPath(path.replace("\\", "/")).parts)]
+    if todo and todo[-1] == "/":
+        raise LinkEscape
+    out: list[str] = []
+    hops = 0
+    while todo:
+        part = todo.pop()
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not out:
+                raise LinkEscape
+            out.pop()
+            continue
+        key = "/".join([*out, part])
+        if key in links and (todo or follow_last):
+            hops += 1
+            target = links[key]
+            if target.startswith("/"):
+                raise LinkEscape
+            if hops > 40:
+                raise LinkEscape("a path through links that loop")
+            # the target is relative to the link's folder (out, unchanged)
+            todo.extend(reversed(PurePosixPath(target).parts))
+        else:
+            out.append(part)
+    return tuple(out)
+
+
+def _link_escape(m: Member, links: dict[str, str]) -> str:
+    """Why m (in archive order, after the members before it) lands, or points, outside the
+    folder through a chain of the archive's links (c1 -> ., c1/c2 -> ..); "" when it does not."""
+    try:
+        if m.kind == "symlink":
+            folder = _resolve(str(PurePosixPath(m.name).parent), links)
+            _resolve("/".join([*folder, m.target]), links)
+        elif m.kind == "hardlink":
+            _resolve(m.target, links)
+            _resolve(m.name, links, follow_last=False)
+        else:
+            # a file written through a link in its path (or at its name) lands at the target
+            _resolve(m.name, links)
+    except LinkEscape as e:
+        return str(e) or "outside"
+    return ""
+
+
+def check_members(archive: Path, max_ratio: float = MAX_RATIO) -> list[Member]:
     """Every member, or one line refusing the first unsafe one (nothing written yet)."""
     members = _members(archive)
+    links: dict[str, str] = {}
     for m in members:
         why = None
         if not _inside(m.name):
@@ -144,34 +199,38 @@ def check_members(archive: Path, listed_size: int | None = None) -> list[Member]
             why = "an absolute path" if absolute else "a '..' path"
         elif m.kind == "device":
             why = "a device or FIFO file"
-        elif m.kind == "symlink" and (
-            m.target.startswith("/") or _escapes(PurePosixPath(m.name).parent / m.target)
-        ):
+        elif (escape := _link_escape(m, links)) not in ("", "outside"):
+            why = escape  # a loop
+        elif m.kind == "symlink" and (m.target.startswith("/") or escape):
             why = f"a link to {m.target!r}, outside the extraction folder"
-        elif m.kind == "hardlink" and not _inside(m.target):
+        elif m.kind == "hardlink" and (not _inside(m.target) or escape):
             why = f"a hard link to {m.target!r}, outside the extraction folder"
+        elif m.kind in ("file", "dir") and escape:
+            why = "a path through the archive's links to outside the extraction folder"
         if why:
             raise ArchiveError(
                 f"{archive}: member {m.name!r} is {why}; refusing to extract anything from it "
                 "(the archive is not the official one: download it again)"
             )
+        # the simulated tree: later members see the links written before them
+        key = "/".join(_resolve(m.name, links, follow_last=False))
+        if m.kind == "symlink":
+            links[key] = m.target
+        else:
+            links.pop(key, None)
     total = sum(m.size for m in members)
-    allowed = max((listed_size or archive.stat().st_size) * MAX_RATIO, MIN_ALLOWANCE)
+    # bound by the file's own size, never the table's: a small file claiming to be the
+    # official archive must not write what the official one may
+    size = archive.stat().st_size
+    allowed = max(int(size * max_ratio), MIN_ALLOWANCE)
     if total > allowed:
         raise ArchiveError(
-            f"{archive}: its members add up to {total:,} bytes, over {MAX_RATIO}x the archive's "
-            f"size; refusing to extract it (not the official archive: download it again)"
+            f"{archive}: its members add up to {total:,} bytes, over {max_ratio:g}x the file's "
+            f"own {size:,} bytes (the bound for images in an archive: they barely compress); "
+            "refusing to extract it: download the archive again, or pass --max-expansion N "
+            "if this copy is known to expand more"
         )
     return members
-
-
-def _escapes(p: PurePosixPath) -> bool:
-    depth = 0
-    for part in p.parts:
-        depth += -1 if part == ".." else (0 if part == "." else 1)
-        if depth < 0:
-            return True
-    return False
 
 
 # -- extraction ------------------------------------------------------------------------

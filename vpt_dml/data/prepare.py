@@ -4,7 +4,8 @@
         [--decode] [--accept-unlisted] [--inshop-images img|img_highres]
 
 checks each archive's size and hashes against vpt_dml/data/checksums.py, extracts it
-safely into --root (resumable: finished archives are not redone), runs the loader's own
+safely into --root (resumable: finished archives are not redone; one replaced since is
+refused, the old copy kept), runs the loader's own
 verification, and writes <root>/split.json (the split manifest) and <root>/prepared.json
 (the hashes seen). Exit 0: the copy matches the official split; 1: it differs (each
 difference on its own line); 2: it cannot be prepared (one `error:` line).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -107,9 +109,102 @@ def choose_layout(
     needs = " or ".join(f"{' + '.join(o.files)} ({o.label})" for o in options)
     missing = [f for f in options[0].files if not have(f)]
     hint = " (none has a public URL for --download)" if download else ""
+    wanted = dict.fromkeys(f for o in options for f in o.files if not have(f))
+    found = [line for f in wanted for line in near_misses(name, src, f)]
+    if not src.is_dir():
+        found.insert(0, f"{src} is {'a file' if src.exists() else 'missing'}: --archives names "
+                     "the folder that holds the archives")  # fmt: skip
+    found_text = "".join(f"; {line}" for line in found)
     raise UserError(
-        f"{name}: {', '.join(missing)} not found in {src}{hint}: it needs {needs}; {WHERE}"
+        f"{name}: {', '.join(missing)} not found in {src}{hint}: it needs {needs}{found_text}; "
+        f"{WHERE}"
     )
+
+
+_EXTS = (".tar.gz", ".tgz", ".tar", ".zip", ".gz", ".mat", ".txt")
+_UNFINISHED = (".part", ".crdownload", ".download", ".partial")
+# what browsers and download tools append to a second copy: " (1)", " copy", "-1", ".1"
+_COPY = re.compile(r"(\s*\(\d+\)|[ _-]copy( \d+)?|-\d+)$")
+
+
+def _stem(name: str) -> str:
+    name = name.lower()
+    for end in _UNFINISHED:
+        name = name.removesuffix(end)
+    name = re.sub(r"\.\d+$", "", name)  # wget's file.tgz.1
+    for ext in _EXTS:
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    return _COPY.sub("", name)
+
+
+def _ext(name: str) -> str:
+    return next((e for e in _EXTS if name.lower().endswith(e)), "")
+
+
+def near_misses(name: str, src: Path, expected: str) -> list[str]:
+    """Files or folders in src (or beside it) that are almost `expected`, each with its fix."""
+    folders = [src] if src.is_dir() else [src.parent] if src.parent.is_dir() else []
+    out = []
+    for folder in folders:
+        for entry in sorted(folder.iterdir()):
+            if entry.name == expected or _stem(entry.name) != _stem(expected):
+                continue
+            if entry.is_dir():
+                out.append(
+                    f"found the folder {entry} (already extracted?): prepare needs the "
+                    f"archive itself to check its hash, so put {expected} in {src}; or check "
+                    f"the folder with python -m vpt_dml.data.verify {name} {entry} and set "
+                    "data.root to it"
+                )
+            elif entry.name.lower().endswith(_UNFINISHED):
+                out.append(
+                    f"found {entry.name}, an unfinished download: finish it (--download "
+                    f"resumes it where a URL is known) and name it {expected}"
+                )
+            elif _ext(entry.name) == _ext(expected) or _ext(entry.name) == "":
+                out.append(f"found {entry.name}: rename it to {expected}")
+            else:
+                out.append(
+                    f"found {entry.name}, a {_ext(entry.name)} where the table has the hashes of "
+                    f"{expected}: get {expected} itself, or rename it to {expected} and pass "
+                    "--accept-unlisted (its hash is then recorded, not checked)"
+                )
+    return out
+
+
+def unchanged(path: Path, old: dict, root: Path, progress: bool) -> None:
+    """Refuses, in one line, an archive that is no longer the one `root` was prepared from.
+
+    Refused rather than re-extracted: runs may already have used this root (their records
+    name its split hash), and files of the old archive that the new one lacks would stay;
+    a new --root keeps both copies whole and costs the user one flag."""
+    size, was = path.stat().st_size, old.get("size")
+    if was is not None and size != was:  # no need to read it all
+        what = f"{was:,} bytes when prepared, {size:,} now"
+    else:
+        seen = archives.file_hashes(path, progress).sha256
+        if seen == old.get("sha256", seen):
+            return
+        what = f"SHA-256 {old['sha256']} when prepared, {seen} now"
+    raise UserError(
+        f"{path} is not the archive {root} was prepared from ({what}): the files there are "
+        f"still the old archive's; to prepare the new one use a new --root (or delete {root} "
+        "first), to keep the old copy put its archive back"
+    )
+
+
+def room_for(members: list[archives.Member], root: Path) -> None:
+    """One line, before anything is written, when the extracted files cannot fit on root's
+    disk (each file rounded up to a 4 KiB block: many small images)."""
+    need = sum(-(-m.size // 4096) * 4096 + 4096 for m in members)
+    free = shutil.disk_usage(root).free
+    if need > free:
+        raise UserError(
+            f"{root}: the archives extract to about {need / 1e9:.2f} GB and its disk has "
+            f"{free / 1e9:.2f} GB free; free some space there or choose a --root on another disk"
+        )
 
 
 def prepare(
@@ -123,6 +218,7 @@ def prepare(
     inshop_images: str = "img",
     progress: bool = True,
     after_member: Callable[[int], None] | None = None,
+    max_expansion: float = archives.MAX_RATIO,
 ) -> list[str]:
     """Prepare the copy; returns the verification's problems (empty: official split)."""
     from vpt_dml.data.download import download as fetch
@@ -134,7 +230,9 @@ def prepare(
     # a refusal leaves --root as it was
     todo = []
     for file in layout.files:
-        if archives.done(root, file) is not None:
+        if (old := archives.done(root, file)) is not None:
+            if (src / file).is_file():  # deleted after preparing: nothing to compare
+                unchanged(src / file, old, root, progress)
             continue
         path, entry = src / file, listed(file)
         if not path.is_file():
@@ -148,8 +246,11 @@ def prepare(
                 if entry.published else "no published checksum: recorded as seen"
             ),
         }  # fmt: skip
-        members = None if file in layout.copy_to else archives.check_members(path, entry.size)
+        members = None if file in layout.copy_to else archives.check_members(path, max_expansion)
         todo.append((path, record, members))
+    # an interrupted run's temp files are redone anyway: their space counts as free
+    shutil.rmtree(root / archives.PARTIAL, ignore_errors=True)
+    room_for([m for _, _, members in todo for m in members or ()], root)
     dest = root / layout.into
     for path, record, members in todo:
         if members is None:
@@ -180,6 +281,16 @@ def prepare(
     return problems
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vpt_dml.data.prepare", description=__doc__.split("\n\n")[0]
@@ -194,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accept-unlisted", action="store_true",
                         help="prepare an archive whose hash differs from the table, recording it")  # fmt: skip
     parser.add_argument("--inshop-images", choices=["img", "img_highres"], default="img")
+    parser.add_argument("--max-expansion", type=_positive, default=archives.MAX_RATIO, metavar="N",
+                        help="refuse an archive whose members add up to more than N times "
+                        "its own size (default %(default)g: images barely compress)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -201,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             args.dataset, args.archives, args.root,
             accept_unlisted=args.accept_unlisted, download=args.download, decode=args.decode,
             inshop_images=args.inshop_images, progress=not args.no_progress,
+            max_expansion=args.max_expansion,
         )  # fmt: skip
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms as T
 
-from vpt_dml.data.images import SWAPPING, displayed_size, orientation, to_rgb
+from vpt_dml.data.images import displayed_size, size_is_stored, to_rgb
 
 # the uint8 view of PIL's buffer is only read (every step below allocates a new tensor)
 warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -79,7 +79,7 @@ class _FastTransform:
         scale factors actually used."""
         full_w, full_h = displayed_size(image)
         # the decoder works in the stored frame: a rotating orientation swaps the request
-        stored = (need_h, need_w) if orientation(image) in SWAPPING else (need_w, need_h)
+        stored = (need_h, need_w) if size_is_stored(image) else (need_w, need_h)
         # a no-op for non-JPEG files and for images already decoded
         image.draft("RGB", (math.ceil(stored[0]), math.ceil(stored[1])))
         image = to_rgb(image)

@@ -26,6 +26,9 @@ from vpt_dml.errors import UserError
 CONFIDENCE = 0.95
 RESAMPLES = 10_000
 EXACT_CLASSES = 16
+# Below this many classes the class bootstrap's interval is unreliable (few distinct
+# resamples; percentile intervals undercover) and the permutation p has a coarse floor.
+MIN_CLASSES = 20
 CHUNK = 256  # bootstrap draws per matrix product (bounds memory on SOP's 11k classes)
 
 
@@ -107,6 +110,13 @@ def bootstrap_interval(
     alpha = (1 - confidence) / 2
     low, high = np.quantile(stats, [alpha, 1 - alpha])
     return float(low), float(high)
+
+
+def smallest_p(classes: int, resamples: int = RESAMPLES) -> float:
+    """The smallest p `permutation_p` can return with this many classes."""
+    if classes <= EXACT_CLASSES:
+        return 2.0 / 2**classes  # the observed flip and its mirror image
+    return 1.0 / (1 + resamples)
 
 
 def permutation_p(

@@ -3,10 +3,11 @@
 The key is config_resolved.yaml (what the run actually used) without `seed`, `hydra`,
 `paths`, `ckpt_path`, the keys that interpolate the seed or a path (e.g. `data.seed:
 ${seed}`, read from the unresolved .hydra/config.yaml) and any value inside the run's own
-output folder (checkpoint and logger folders), so `x=false` and `x=False`, or an override and the same value set by a
+output folder (checkpoint and logger folders), plus the resolved dataset folder
+(`data_location`: `paths.data_dir=A,B` are two groups), so `x=false` and `x=False`, or an override and the same value set by a
 preset, are one configuration, and copies of one run in two folders are one run. A run
 without config_resolved.yaml (an older one) falls back on its overrides, values parsed
-as YAML (`False` == `false`).
+by Hydra's override grammar (`False` == `false`).
 """
 
 from __future__ import annotations
@@ -27,10 +28,33 @@ def normalized(value: str):
         return value
 
 
-def shown(value: str) -> str:
-    """The canonical text of an override value, for the table."""
-    v = normalized(value)
-    return v if isinstance(v, str) else json.dumps(v)
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """{key: value} of recorded command-line overrides, parsed by Hydra's own override
+    grammar (YAML misreads Hydra's dicts: `{img_size:32}` is one null-valued key there);
+    an item Hydra cannot parse falls back on `key=value` read as YAML. Deletions are left out."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    out: dict[str, object] = {}
+    for item in items:
+        try:
+            (o,) = parser.parse_overrides([item])
+        except HydraException:
+            key, sep, value = item.partition("=")
+            if sep:
+                out[key.lstrip("+~")] = normalized(value)
+            continue
+        if o.is_delete() or o.is_sweep_override():
+            continue
+        key = o.key_or_group + (f"@{o.package}" if o.package else "")
+        out[key] = o.value()
+    return out
+
+
+def shown(value) -> str:
+    """The canonical text of a parsed override value, for the table."""
+    return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
 def _flatten(node, prefix: str = "") -> dict:
@@ -66,14 +90,12 @@ def following(run_dir: Path) -> set[str]:
     return {k for k, v in flat.items() if isinstance(v, str) and any(f in v for f in FOLLOWS)}
 
 
-def config_key(run_dir: Path, overrides: dict[str, str]) -> tuple:
+def config_key(run_dir: Path, overrides: dict[str, object]) -> tuple:
     flat = resolved(run_dir)
     if flat is None:
         return ("overrides",) + tuple(
             sorted(
-                (k, json.dumps(normalized(v), default=str))
-                for k, v in overrides.items()
-                if k not in DROPPED
+                (k, json.dumps(v, default=str)) for k, v in overrides.items() if k not in DROPPED
             )  # fmt: skip
         )
     out_dir = str(flat.get("paths.output_dir") or run_dir)
@@ -86,6 +108,14 @@ def config_key(run_dir: Path, overrides: dict[str, str]) -> tuple:
         and not (isinstance(v, str) and (v == out_dir or v.startswith(out_dir.rstrip("/") + "/")))
     }
     return ("resolved",) + tuple(sorted((k, json.dumps(v, default=str)) for k, v in kept.items()))
+
+
+def data_location(result: dict) -> str | None:
+    """The dataset folder a run read, as resolved when it ran (protocol.data_root), else
+    as recorded (older runs). `paths` is left out of the config key, but two datasets at
+    two places are two groups even when their file names and split hash agree."""
+    recorded = (result.get("protocol") or {}).get("data_root")
+    return recorded or ((result.get("provenance") or {}).get("dataset") or {}).get("root")
 
 
 def seed_of(run_dir: Path, provenance: dict):

@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 
-from vpt_dml import cluster
+from vpt_dml.runs import cluster
 
 
 def time_limit_s() -> float | None:

@@ -92,7 +92,7 @@ class CheckedSlurmLauncher(_base.SlurmLauncher):
     def _check_jobs(self, job_overrides, initial_job_idx: int) -> dict[int, str]:
         """Every job's composed config passes the run's checks; the GPU request follows the
         accelerator; the request fits the partition. Returns {job number: run folder}."""
-        from vpt_dml.config_checks import check_config
+        from vpt_dml.runs.config_schema import check_config
 
         loader = self.hydra_context.config_loader
         folders: dict[int, str] = {}
