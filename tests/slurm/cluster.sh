@@ -27,7 +27,7 @@ up() { timeout 5 sinfo -h -n "$HOST" -o %T 2>/dev/null | grep -qE '^(idle|mixed|
 
 configure() {
   local cpus mem
-  cpus=$(nproc)
+  cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc honours OMP_NUM_THREADS
   # leave 1 GiB to the system; RealMemory in MB
   mem=$(( $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) - 1024 ))
   mkdir -p "$DIR"/{state,spool,log} /etc/slurm /var/run/munge /var/log/munge /var/lib/munge
@@ -37,13 +37,17 @@ configure() {
   fi
   chown -R munge:munge /etc/munge /var/run/munge /var/log/munge /var/lib/munge 2>/dev/null
   chmod 400 /etc/munge/munge.key
-  cat > "$CONF" <<CONF
+  cat > "$CONF.new" <<CONF
 # written by vpt_dml tests/slurm/cluster.sh: a one-node test cluster
 ClusterName=vpt-dml-test
 SlurmctldHost=$HOST
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire+1 s before it may start again (default 120 s): short here
+# so that a test's requeue resumes within seconds. It is also the job-step credential's
+# lifetime, ample on one idle node.
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -61,7 +65,11 @@ MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
-# requeued jobs start again soon (the default holds them ~2 minutes)
+# a job whose BeginTime passed (a requeued one) starts within seconds, not at the next
+# 30-60 s scheduling pass
+SchedulerParameters=sched_interval=5,bf_interval=5
+# finished jobs stay visible to scontrol show job for 5 minutes (no accounting: the
+# sweep's parent reads their final state there)
 MinJobAge=300
 KillWait=10
 InactiveLimit=0
@@ -74,14 +82,19 @@ CONF
 start() {
   mkdir -p "$DIR"
   install || exit 0
-  if up; then say "running ($HOST idle in partition cpu)"; exit 0; fi
   configure
+  if up && cmp -s "$CONF.new" "$CONF"; then
+    rm -f "$CONF.new"; say "running ($HOST idle in partition cpu)"; exit 0
+  fi
+  # first start, or the configuration changed (this script was edited): (re)start
+  up && stop_daemons
+  mv "$CONF.new" "$CONF"
   pgrep -x munged >/dev/null || su -s /bin/sh munge -c "/usr/sbin/munged" 2>>"$DIR/log/munged.log" \
     || /usr/sbin/munged --force 2>>"$DIR/log/munged.log"
   pgrep -x slurmctld >/dev/null || slurmctld -c 2>>"$DIR/log/slurmctld.err"
   pgrep -x slurmd >/dev/null || slurmd -c 2>>"$DIR/log/slurmd.err"
   for _ in $(seq 60); do
-    if up; then say "started: node $HOST, partition cpu, $(nproc) CPUs (state in $DIR)"; exit 0; fi
+    if up; then say "started: node $HOST, partition cpu, $(env -u OMP_NUM_THREADS nproc) CPUs (state in $DIR)"; exit 0; fi
     scontrol update nodename="$HOST" state=resume >/dev/null 2>&1
     sleep 1
   done
@@ -89,8 +102,20 @@ start() {
   exit 0
 }
 
+stop_daemons() {
+  # by the pid files the daemons wrote (never by name: other processes may share it)
+  local f pid
+  for f in "$DIR/slurmd.pid" "$DIR/slurmctld.pid"; do
+    pid=$(cat "$f" 2>/dev/null) && [ -n "$pid" ] && kill "$pid" 2>/dev/null
+  done
+  for _ in $(seq 20); do
+    pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null || return 0
+    sleep 0.5
+  done
+}
+
 stop() {
-  pkill -x slurmd; pkill -x slurmctld
+  stop_daemons
   say "stopped"
 }
 

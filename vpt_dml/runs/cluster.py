@@ -146,8 +146,15 @@ def _gpus_per_node(accelerator: Any, devices: Any) -> int | None:
     return devices if isinstance(devices, int) and devices > 0 else None
 
 
+def _cpus_per_task(num_workers: Any) -> int:
+    # the training process and its DataLoader workers
+    return (num_workers if isinstance(num_workers, int) and num_workers > 0 else 0) + 1
+
+
 if not OmegaConf.has_resolver("vpt_gpus_per_node"):
     OmegaConf.register_new_resolver("vpt_gpus_per_node", _gpus_per_node)
+if not OmegaConf.has_resolver("vpt_cpus_per_task"):
+    OmegaConf.register_new_resolver("vpt_cpus_per_task", _cpus_per_task)
 
 
 def _job_log(output_dir: str, job_name: str) -> str:

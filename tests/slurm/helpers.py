@@ -1,0 +1,77 @@
+"""Sweeps through the real one-node Slurm: the documented command, tiny settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import tiny_overrides
+
+# 1 GB per job: both jobs of a sweep fit the test node at once (it has 2 CPUs)
+SLURM = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.partition=cpu",
+    "hydra.launcher.mem_gb=1",
+    "hydra.launcher.cpus_per_task=1",
+]
+
+
+def sweep_args(tmp_path: Path, *extra: str) -> list[str]:
+    given = {o.split("=", 1)[0] for o in extra}
+    return [
+        "-m",
+        *[o for o in SLURM if o.split("=", 1)[0] not in given],
+        *tiny_overrides("eval_before_training=false", *extra),
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    ]
+
+
+def env() -> dict:
+    return {
+        **os.environ,
+        "WANDB_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "VPT_SLURM_POLL_S": "2",
+    }
+
+
+def run(args: list[str], cwd: Path, timeout: int = 240, module: str = "vpt_dml.run"):
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vpt_dml.run", *args],
+        cwd=cwd,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def metrics(folder: Path) -> dict:
+    return json.loads((folder / "metrics.json").read_text())
+
+
+def squeue_ids() -> set[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout
+    return set(out.split())
+
+
+def error_lines(text: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.startswith("error:")]
