@@ -738,7 +738,7 @@ def check_cli(cmd: str, tool: str, ctx: Ctx, out: Path, capsys) -> None:
         from vpt_dml.serving.onnx_export import run_onnx
 
         got = run_onnx(Path(argv[argv.index("--onnx") + 1]), np.zeros((2, 3, 32, 32), np.float32))
-        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=0, atol=1e-5)
     elif tool == "export":
         from vpt_dml.export import load_exported
 
