@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shlex
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -540,14 +537,14 @@ def session(tmp_path_factory) -> Ctx:
 
     plan = planned(DOCS, ctx)
     (root / "plan.json").write_text(json.dumps(plan))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    from tests.processes import child_env, python, run
+
+    env = child_env({"PYTHONPATH": str(REPO)})
     env["OMP_NUM_THREADS"] = "1"  # tiny matrices: one thread is faster on a shared machine
-    proc = subprocess.run(
-        [sys.executable, "-c", WORKER, str(root / "plan.json"), str(root / "results.json")],
+    proc = run(
+        python("-c", WORKER, str(root / "plan.json"), str(root / "results.json")),
         cwd=root,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=900,
     )
     results = root / "results.json"
@@ -616,15 +613,11 @@ def check_sweep(cmd: str, ctx: Ctx) -> None:
 
 
 def check_ddp_cpu(cmd: str, ctx: Ctx) -> None:
-    import socket
-
     from tests.conftest import run_cli
+    from tests.processes import free_port
 
     argv, info = tiny_run_args(cmd, ctx)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     res = run_cli(argv, cwd=ctx.root, env=env, timeout=400)
     assert res.returncode == 0, res.stderr[-4000:]
     result = check_metrics(info["folder"] / "metrics.json")
