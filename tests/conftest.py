@@ -83,6 +83,68 @@ def tiny_cfg(tmp_path: Path) -> DictConfig:
     return compose_config(tiny_overrides(), tmp_path)
 
 
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """The run folder of one finished tiny run (1 epoch, no evaluation before training):
+    checkpoints/last.ckpt, metrics.json, csv/, config_resolved.yaml. Shared by the whole
+    session: read it, never write into it (copy it first: shutil.copytree)."""
+    from vpt_dml.run import train
+
+    root = tmp_path_factory.mktemp("finished")
+    cfg = compose_config(tiny_overrides("eval_before_training=false"), root)
+    train(cfg)
+    return Path(cfg.paths.output_dir)
+
+
+@pytest.fixture(scope="session")
+def resume_pair(tmp_path_factory) -> dict:
+    """One straight/resumed pair of the tiny settings (trainer.log_every_n_steps=1) on one
+    generated dataset: `straight` trains 2 epochs; `resumed` trains 1 epoch, is copied to
+    `first` (that epoch's folder, kept to read), then resumes in its own folder from its
+    last.ckpt to 2 epochs. Values: the three folders and "metrics" (what train returned
+    for straight and resumed). Shared by the session: read, never write (copy first)."""
+    import shutil
+
+    from vpt_dml.run import train
+
+    root = tmp_path_factory.mktemp("resume_pair")
+
+    def run(name: str, *extra: str) -> dict:
+        cfg = compose_config(tiny_overrides("trainer.log_every_n_steps=1", *extra), root)
+        with open_dict(cfg):
+            cfg.paths.data_dir = str(root / "data")
+            cfg.paths.output_dir = str(root / name)
+            cfg.hydra.runtime.output_dir = cfg.paths.output_dir
+        return train(cfg)
+
+    straight = run("straight", "trainer.max_epochs=2")
+    run("resumed", "trainer.max_epochs=1")
+    shutil.copytree(root / "resumed", root / "first")
+    last = root / "resumed" / "checkpoints" / "last.ckpt"
+    resumed = run("resumed", "trainer.max_epochs=2", f"ckpt_path={last}")
+    return {
+        "straight": root / "straight",
+        "first": root / "first",
+        "resumed": root / "resumed",
+        "metrics": {"straight": straight, "resumed": resumed},
+    }
+
+
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory) -> dict:
+    """A finished tiny run of test_export's backbone (random init) and its export:
+    {"root", "run_dir", "weights" (the export file), "data" (its generated images)}.
+    Shared by the session (embed, retrieve, index tests): read, never write."""
+    from tests.test_export import train_run
+    from vpt_dml.export import export_run
+
+    root = tmp_path_factory.mktemp("exported_run")
+    run_dir = train_run(root)
+    weights = root / "model.safetensors"
+    export_run(run_dir, weights)
+    return {"root": root, "run_dir": run_dir, "weights": weights, "data": root / "data"}
+
+
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600):
     """Run `python -m vpt_dml.run ...` in a subprocess (for CLI / DDP / sweep tests): its own
     process group, killed whole on a timeout (tests/processes.py)."""
@@ -195,13 +257,15 @@ def load_experiment(name: str):
 # wiring, DDP, torchrun, signals, sweeps, Slurm) and `documented` (the end-to-end runs of
 # every documented command and of experiments/gpu_check.py --cpu --tiny). `make test`
 # runs all but `documented` and `slurm`; `make test-full` runs everything.
-# Tests of `processes`/`documented` start Python children: under pytest-xdist they share
-# one xdist_group, so two of them never overlap on a 2-core machine (DDP ranks, torchrun).
+# Tests of `processes`/`documented` start Python children; under pytest-xdist the ones that
+# load both cores (HEAVY: DDP ranks, torchrun, sweeps, SIGTERM to a group) share one
+# xdist_group, so two of them never overlap on a 2-core machine.
 # A test outside those tiers that starts a Python child fails (see _children_only_in_tiers):
 # the list below cannot silently go stale.
 
 DOCUMENTED = (
     "tests/test_documented_commands.py::test_documented_command",
+    "tests/test_cli.py::test_ddp_cpu_command_runs_on_the_demo_data",  # its documented command
     "tests/test_gpu_check.py::test_smoke_phase_runs_every_path_once_then_stops",
     "tests/test_gpu_check.py::test_a_failing_smoke_phase_keeps_the_measured_runs_from_starting",
     "tests/test_gpu_check.py::test_cpu_tiny_run_trains_both_presets_and_projects",
@@ -209,48 +273,62 @@ DOCUMENTED = (
 PROCESSES = (
     "tests/slurm/",
     "tests/test_backbone_families.py::test_distilled_deit_trains_through_the_cli",
-    "tests/test_backbone_weights.py::test_resnet_weights_stop_the_run_with_one_error_line",
     "tests/test_checkpoint_io.py::test_disk_full_during_training_is_one_line_and_leaves_whole_checkpoints",
-    "tests/test_cli.py::test_bad_input_is_one_line_error",
     "tests/test_cli.py::test_cli_run_dir_and_metrics",
-    "tests/test_cli.py::test_ddp_cpu_command_runs_on_the_demo_data",
     "tests/test_cluster.py::test_every_process_of_a_job_names_the_same_run_folder",
     "tests/test_compose_options.py::test_real_multirun_jobs_run_what_they_name",
-    "tests/test_config_checks.py::test_cli_refuses_before_anything_runs",
     "tests/test_data_errors.py::test_cli_corrupt_image_during_training_ends_with_one_line",
-    "tests/test_data_errors.py::test_cli_wrong_root_ends_with_one_line",
-    "tests/test_day_one_options.py::test_command_line_hydra_would_answer_with_a_traceback_is_one_line",
     "tests/test_day_one_options.py::test_shell_completion_install_script_completes_python_m",
     "tests/test_ddp.py::test_ddp_cpu_ranks_agree_and_match_single_process_eval",
-    "tests/test_divergence.py::test_huge_lr_is_one_diverged_line_and_exit_3",
     "tests/test_per_query.py::test_run_writes_per_query_files_equal_to_metrics_json_inshop",
     "tests/test_per_query.py::test_run_writes_per_query_files_equal_to_metrics_json_self_retrieval",
     "tests/test_report.py::test_seed_sweep_on_demo_data_reports_mean_std_and_interval",
     "tests/test_report.py::test_submitit_sweep_folder_lists_failed_jobs_with_their_error_line",
     "tests/test_requeue.py::test_sigusr1_requeues_and_the_requeued_job_resumes_exactly",
-    "tests/test_run_errors.py::test_bad_ckpt_path_is_one_line",
-    "tests/test_run_errors.py::test_checkpoint_of_another_model_names_tensor_shapes_and_preset",
-    "tests/test_run_errors.py::test_debug_shows_the_traceback",
-    "tests/test_run_errors.py::test_output_folder_under_a_file_is_one_line",
-    "tests/test_run_errors.py::test_unwritable_output_folder_is_one_line",
-    "tests/test_run_errors.py::test_wrong_type_override_names_key_and_type",
-    "tests/test_run_folder.py::test_claim_refuses_a_finished_run_unless_resumed_or_overwritten",
     "tests/test_run_folder.py::test_claim_refuses_a_live_lock_and_takes_over_a_stale_one",
-    "tests/test_run_folder.py::test_second_run_into_a_finished_folder_touches_nothing",
     "tests/test_run_folder.py::test_second_run_into_a_folder_in_use_touches_nothing",
-    "tests/test_run_folder.py::test_stale_lock_is_taken_over_and_released",
+    "tests/test_run_folder.py::test_stale_lock_is_taken_over_and_released",  # dead_pid()
     "tests/test_sigterm.py::test_an_exit_with_a_live_worker_is_not_held_up_by_it",
     "tests/test_sigterm.py::test_ddp_error_is_printed_once",
     "tests/test_sigterm.py::test_sigterm_in_the_final_test_ends_the_sweep_with_the_run_finished",
     "tests/test_sigterm.py::test_sigterm_mid_run_exits_143_with_checkpoint_and_interrupted_metrics",
     "tests/test_sigterm.py::test_sigterm_to_the_process_group_ends_in_143_interrupted",
     "tests/test_sigterm.py::test_watchdog_ends_a_process_stuck_after_sigterm",
+    "tests/test_suite_guards.py::",
     "tests/test_sweep.py::",
     "tests/test_text_progress.py::test_run_with_stdout_in_a_file_logs_epochs_and_metrics",
     "tests/test_torchrun.py::",
 )
-# Files whose tests (some or all) train a tiny run in this process.
+# Of those, the ones that keep both cores busy (DDP ranks, torchrun, sweeps' jobs, a
+# process group under SIGTERM, Slurm): one xdist_group, so two never overlap. A test with
+# one child (a CLI run, an error line) runs beside any other test, as a worker would.
+HEAVY = (
+    "tests/slurm/",
+    "tests/test_cluster.py::test_every_process_of_a_job_names_the_same_run_folder",
+    "tests/test_compose_options.py::test_real_multirun_jobs_run_what_they_name",
+    "tests/test_ddp.py::",
+    "tests/test_report.py::test_seed_sweep_on_demo_data_reports_mean_std_and_interval",
+    "tests/test_report.py::test_submitit_sweep_folder_lists_failed_jobs_with_their_error_line",
+    "tests/test_sigterm.py::",
+    "tests/test_sweep.py::",
+    "tests/test_torchrun.py::",
+)
+# Files whose tests (some or all) train a tiny run in this process, and single tests that
+# run the command line in process (cli_in_process).
 RUNS = (
+    "tests/test_backbone_weights.py::test_resnet_weights_stop_the_run_with_one_error_line",
+    "tests/test_cli.py::test_bad_input_is_one_line_error",
+    "tests/test_config_checks.py::test_cli_refuses_before_anything_runs",
+    "tests/test_data_errors.py::test_cli_wrong_root_ends_with_one_line",
+    "tests/test_day_one_options.py::test_command_line_hydra_would_answer_with_a_traceback_is_one_line",
+    "tests/test_divergence.py::test_huge_lr_is_one_diverged_line_and_exit_3",
+    "tests/test_run_errors.py::test_bad_ckpt_path_is_one_line",
+    "tests/test_run_errors.py::test_checkpoint_of_another_model_names_tensor_shapes_and_preset",
+    "tests/test_run_errors.py::test_debug_shows_the_traceback",
+    "tests/test_run_errors.py::test_output_folder_under_a_file_is_one_line",
+    "tests/test_run_errors.py::test_unwritable_output_folder_is_one_line",
+    "tests/test_run_errors.py::test_wrong_type_override_names_key_and_type",
+    "tests/test_run_folder.py::test_second_run_into_a_finished_folder_touches_nothing",
     "tests/test_backbone_families.py",
     "tests/test_backbone_weights.py",
     "tests/test_checkpoint_io.py",
@@ -285,7 +363,7 @@ TIMEOUT_S = {"unit": 300, "runs": 300, "processes": 600, "documented": 1200}
 # Backstop after the per-test timeout: a hang in C code that never returns to Python (the
 # SIGALRM of timeout_method="signal" cannot interrupt it) dumps every thread's traceback
 # and ends this pytest process (an xdist worker is replaced; the run goes on).
-HARD_STOP_S = 120
+HARD_STOP_S = float(os.environ.get("VPT_TEST_HARD_STOP_S", "120"))
 
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
 if _WORKERS > 1:  # one torch thread per worker on 2 cores: two workers, not four threads fighting
@@ -299,7 +377,7 @@ def tier_of(nodeid: str) -> str:
         return "documented"
     if any(base == p or base.startswith(p) for p in PROCESSES):
         return "processes"
-    if base.split("::", 1)[0] in RUNS:
+    if base.split("::", 1)[0] in RUNS or any(base.startswith(r) for r in RUNS if "::" in r):
         return "runs"
     return "unit"
 
@@ -312,6 +390,28 @@ def pytest_configure(config: pytest.Config) -> None:
 
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     config._durations_started = (time.time(), os.getloadavg())
+    # where the backstop writes: the real stderr (capture is suspended here; in a test, fd 2
+    # is pytest's capture file, lost when the process ends)
+    config._hang_stderr_fd = os.dup(2)
+
+
+def xdist_group_of(item: pytest.Item, tier: str) -> str | None:
+    """Tests whose processes keep both cores busy (HEAVY, documented): one group, never
+    two at once. Tests that share one of the suite's module- or session-scoped fixtures (a
+    trained run, an export): one group per fixture, so one worker builds it, not each."""
+    base = item.nodeid.split("[", 1)[0]
+    if tier == "documented" or (tier == "processes" and any(base.startswith(h) for h in HEAVY)):
+        return "processes"
+    shared = [
+        defs[-1]
+        for defs in item._fixtureinfo.name2fixturedefs.values()
+        if defs and defs[-1].scope in ("module", "session") and defs[-1].baseid.startswith("tests")
+    ]
+    for fixturedef in sorted(shared, key=lambda d: d.scope != "session"):
+        if fixturedef.scope == "session":
+            return f"fixture-{fixturedef.argname}"
+        return item.nodeid.split("::", 1)[0]
+    return None
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects and before xdist's loadgroup reads marks
@@ -319,8 +419,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         tier = tier_of(item.nodeid)
         item.add_marker(tier)
-        if tier in ("processes", "documented"):
-            item.add_marker(pytest.mark.xdist_group("processes"))
+        if group := xdist_group_of(item, tier):
+            item.add_marker(pytest.mark.xdist_group(group))
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(TIMEOUT_S[tier]))
 
@@ -331,7 +431,8 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem):
 
     marker = item.get_closest_marker("timeout")
     limit = float(marker.args[0] if marker and marker.args else TIMEOUT_S["unit"])
-    faulthandler.dump_traceback_later(limit + HARD_STOP_S, exit=True, file=sys.__stderr__)
+    fd = getattr(item.config, "_hang_stderr_fd", 2)
+    faulthandler.dump_traceback_later(limit + HARD_STOP_S, exit=True, file=fd)
     try:
         return (yield)
     finally:

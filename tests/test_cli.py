@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_BACKBONE, run_cli, tiny_overrides
+from conftest import REPO, TINY_BACKBONE, cli_in_process, run_cli, tiny_overrides
 from processes import free_port
 
 pytestmark = pytest.mark.slow
@@ -39,7 +39,7 @@ def test_cli_run_dir_and_metrics(tmp_path: Path):
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path: Path, override: str, expected: str):
-    res = run_cli(
+    res = cli_in_process(
         [
             *tiny_overrides(override),
             f"hydra.run.dir={tmp_path / 'run'}",

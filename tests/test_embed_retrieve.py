@@ -14,20 +14,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tolerances import close
 
-from tests.test_export import backbone_weights_file, train_run, trained_embedder
+from tests.test_export import backbone_weights_file, trained_embedder
 from vpt_dml import embed, retrieve
 from vpt_dml.data.dataset import load_transformed
 from vpt_dml.data.transforms import build_transforms
-from vpt_dml.export import export_run
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
+def setup(tmp_path_factory, exported_run) -> dict:
     root = tmp_path_factory.mktemp("embed")
-    run_dir = train_run(root)
-    weights = root / "model.safetensors"
-    export_run(run_dir, weights)
-    images = sorted((root / "data").rglob("*.jpg"))
+    run_dir, weights = exported_run["run_dir"], exported_run["weights"]  # the session's run
+    images = sorted(exported_run["data"].rglob("*.jpg"))
     # a gallery of two classes, nested one level deeper to check recursion
     gallery = root / "gallery"
     for path in images[:12]:
