@@ -263,7 +263,7 @@ HOW_RUN: dict[str, How] = {
             "tests/test_compare.py::test_compare_prints_the_difference_with_interval_and_p"),
     # -- make --
     r"^make demo$": How("expand", "the Makefile recipe's vpt_dml.run line, through this table"),
-    r"^make (test|test-fast)$": How("skip", "runs this test suite itself"),
+    r"^make (test|test-full|test-fast)$": How("skip", "runs this test suite itself"),
     r"^make install\b": How("skip", "creates .venv and pip-installs (network, minutes); the suite "
                                     "runs in that venv"),
     r"^make (bench|gpu-check-wheels|lint|clean)$":
