@@ -145,6 +145,26 @@ def exported_run(tmp_path_factory) -> dict:
     return {"root": root, "run_dir": run_dir, "weights": weights, "data": root / "data"}
 
 
+@pytest.fixture(scope="session")
+def local_sweep(tmp_path_factory) -> dict:
+    """One sweep through hydra/launcher=local (submitit's local executor, Hydra's
+    submitit_local underneath: one process per job), optim.lr=0.001,0.002,abc: jobs 0 and
+    1 finish, job 2 is refused by the config check (an `error:` line, exit 2, in its
+    submitit log). {"dir": the sweep folder, "proc": the sweep's CompletedProcess}.
+    Shared by the session: read, never write (vpt_dml.report: give --out)."""
+    root = tmp_path_factory.mktemp("local_sweep")
+    sweep = root / "sweep"
+    args = [
+        "-m",
+        "hydra/launcher=local",
+        *tiny_overrides("eval_before_training=false"),
+        "optim.lr=0.001,0.002,abc",
+        f"paths.data_dir={root / 'data'}",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    return {"dir": sweep, "proc": run_cli(args, cwd=root)}
+
+
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600):
     """Run `python -m vpt_dml.run ...` in a subprocess (for CLI / DDP / sweep tests): its own
     process group, killed whole on a timeout (tests/processes.py)."""
@@ -295,7 +315,10 @@ PROCESSES = (
     "tests/test_sigterm.py::test_sigterm_to_the_process_group_ends_in_143_interrupted",
     "tests/test_sigterm.py::test_watchdog_ends_a_process_stuck_after_sigterm",
     "tests/test_suite_guards.py::",
-    "tests/test_sweep.py::",
+    "tests/test_sweep.py::test_ddp_inside_a_local_submitit_job_is_one_two_process_run",
+    "tests/test_sweep.py::test_rerun_of_an_interrupted_sweep_skips_resumes_and_runs_the_rest",
+    "tests/test_sweep.py::test_submitit_local_sweep_runs_each_job_in_its_own_process_and_folder",
+    "tests/test_sweep.py::test_two_point_prompt_length_sweep_is_reported",
     "tests/test_text_progress.py::test_run_with_stdout_in_a_file_logs_epochs_and_metrics",
     "tests/test_torchrun.py::",
 )
@@ -310,7 +333,10 @@ HEAVY = (
     "tests/test_report.py::test_seed_sweep_on_demo_data_reports_mean_std_and_interval",
     "tests/test_report.py::test_submitit_sweep_folder_lists_failed_jobs_with_their_error_line",
     "tests/test_sigterm.py::",
-    "tests/test_sweep.py::",
+    "tests/test_sweep.py::test_ddp_inside_a_local_submitit_job_is_one_two_process_run",
+    "tests/test_sweep.py::test_rerun_of_an_interrupted_sweep_skips_resumes_and_runs_the_rest",
+    "tests/test_sweep.py::test_submitit_local_sweep_runs_each_job_in_its_own_process_and_folder",
+    "tests/test_sweep.py::test_two_point_prompt_length_sweep_is_reported",
     "tests/test_torchrun.py::",
 )
 # Files whose tests (some or all) train a tiny run in this process, and single tests that
@@ -329,6 +355,7 @@ RUNS = (
     "tests/test_run_errors.py::test_unwritable_output_folder_is_one_line",
     "tests/test_run_errors.py::test_wrong_type_override_names_key_and_type",
     "tests/test_run_folder.py::test_second_run_into_a_finished_folder_touches_nothing",
+    "tests/test_sweep.py::test_sweep_with_multi_device_ddp_is_refused",
     "tests/test_backbone_families.py",
     "tests/test_backbone_weights.py",
     "tests/test_checkpoint_io.py",
@@ -414,15 +441,39 @@ def xdist_group_of(item: pytest.Item, tier: str) -> str | None:
     return None
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m deselects and before xdist's loadgroup reads marks
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Marks as each test is collected: before -m deselects and before xdist's loadgroup
+    (its pytest_collection_modifyitems) reads the groups."""
+    tier = tier_of(item.nodeid)
+    item.add_marker(tier)
+    if group := xdist_group_of(item, tier):
+        item.add_marker(pytest.mark.xdist_group(group))
+    if item.get_closest_marker("timeout") is None:
+        item.add_marker(pytest.mark.timeout(TIMEOUT_S[tier]))
+
+
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """--dist loadgroup in an xdist worker: name each grouped test `<nodeid>@<group>`, the
+    name the controller schedules by. pytest-xdist 3.8 renames `item._nodeid`, which pytest
+    9 no longer reads (it keeps `item._id`): its groups were spread over the workers, two
+    DDP tests ran at once. Done here the way pytest 9 reads it; a no-op where xdist's works."""
+    if not getattr(config.option, "loadgroup", False):
+        return
     for item in items:
-        tier = tier_of(item.nodeid)
-        item.add_marker(tier)
-        if group := xdist_group_of(item, tier):
-            item.add_marker(pytest.mark.xdist_group(group))
-        if item.get_closest_marker("timeout") is None:
-            item.add_marker(pytest.mark.timeout(TIMEOUT_S[tier]))
+        marks = item.iter_markers("xdist_group")
+        names = sorted(
+            {str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in marks}
+        )
+        suffix = "@" + "_".join(names)
+        if not names or item.nodeid.endswith(suffix):
+            continue
+        if hasattr(item, "_id"):
+            from _pytest.nodeid import coerce_node_id
+
+            item._id = coerce_node_id(item.nodeid + suffix)
+        else:
+            item._nodeid = item.nodeid + suffix
 
 
 @pytest.hookimpl(wrapper=True)

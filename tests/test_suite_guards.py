@@ -77,3 +77,36 @@ def test_leaving_started_kills_the_childs_whole_process_group():
     else:
         os.kill(grandchild, signal.SIGKILL)
         raise AssertionError(f"grandchild {grandchild} outlived its test")
+
+
+GROUPED = """
+import os, time, pytest
+
+def record(name):
+    with open("workers.txt", "a") as f:
+        f.write(f"{name} {os.environ['PYTEST_XDIST_WORKER']}\\n")
+    time.sleep(0.5)
+
+@pytest.mark.xdist_group("processes")
+@pytest.mark.parametrize("i", range(3))
+def test_heavy(i):
+    record(f"heavy{i}")
+
+@pytest.mark.parametrize("i", range(3))
+def test_free(i):
+    record(f"free{i}")
+"""
+
+
+def test_an_xdist_group_runs_on_one_worker(tmp_path: Path):
+    """Two DDP tests at once on 2 cores time out; `--dist loadgroup` keeps a group on one
+    worker (pytest-xdist 3.8 under pytest 9 did not: the conftest names the groups)."""
+    (tmp_path / "test_grouped.py").write_text(GROUPED)
+    argv = python("-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider")
+    argv += ["-n", "2", "--dist", "loadgroup", "--rootdir", str(tmp_path)]
+    argv += ["-c", str(REPO / "pyproject.toml"), str(tmp_path)]
+    res = run(argv, cwd=tmp_path, timeout=240)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    workers = dict(line.split() for line in (tmp_path / "workers.txt").read_text().splitlines())
+    assert len(workers) == 6
+    assert len({workers[f"heavy{i}"] for i in range(3)}) == 1, workers

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli, tiny_overrides
+from tests.conftest import REPO, cli_in_process, run_cli, tiny_overrides
 from tests.processes import free_port, python, run, started
 
 
@@ -48,7 +48,7 @@ def test_sweep_with_multi_device_ddp_is_refused(tmp_path: Path) -> None:
         f"paths.data_dir={tmp_path / 'data'}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
-    proc = run_cli(args, cwd=tmp_path)
+    proc = cli_in_process(args, cwd=tmp_path)
     assert proc.returncode == 2
     assert "error: a sweep (-m) cannot run trainer.strategy=ddp" in proc.stderr
 
@@ -107,19 +107,21 @@ def test_rerun_of_an_interrupted_sweep_skips_resumes_and_runs_the_rest(tmp_path:
 
 
 @pytest.mark.slow
-def test_submitit_local_sweep_runs_each_job_in_its_own_process_and_folder(tmp_path: Path) -> None:
+def test_submitit_local_sweep_runs_each_job_in_its_own_process_and_folder(local_sweep) -> None:
     """hydra/launcher=local: submitit starts one process per job; two jobs finish in their
-    own run folders, the third (a bad override) fails alone and says why in its log."""
+    own run folders, the third (a bad override) fails alone and says why in its log. The
+    session's sweep (conftest.local_sweep), read by the report's test too."""
     import json
 
-    sweep_dir = tmp_path / "sweep"
-    args = sweep_args(tmp_path, sweep_dir, "hydra/launcher=local", "seed=0,1,oops")
-    proc = run_cli(args, cwd=tmp_path)
-    assert proc.returncode != 0  # the sweep reports its failed job
+    from omegaconf import OmegaConf
+
+    sweep_dir = local_sweep["dir"]
+    assert local_sweep["proc"].returncode != 0  # the sweep reports its failed job
     results = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
     assert sorted(results) == ["0", "1"]
     assert {r["status"] for r in results.values()} == {"finished"}
-    assert [r["provenance"]["seed"] for r in (results["0"], results["1"])] == [0, 1]
+    lrs = [OmegaConf.load(sweep_dir / job / "config_resolved.yaml").optim.lr for job in "01"]
+    assert lrs == [0.001, 0.002]
     # three jobs, three processes: each has its own submitit folder and logs
     job_dirs = sorted(p for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit())
     assert len(job_dirs) == 3
@@ -127,7 +129,7 @@ def test_submitit_local_sweep_runs_each_job_in_its_own_process_and_folder(tmp_pa
     failed = [d for d in job_dirs if not list(d.glob("*_result.pkl"))]
     assert len(failed) == 1
     last_line = next(failed[0].glob("*_log.err")).read_text().strip().splitlines()[-1]
-    assert last_line.startswith("error: ") and "seed='oops'" in last_line, last_line
+    assert last_line.startswith("error: ") and "optim.lr='abc'" in last_line, last_line
     assert not (sweep_dir / "2" / "metrics.json").exists()
 
 
