@@ -204,6 +204,10 @@ def cli_in_process(args: list[str], cwd: Path, env: dict | None = None, timeout:
     signums = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2]
     saved_handlers = {s: signal.getsignal(s) for s in signums}
     timers = {t for t in threading.enumerate() if isinstance(t, threading.Timer)}
+    # "a SIGTERM came" is process-wide (the CLI's process is one run): an earlier test's
+    # signal must not make this call stop as interrupted and arm exit_within's os._exit
+    guard = sys.modules[run.sigterm_received.__module__]
+    saved_received, guard._RECEIVED = guard._RECEIVED, False
     out, err = io.StringIO(), io.StringIO()
     code = 0
     try:
@@ -218,6 +222,7 @@ def cli_in_process(args: list[str], cwd: Path, env: dict | None = None, timeout:
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
+        guard._RECEIVED = saved_received
         os.chdir(saved_cwd)
         sys.argv[:] = saved_argv
         os.environ.clear()
@@ -232,6 +237,8 @@ def cli_in_process(args: list[str], cwd: Path, env: dict | None = None, timeout:
                 signal.signal(s, handler)
     # an armed watchdog (a timer that ends the process) must never outlive the call
     left = {t for t in threading.enumerate() if isinstance(t, threading.Timer)} - timers
+    for timer in left:
+        timer.cancel()  # the session goes on; the test fails below
     assert not left, f"run.cli left a timer running in the test process: {left}"
     return subprocess.CompletedProcess(["vpt_dml.run", *args], code, out.getvalue(), err.getvalue())
 
