@@ -44,6 +44,8 @@ lint: install
 	$(PY) tests/check_tolerances.py
 	$(VENV)/bin/ruff check vpt_dml tests experiments
 	$(VENV)/bin/ruff format --check vpt_dml tests experiments
+	# the layers of docs/design.md (pyproject.toml [tool.importlinter]): imports run downward only
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) experiments/bench_eval.py

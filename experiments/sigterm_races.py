@@ -2,6 +2,7 @@
 
     python experiments/sigterm_races.py --mode ddp --tries 4
     python experiments/sigterm_races.py --mode workers --tries 4
+    python experiments/sigterm_races.py --mode ddp --phase test --tries 12 --spread 2
 
 Each try starts `python -m vpt_dml.run` in its own session, waits for the first
 epoch-end last.ckpt, sleeps a random 0..--spread seconds (so the signal lands in a
@@ -9,6 +10,10 @@ training step, an evaluation or a checkpoint write), sends SIGTERM to the proces
 (as `docker stop`, SLURM and systemd do) and waits up to --wait seconds. A try is good
 when the exit code is 143, metrics.json says "interrupted", last.ckpt loads and no
 traceback was printed; a try still running after --wait is killed and counted as a hang.
+`--phase test`: one epoch, and the signal goes 0..--spread seconds after "`Trainer.fit`
+stopped" (the final test, or the writing of metrics.json); a try is good when the exit
+code is 143, an `interrupted:` line was printed, metrics.json exists (interrupted, or
+finished when the test had ended) and run.lock is gone.
 """
 
 from __future__ import annotations
@@ -71,13 +76,23 @@ def ckpt_loads(path: Path) -> bool:
         return False
 
 
+FIT_STOPPED = "`Trainer.fit` stopped"
+
+
 def one_try(
-    mode: str, root: Path, spread: float, wait: float, seed: int, repo: Path = REPO
+    mode: str,
+    root: Path,
+    spread: float,
+    wait: float,
+    seed: int,
+    repo: Path = REPO,
+    phase: str = "train",
 ) -> dict:
     run_dir = root / "run"
     args = (
         TINY
         + mode_overrides(mode)
+        + (["trainer.max_epochs=1"] if phase == "test" else [])
         + [
             f"hydra.run.dir={run_dir}",
             f"paths.data_dir={root / 'data'}",
@@ -95,8 +110,14 @@ def one_try(
     )
     last = run_dir / "checkpoints" / "last.ckpt"
     start = time.monotonic()
-    while not last.exists() and proc.poll() is None and time.monotonic() - start < 600:
-        time.sleep(0.1)
+
+    def ready() -> bool:
+        if phase == "test":
+            return FIT_STOPPED in (root / "stderr.txt").read_text(errors="replace")
+        return last.exists()
+
+    while not ready() and proc.poll() is None and time.monotonic() - start < 600:
+        time.sleep(0.05)
     delay = random.Random(seed).uniform(0, spread)
     time.sleep(delay)
     sent = time.monotonic()
@@ -122,6 +143,14 @@ def one_try(
         and ckpt_loads(last)
         and "Traceback" not in stderr
     )
+    if phase == "test":  # too late to stop the test: a finished record is right too
+        good = (
+            rc == 143
+            and status in ("interrupted", "finished")
+            and "interrupted: " in stderr
+            and not (run_dir / "run.lock").exists()
+            and "Traceback" not in stderr
+        )
     return {
         "delay_s": round(delay, 2),
         "rc": rc,
@@ -130,6 +159,7 @@ def one_try(
         "status": status,
         "traceback": "Traceback" in stderr,
         "good": good,
+        "lock_left": (run_dir / "run.lock").exists(),
         "last_line": (stderr.strip().splitlines() or [""])[-1][:200],
     }
 
@@ -141,15 +171,16 @@ def main() -> None:
     p.add_argument("--spread", type=float, default=4.0, help="random delay after last.ckpt (s)")
     p.add_argument("--wait", type=float, default=180.0, help="a try still running after this hung")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--phase", choices=["train", "test"], default="train", help="where it lands")
     p.add_argument("--repo", type=Path, default=REPO, help="the checkout whose code runs")
     a = p.parse_args()
     bad = 0
     for i in range(a.tries):
         with tempfile.TemporaryDirectory() as tmp:
-            r = one_try(a.mode, Path(tmp), a.spread, a.wait, a.seed * 1000 + i, a.repo)
+            r = one_try(a.mode, Path(tmp), a.spread, a.wait, a.seed * 1000 + i, a.repo, a.phase)
         bad += not r["good"]
-        print(json.dumps({"mode": a.mode, "try": i, **r}), flush=True)
-    print(f"{a.mode}: {bad} of {a.tries} tries ended badly", flush=True)
+        print(json.dumps({"mode": a.mode, "phase": a.phase, "try": i, **r}), flush=True)
+    print(f"{a.mode} ({a.phase}): {bad} of {a.tries} tries ended badly", flush=True)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def exported_run(tmp_path_factory) -> dict:
     {"root", "run_dir", "weights" (the export file), "data" (its generated images)}.
     Shared by the session (embed, retrieve, index tests): read, never write."""
     from tests.test_export import train_run
-    from vpt_dml.export import export_run
+    from vpt_dml.serving.exported import export_run
 
     root = tmp_path_factory.mktemp("exported_run")
     run_dir = train_run(root)
@@ -245,7 +245,7 @@ def cli_in_process(args: list[str], cwd: Path, env: dict | None = None, timeout:
 
 def resolved(cfg: DictConfig) -> dict:
     """The run's config as plain data (the `hydra` node left out: it needs a live job)."""
-    from vpt_dml.run import cfg_without_hydra
+    from vpt_dml.runs.provenance import cfg_without_hydra
 
     return OmegaConf.to_container(cfg_without_hydra(cfg), resolve=True)
 
@@ -301,6 +301,12 @@ PROCESSES = (
     "tests/slurm/",
     "tests/test_backbone_families.py::test_distilled_deit_trains_through_the_cli",
     "tests/test_checkpoint_io.py::test_disk_full_during_training_is_one_line_and_leaves_whole_checkpoints",
+    "tests/test_checkpoint_io.py::test_disk_full_before_the_first_checkpoint_advises_no_missing_last_ckpt",
+    "tests/test_checkpoint_io.py::test_a_disk_too_full_to_start_is_one_line",
+    "tests/test_gpu_check.py::test_layouts_are_written_while_another_thread_is_importing",
+    "tests/test_layers.py::test_second_node_prints_no_error_line",
+    "tests/test_sampler_reference.py::test_ddp_ranks_train_on_their_turns_of_the_reference_batches",
+    "tests/test_sweep.py::test_in_process_sweep_records_failed_jobs_and_runs_the_rest",
     "tests/test_cli.py::test_cli_run_dir_and_metrics",
     "tests/test_cluster.py::test_every_process_of_a_job_names_the_same_run_folder",
     "tests/test_compose_options.py::test_real_multirun_jobs_run_what_they_name",
@@ -337,6 +343,8 @@ HEAVY = (
     "tests/test_cluster.py::test_every_process_of_a_job_names_the_same_run_folder",
     "tests/test_compose_options.py::test_real_multirun_jobs_run_what_they_name",
     "tests/test_ddp.py::",
+    "tests/test_sampler_reference.py::test_ddp_ranks_train_on_their_turns_of_the_reference_batches",
+    "tests/test_sweep.py::test_in_process_sweep_records_failed_jobs_and_runs_the_rest",
     "tests/test_report.py::test_seed_sweep_on_demo_data_reports_mean_std_and_interval",
     "tests/test_report.py::test_submitit_sweep_folder_lists_failed_jobs_with_their_error_line",
     "tests/test_sigterm.py::",
@@ -363,6 +371,7 @@ RUNS = (
     "tests/test_run_errors.py::test_wrong_type_override_names_key_and_type",
     "tests/test_run_folder.py::test_second_run_into_a_finished_folder_touches_nothing",
     "tests/test_sweep.py::test_sweep_with_multi_device_ddp_is_refused",
+    "tests/test_backbone_options.py::test_a_name_without_its_option_is_one_line_refusal",
     "tests/test_backbone_families.py",
     "tests/test_backbone_weights.py",
     "tests/test_checkpoint_io.py",

@@ -105,7 +105,9 @@ def test_distilled_deit_trains_through_the_cli(tmp_path: Path):
     run_dir = tmp_path / "run"
     overrides = [
         *tiny_overrides(
-            "model.backbone.name=deit_tiny_distilled_patch16_224", "eval_before_training=false"
+            "model/backbone=timm",  # any timm ViT by name (the demo's option is for its own)
+            "model.backbone.name=deit_tiny_distilled_patch16_224",
+            "eval_before_training=false",
         ),
         "+trainer.limit_train_batches=1",
     ]

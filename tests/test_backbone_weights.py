@@ -16,7 +16,8 @@ from conftest import REPO, cli_in_process, tiny_overrides
 from safetensors.torch import save_file
 
 from vpt_dml.errors import WeightsError
-from vpt_dml.models.backbone import create_backbone, weights_report
+from vpt_dml.models.backbone import create_backbone
+from vpt_dml.models.weights import weights_report
 
 NAME = "vit_tiny_patch16_224"
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)

@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
-from vpt_dml import cluster
 from vpt_dml.errors import UserError
+from vpt_dml.runs import cluster
 
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -135,7 +135,7 @@ def test_a_lock_of_a_job_on_another_node_is_stale_once_squeue_no_longer_lists_it
 ) -> None:
     import json
 
-    from vpt_dml import run_folder
+    from vpt_dml.runs import folder as run_folder
 
     folder = tmp_path / "run"
     folder.mkdir()
@@ -169,7 +169,7 @@ def test_ddp_sweep_is_refused_only_when_jobs_share_one_process(
     from hydra.types import RunMode
     from omegaconf import open_dict
 
-    from vpt_dml.run import refuse_ddp_sweep
+    from vpt_dml.runs.lifecycle import refuse_ddp_sweep
 
     cfg = compose_config(
         [f"hydra/launcher={launcher}", "trainer=ddp", "trainer.devices=2"], tmp_path

@@ -9,7 +9,7 @@ import numpy as np
 
 from vpt_dml.compare import main
 from vpt_dml.evaluation import per_query
-from vpt_dml.protocol import stamp_of
+from vpt_dml.evaluation.protocol import stamp_of
 
 KS = [1, 2]
 

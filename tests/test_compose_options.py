@@ -25,9 +25,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from vpt_dml.config_checks import check_config
 from vpt_dml.models.method_summary import effective_method
 from vpt_dml.module import VPTDMLModule
+from vpt_dml.runs.config_schema import check_config
 
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if p.stem not in ("demo",))
 GROUPS = {
@@ -40,8 +40,9 @@ GROUPS = {
 # shared bases, not options (their name/kind is ???; check_config refuses them)
 BASES = {"base", "semantic_base"}
 # Keys a preset legitimately sets inside these nodes whatever option is picked, per group:
-# none. A preset's own values live in its own option files (model/peft/vptsp_sop_b.yaml).
-PRESET_SETS: dict[str, set[str]] = {group: set() for group in GROUPS}
+# the batch sampler (the preset's recipe, not the dataset's); nothing else. A preset's own
+# values live in its own option files (model/peft/vptsp_sop_b.yaml).
+PRESET_SETS: dict[str, set[str]] = {group: set() for group in GROUPS} | {"data": {"sampler"}}
 
 NUM_CLASSES = 4
 TINY = {"D": 32, "L": 12, "E": 16}  # TINY_BACKBONE_12: embed_dim 32, depth 12; embed_dim 16
@@ -94,7 +95,11 @@ def test_option_values_are_the_options_own(option_values):
     )
     assert peft["vptsp_sop_b"]["prompts"] == {"num": 90, "depth": 12, "step": 5}
     proxy = {row["model/proxy"]: v["model/proxy"] for row, v in zip(rows, option_values)}
-    assert proxy["learned"] == {"kind": "learned"}
+    assert proxy["learned"] == {
+        "_target_": "vpt_dml.models.proxies.learned",
+        "_partial_": True,
+        "kind": "learned",
+    }
     assert proxy["semantic_gru_tanh"]["update"] == "gru"
     assert proxy["semantic_gru"]["update"] == "gru_relu"
 
@@ -120,7 +125,11 @@ def test_preset_model_choices_yield_the_issue_example():
     (cfg,) = compose_all([["+experiment=sop_deep", "model/peft=linear", "model/proxy=learned"]])
     assert node(cfg, "model.peft")["prompts"] == {"num": 0, "depth": 0, "step": 0}
     assert cfg.model.peft.bitfit is False
-    assert node(cfg, "model.proxy") == {"kind": "learned"}
+    assert node(cfg, "model.proxy") == {
+        "_target_": "vpt_dml.models.proxies.learned",
+        "_partial_": True,
+        "kind": "learned",
+    }
     # the rest of the preset stays: its data, backbone, loss and schedule
     assert cfg.data.name == "sop" and cfg.optim.t_max == 120
     assert cfg.model.backbone.name.startswith("vit_base")
@@ -245,7 +254,7 @@ def test_prompt_length_sweep_on_a_preset_sets_the_prompts():
 def test_seeds_sweep_runs_five_seeds():
     jobs = sweep_jobs("cub_deep_small", "seeds", [])
     seeds = [[o for o in job if o.startswith("seed=")] for job in jobs]
-    assert seeds == [[f"seed={s}"] for s in range(5)]
+    assert seeds == [[f"seed={s}"] for s in range(0, 5000, 1000)]  # spaced: seed + epoch streams
 
 
 # -- the real multirun ---------------------------------------------------------------------
@@ -257,7 +266,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from vpt_dml.config_checks import check_config
+from vpt_dml.runs.config_schema import check_config
 from vpt_dml.models.method_summary import effective_method
 from vpt_dml.module import VPTDMLModule
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import REPO, cli_in_process, compose_config, tiny_overrides
 
-from vpt_dml.config_checks import check_config
 from vpt_dml.errors import UserError
 from vpt_dml.models.method_summary import features_from_config, peft_method_of
+from vpt_dml.runs.config_schema import check_config
 
 
 def refused(overrides: list[str], tmp_path, experiment: str | None = None) -> str:
@@ -90,7 +90,7 @@ def test_wrong_type_names_key_and_expected_type(override, expected, tmp_path):
         (["model.peft.name=prefix"], ["model.peft.name='prefix'", "custom"]),
         (
             ["model/proxy=learned", "+model.proxy.bias_ratio=0.2"],
-            ["kind=learned", "model.proxy.bias_ratio"],
+            ["model.proxy.bias_ratio", "proxies.learned takes no bias_ratio"],
         ),
         (["model/proxy=semantic_mix", "+model.proxy.update=gru"], ["semantic_mix", "update"]),
         (["model/proxy=semantic_gru", "+model.proxy.mix_lambda=0.5"], ["mix_lambda"]),

@@ -18,7 +18,7 @@ from conftest import REPO, TINY_BACKBONE, compose_config, run_cli
 from processes import free_port
 
 from vpt_dml.module import VPTDMLModule
-from vpt_dml.run import build_datamodule
+from vpt_dml.train import build_datamodule
 
 # 8 train and 9 test classes of 7 images: 63 test images over 2 ranks, so the evaluation
 # sampler pads a rank with a duplicate that the gather must drop (issue 19)
@@ -74,7 +74,7 @@ def test_ddp_cpu_ranks_agree_and_match_single_process_eval(tmp_path: Path, k: in
     args = overrides + [
         "trainer=ddp_cpu",
         f"hydra.run.dir={run_dir}",
-        "+callbacks.save_rank_state._target_=vpt_dml.callbacks.rank_state.SaveRankState",
+        "+callbacks.save_rank_state._target_=vpt_dml.runs.callbacks.rank_state.SaveRankState",
         f"+callbacks.save_rank_state.dirpath={state_dir}",
     ]
     proc = run_cli(

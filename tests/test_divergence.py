@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from tests.conftest import REPO, cli_in_process, compose_config, tiny_overrides
-from vpt_dml.callbacks.divergence import DIVERGED_EXIT, FP16_PATIENCE, Diverged
 from vpt_dml.checkpoints import load_checkpoint
 from vpt_dml.losses import ProxyAnchorLoss
 from vpt_dml.run import train
+from vpt_dml.runs.callbacks.divergence import DIVERGED_EXIT, FP16_PATIENCE, Diverged
 
 STEPS_PER_EPOCH = 3  # tiny settings: 4 training classes x 6 images, batches of 8
 

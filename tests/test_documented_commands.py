@@ -552,7 +552,7 @@ def session(tmp_path_factory) -> Ctx:
     assert len(ctx.runs) == len(plan), proc.stderr[-3000:]
 
     from vpt_dml import embed
-    from vpt_dml.export import export_run
+    from vpt_dml.serving.exported import export_run
 
     art = ctx.runs[f"artefact:{ARTEFACT_PRESET}"]
     assert art["rc"] == 0, art["stderr"]
@@ -625,8 +625,8 @@ def check_ddp_cpu(cmd: str, ctx: Ctx) -> None:
 
 
 def check_compose(cmd: str, ctx: Ctx) -> None:
-    from vpt_dml.config_checks import check_config
-    from vpt_dml.run import cfg_without_hydra
+    from vpt_dml.runs.config_schema import check_config
+    from vpt_dml.runs.provenance import cfg_without_hydra
 
     args = [a for a in run_args(cmd) if a not in ("-m", "--multirun")]
     cfg = compose_config(args, ctx.root / "compose")
@@ -733,7 +733,7 @@ def check_cli(cmd: str, tool: str, ctx: Ctx, out: Path, capsys) -> None:
         got = run_onnx(Path(argv[argv.index("--onnx") + 1]), np.zeros((2, 3, 32, 32), np.float32))
         np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=0, atol=1e-5)
     elif tool == "export":
-        from vpt_dml.export import load_exported
+        from vpt_dml.serving.exported import load_exported
 
         assert load_exported(Path(argv[1])).embedder is not None
     elif tool == "index":

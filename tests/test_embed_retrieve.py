@@ -18,6 +18,7 @@ from tests.test_export import backbone_weights_file, trained_embedder
 from vpt_dml import embed, retrieve
 from vpt_dml.data.dataset import load_transformed
 from vpt_dml.data.transforms import build_transforms
+from vpt_dml.serving import embeddings
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +195,7 @@ def test_embed_skip_broken_keeps_every_other_image(
 def test_interrupted_embed_resumes_without_recomputing(
     setup, reference, tmp_path: Path, monkeypatch
 ) -> None:
-    real = embed.embed_files
+    real = embeddings.embed_files
     calls: list[int] = []
     interrupt_at = [3]
 
@@ -204,7 +205,7 @@ def test_interrupted_embed_resumes_without_recomputing(
             raise KeyboardInterrupt  # the user's Ctrl-C during the third chunk
         return real(model, files, *args, **kwargs)
 
-    monkeypatch.setattr(embed, "embed_files", counting)
+    monkeypatch.setattr(embeddings, "embed_files", counting)
     out = tmp_path / "emb"
     args = [*model_args(setup), str(setup["gallery"]), str(out), "--no-progress"]
     with pytest.raises(KeyboardInterrupt):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from tests.conftest import compose_config, tiny_overrides
-from vpt_dml.evaluation.epoch import collapsed, embedding_health
+from vpt_dml.evaluation.health import collapsed, embedding_health
 from vpt_dml.run import train
 
 

@@ -12,9 +12,11 @@ import torch
 from omegaconf import open_dict
 
 import vpt_dml.run as run
+import vpt_dml.runs.lifecycle as lifecycle
 from tests.conftest import compose_config, tiny_overrides
-from vpt_dml.callbacks.eval_schedule import evaluated
 from vpt_dml.errors import UserError
+from vpt_dml.runs.callbacks.eval_schedule import evaluated
+from vpt_dml.runs.trainer import build_trainer
 
 
 @pytest.mark.parametrize(
@@ -55,17 +57,17 @@ def tiny_run(tmp_path: Path, name: str, *extra: str, monkeypatch=None, copies: P
         cfg.hydra.runtime.output_dir = cfg.paths.output_dir
     out = Path(cfg.paths.output_dir)
     if copies is not None:
-        build = run.build_trainer
+        build = lifecycle.build_trainer
 
         def with_copies(c):
-            trainer = build(c)
+            trainer, callbacks = build(c)
             trainer.callbacks.append(CopyLastCheckpoint(out / "checkpoints", copies))
-            return trainer
+            return trainer, callbacks
 
-        monkeypatch.setattr(run, "build_trainer", with_copies)
+        monkeypatch.setattr(lifecycle, "build_trainer", with_copies)
     metrics = run.train(cfg)
     if copies is not None:
-        monkeypatch.setattr(run, "build_trainer", build)
+        monkeypatch.setattr(lifecycle, "build_trainer", build)
     result = json.loads((out / "metrics.json").read_text())
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     return metrics, result, ckpt
@@ -135,7 +137,7 @@ def test_every_n_epochs_keeps_the_final_epoch(tmp_path):
 def test_bad_schedule_is_a_user_error(tmp_path, override, words):
     cfg = compose_config(tiny_overrides(override), tmp_path)
     with pytest.raises(UserError, match=words):
-        run.build_trainer(cfg)
+        build_trainer(cfg)
 
 
 def test_held_out_selection_needs_the_best_checkpoint(tmp_path):
@@ -143,4 +145,4 @@ def test_held_out_selection_needs_the_best_checkpoint(tmp_path):
         tiny_overrides("data.val_classes=0.25", "~callbacks.model_checkpoint"), tmp_path
     )
     with pytest.raises(UserError, match="model_checkpoint"):
-        run.build_trainer(cfg)
+        build_trainer(cfg)

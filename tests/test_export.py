@@ -16,9 +16,10 @@ from safetensors.torch import save_file
 
 from tests.conftest import compose_config, tiny_overrides
 from vpt_dml.errors import UserError
-from vpt_dml.export import export_run, load_exported, main, run_checkpoint
+from vpt_dml.export import main
 from vpt_dml.models.build import build_embedder
 from vpt_dml.run import train
+from vpt_dml.serving.exported import export_run, load_exported, run_checkpoint
 
 # Frozen weights dominate, as in a real ViT (the TINY_* backbone is too small to show it).
 EXPORT_BACKBONE = [

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import importlib
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -100,7 +105,56 @@ def test_projection_arithmetic():
     assert p["train_h"] == pytest.approx(train_s / 3600, abs=1e-4)
 
 
+def test_the_measurements_are_the_runs_own_record():
+    """Images/s, training and evaluation seconds come from metrics.json's cost block (the
+    val seconds are its mean per evaluation); the probe adds which evaluations ran, their
+    images and k-means seconds, and the checkpoint writes."""
+    cost = {
+        "train_images_per_s": 250.0,
+        "train_s": 40.0,
+        "eval_s": 6.0,
+        "evaluations_during_training": 2,
+        "before_eval_s": 5.0,
+        "test_eval_s": 9.0,
+    }
+    probe = {
+        "batch_size": 32,
+        "evals": [
+            {"label": "before", "images": 1000, "clustering_s": 1.0},
+            {"label": "val", "images": 1000, "clustering_s": 1.0},
+            {"label": "val", "images": 1000, "clustering_s": 1.5},
+            {"label": "test", "images": 1000, "clustering_s": 2.0},
+        ],
+        "checkpoints": [{"file": "last.ckpt", "s": 1.0}],
+    }
+    seen = gc.measured(probe, cost)
+    assert seen["images_per_s"] == 250.0 and seen["train_loop_s"] == 40.0
+    assert [e["s"] for e in seen["evals"]] == [5.0, 6.0, 6.0, 9.0]
+    assert [e["clustering_s"] for e in seen["evals"]] == [1.0, 1.0, 1.5, 2.0]
+    layout = gc.Layout("cub", Path("."), 50, 1000, 50, 1000, (500, 375))
+    cfg = {"trainer": {"max_epochs": 2}, "data": {"batch_size": 32}}
+    p = gc.project(cfg, seen, layout, run_wall_s=100.0)
+    assert p["startup_h"] == pytest.approx((100.0 - 40.0 - 26.0 - 1.0) / 3600, abs=1e-4)
+    # a run that crashed before its test: no seconds recorded, that evaluation left out
+    seen = gc.measured(probe, {k: v for k, v in cost.items() if k != "test_eval_s"})
+    assert gc.project(cfg, seen, layout, run_wall_s=100.0)["startup_h"] == pytest.approx(
+        (100.0 - 40.0 - 17.0 - 1.0) / 3600, abs=1e-4
+    )
+
+
+def test_skipped_benches_are_described(tmp_path):
+    """--skip-bench: each entry of the bench block is described (it ended the check with
+    "gpu_check.py itself failed: AttributeError" after both presets had run)."""
+    lib = importlib.import_module("gpu_check_lib.benches")
+    args = argparse.Namespace(skip_bench=True, cpu=True)
+    out = lib.benches(args, tmp_path, deadline=time.monotonic() + 100)
+    lines = [lib.describe_bench(label, b) for label, b in out.items()]
+    assert lines and all(line.endswith("skipped: --skip-bench") for line in lines)
+    assert lib.sop_vs_bench({"sop_deep": {"train_images_per_s": 10.0}}, out) is None
+
+
 # -- layouts --------------------------------------------------------------------------
+@pytest.mark.timeout(120)  # it once hung for 14 min: a forked Pool worker deadlocked (issue 30)
 def test_tiny_layouts_parse_with_the_real_loaders(tmp_path):
     layouts = gc.write_layouts(tmp_path, tiny=True, procs=2)
     for name, layout in layouts.items():
@@ -113,6 +167,83 @@ def test_tiny_layouts_parse_with_the_real_loaders(tmp_path):
         }
         with Image.open(splits.test.paths[-1]) as im:
             assert (im.format, im.size) == ("JPEG", layout.image_size)
+
+
+# A thread of this process is running `import PIL.Image` (it holds that module's import
+# lock, not the global one) when write_layouts starts its Pool; each worker then imports
+# PIL.Image. A forked worker inherits the lock held by a thread it does not have and waits
+# forever (what hung pytest: issue 30); a spawned one starts clean. Run in a fresh
+# interpreter, so the import is really in flight, and killed with its workers if it hangs.
+_IMPORT_IN_FLIGHT = """
+import importlib.abc, importlib.util, sys, threading
+from pathlib import Path
+
+repo, out = Path(sys.argv[1]), Path(sys.argv[2])
+sys.path.insert(0, str(repo))
+spec = importlib.util.spec_from_file_location("gpu_check", repo / "experiments" / "gpu_check.py")
+gc = importlib.util.module_from_spec(spec)
+sys.modules["gpu_check"] = gc
+spec.loader.exec_module(gc)
+assert "PIL.Image" not in sys.modules, "the parent must not need PIL.Image"
+entered, release = threading.Event(), threading.Event()
+
+
+class StallingLoader(importlib.abc.Loader):
+    def __init__(self, real):
+        self.real = real
+
+    def create_module(self, spec):
+        return self.real.create_module(spec)
+
+    def exec_module(self, module):  # runs under the module's lock only
+        entered.set()
+        release.wait()
+        self.real.exec_module(module)
+
+
+class Stall(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "PIL.Image" or threading.current_thread() is threading.main_thread():
+            return None
+        sys.meta_path.remove(self)
+        found = importlib.util.find_spec(name)
+        found.loader = StallingLoader(found.loader)
+        return found
+
+
+sys.meta_path.insert(0, Stall())
+thread = threading.Thread(target=lambda: __import__("PIL.Image"), daemon=True)
+thread.start()
+entered.wait()
+layouts = gc.write_layouts(out, tiny=True, procs=2)
+release.set()
+thread.join()
+print("written", sum(v.train_images + v.test_images for v in layouts.values()))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_layouts_are_written_while_another_thread_is_importing(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _IMPORT_IN_FLIGHT, str(REPO), str(tmp_path / "data")],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its Pool workers too are killed below
+    )
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"write_layouts hung with an import in flight in another thread:\n{out}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a failed run
+    assert proc.returncode == 0, out
+    assert out.strip().splitlines()[-1] == "written 484"  # SOP 64x2 + 20x5, CUB 64x4
 
 
 # -- the whole tiny run -------------------------------------------------------------------
@@ -193,6 +324,9 @@ def test_cpu_tiny_run_trains_both_presets_and_projects(tmp_path):
         assert r["evals"][-1]["label"] == "test"
         assert r["as_run"]["batch_size"] == batch
         assert r["train_images_per_s"] > 0
+        # the run's own record, not a second measurement
+        assert r["train_images_per_s"] == round(r["cost"]["train_images_per_s"], 1)
+        assert r["evals"][-1]["s"] == r["cost"]["test_eval_s"]
         assert r["projection"]["hours"] > 0
     # the host class-prompt bank (SOP) was found and timed; CUB keeps its prompts on device
     assert summary["presets"]["sop_deep"]["bank"]["host"]["step_ms_per_step"] > 0

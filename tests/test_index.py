@@ -16,6 +16,7 @@ from tests.test_embed_retrieve import one_error_line, other_model
 from vpt_dml import embed, index, retrieve
 from vpt_dml.evaluation.knn import exact_dot, unit_rows
 from vpt_dml.evaluation.retrieval import retrieval_metrics
+from vpt_dml.serving import embeddings
 from vpt_dml.serving.index import Params, SavedIndex, build, exact_search, read
 
 
@@ -55,7 +56,7 @@ def build_cli(demo, out: Path, *flags: str) -> dict:
 def test_flat_index_finds_the_suites_exact_neighbours(demo, tmp_path: Path) -> None:
     meta = build_cli(demo, tmp_path / "g.faiss")
     assert meta["kind"] == "flat" and meta["count"] == len(demo["x"]) == 48
-    assert meta["model"]["fingerprint"]["id"] == embed.model_fingerprint(demo["weights"])["id"]
+    assert meta["model"]["fingerprint"]["id"] == embeddings.model_fingerprint(demo["weights"])["id"]
     x, n = demo["x"], len(demo["x"])
     _, ids = read(tmp_path / "g.faiss").search(x, n)
     np.testing.assert_array_equal(ids, reference_order(x, x))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from vpt_dml.evaluation import candidate_dtype_report, knn
+from vpt_dml.evaluation.knn import dtype_choice
 
 # AVX-512 without bf16 (Skylake/Cascade Lake-like: oneDNN emulates bf16, ~2x slower)
 AVX512_ONLY = {"sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}
@@ -56,17 +57,18 @@ def fake_cpu(monkeypatch):
     """Replace the probes; count benchmark calls; start and end with a clean cache."""
     calls = []
     state = {"proc": AVX512_ONLY, "torch": set(), "onednn": True, "machine": "x86_64"}
-    monkeypatch.setattr(knn, "_CPU_CHOICE", None)
-    monkeypatch.setattr(knn, "_proc_cpu_flags", lambda: state["proc"])
-    monkeypatch.setattr(knn, "_torch_cpu_flags", lambda: state["torch"])
-    monkeypatch.setattr(knn, "_onednn_bf16", lambda: state["onednn"])
-    monkeypatch.setattr(knn.platform, "machine", lambda: state["machine"])
+    # the probes are globals of the module that reads them (not of the package)
+    monkeypatch.setattr(dtype_choice, "_CPU_CHOICE", None)
+    monkeypatch.setattr(dtype_choice, "_proc_cpu_flags", lambda: state["proc"])
+    monkeypatch.setattr(dtype_choice, "_torch_cpu_flags", lambda: state["torch"])
+    monkeypatch.setattr(dtype_choice, "_onednn_bf16", lambda: state["onednn"])
+    monkeypatch.setattr(dtype_choice.platform, "machine", lambda: state["machine"])
 
     def bench():
         calls.append(1)
         return {"float32": 0.03, "bfloat16": 0.01}
 
-    monkeypatch.setattr(knn, "_benchmark_gemm", bench)
+    monkeypatch.setattr(dtype_choice, "_benchmark_gemm", bench)
     yield state, calls
 
 

@@ -17,7 +17,7 @@ from tests.fake_layouts import distinct_images, fake_cub, fake_inshop
 from vpt_dml.data.datamodule import RetrievalDataModule
 from vpt_dml.data.manifest import file_digests, split_sha256
 from vpt_dml.data.registry import load_splits
-from vpt_dml.protocol import records_sha256
+from vpt_dml.evaluation.protocol import records_sha256
 
 
 def test_the_hash_follows_the_split_not_the_folder(tmp_path: Path):

@@ -63,7 +63,7 @@ def assert_files_equal_metrics(run: Path, best_epoch_expected: bool = True) -> N
     }
     assert not (run / "per_query" / "epochs").exists()
     proto = result["protocol"]
-    from vpt_dml.protocol import stamp_of
+    from vpt_dml.evaluation.protocol import stamp_of
 
     assert proto["stamp"] == stamp_of(proto) and len(proto["split_sha256"]) == 64
 
@@ -96,8 +96,8 @@ def test_run_writes_per_query_files_equal_to_metrics_json_inshop(tmp_path: Path)
 
 
 def test_worst_gallery_picks_the_deepest_first_positives() -> None:
-    from vpt_dml.callbacks.dashboard import Dashboard, worst_queries
     from vpt_dml.errors import UserError
+    from vpt_dml.runs.callbacks.dashboard import Dashboard, worst_queries
 
     cols = {"index": np.array([10, 11, 12, 13, 14]), "first_positive_rank": np.array([1, 7, 3, 7, 2]),
             "ap_at_r": np.array([1.0, 0.2, 0.4, 0.1, 0.5])}  # fmt: skip

@@ -11,9 +11,10 @@ from conftest import TINY_BACKBONE, TINY_DATA, TINY_TRAINER, compose_config
 from omegaconf import OmegaConf
 from tolerances import close
 
-from vpt_dml.config_checks import check_config
 from vpt_dml.models.backbone import data_config
-from vpt_dml.run import build_datamodule, build_module, train
+from vpt_dml.run import train
+from vpt_dml.runs.config_schema import check_config
+from vpt_dml.train import build_datamodule, build_module
 
 # METHOD.md §3: bs, k, epochs, opt, lr, lr_proxy, wd, T_max, eta_min, P, Q, r, dropout, bank
 OPTIMIZERS = {"sgd": "torch.optim.SGD", "adamw": "torch.optim.AdamW"}

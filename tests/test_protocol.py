@@ -1,10 +1,10 @@
-"""The protocol stamp (vpt_dml/protocol.py): what makes two runs' numbers comparable."""
+"""The protocol stamp (vpt_dml/evaluation/protocol.py): what makes two runs' numbers comparable."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from vpt_dml.protocol import differing_fields, records_sha256, stamp_of
+from vpt_dml.evaluation.protocol import differing_fields, records_sha256, stamp_of
 
 
 def recs(paths, labels):
@@ -37,7 +37,7 @@ def test_a_run_that_skipped_a_test_image_has_another_stamp(tmp_path, monkeypatch
     of these files would be) and after (one undecodable test image skipped)."""
     from tests.fake_layouts import distinct_images, fake_cub
     from vpt_dml.data.datamodule import RetrievalDataModule
-    from vpt_dml.protocol import protocol
+    from vpt_dml.evaluation.protocol import protocol
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root = distinct_images(fake_cub(tmp_path / "cub", classes=4, per_class=3))

@@ -28,7 +28,7 @@ def fake_run(
         "metrics": {"recall@1": recall1, "recall@2": recall1 + 0.1},
         "provenance": {"overrides": overrides, "parameters": {"all": {"tuned_pct": tuned_pct}}},
     }
-    if before is not None:  # as vpt_dml.results writes it
+    if before is not None:  # as vpt_dml.runs.record writes it
         result["before"] = {"split": "test", "metrics": before}
     if cost is not None:
         result["cost"] = cost
@@ -312,7 +312,7 @@ def test_a_crashed_job_without_metrics_is_a_failed_row_with_its_error(tmp_path: 
 
 
 def test_mixed_protocol_stamps_are_refused_without_the_flag(tmp_path: Path, capsys) -> None:
-    from vpt_dml.protocol import stamp_of
+    from vpt_dml.evaluation.protocol import stamp_of
 
     p32 = {"split_sha256": "a" * 64, "image_resolution": 32, "ks": [1, 2]}
     p64 = {**p32, "image_resolution": 64}
@@ -472,7 +472,8 @@ def test_report_png_keeps_long_labels_inside_the_figure(tmp_path: Path, shape: s
     """Issue 28 item 16: long override labels were cut at the figure's edge."""
     import matplotlib.pyplot as plt
 
-    from vpt_dml.report import collect, figure, find_runs
+    from vpt_dml.reporting.plots import figure
+    from vpt_dml.reporting.runs import collect, find_runs
 
     long = "model.backbone.kwargs={img_size:224,embed_dim:768,depth:12,num_heads:12}"
     for i in range(3):

@@ -15,9 +15,10 @@ from rich.console import Console
 
 from tests.conftest import compose_config, tiny_overrides
 from vpt_dml.models.backbone import data_config
-from vpt_dml.results import SELECTION_HELD_OUT, SELECTION_TEST
-from vpt_dml.run import build_datamodule, build_module, train
-from vpt_dml.summary import metric_table
+from vpt_dml.run import train
+from vpt_dml.runs.record import SELECTION_HELD_OUT, SELECTION_TEST
+from vpt_dml.runs.summary import metric_table
+from vpt_dml.train import build_datamodule, build_module
 
 
 def run_tiny(tmp_path: Path, *extra: str):

@@ -204,7 +204,7 @@ def test_old_rows_after_the_checkpoint_are_dropped_even_without_sigterm(finished
     steps = torch.load(last(run_dir), weights_only=True)["global_step"]
     tests = [r for r in before if any(k.startswith("test/") for k in r[2])]
     assert tests and all(int(s) >= steps for _, s, _ in tests)
-    from vpt_dml.resume import trim_csv_history
+    from vpt_dml.runs.resume import trim_csv_history
 
     dropped = trim_csv_history(run_dir / "csv" / "metrics.csv", steps)
     after = csv_shape(run_dir)

@@ -159,3 +159,15 @@ def test_debug_shows_the_traceback(tmp_path: Path):
     assert res.returncode != 0
     assert "Traceback" in res.stderr and "UserError" in res.stderr
     assert not any(line.startswith("error:") for line in res.stderr.splitlines())
+
+
+@pytest.mark.parametrize(
+    "override", ["trainer.max_epochs=0", "trainer.max_steps=0", "trainer.limit_train_batches=0"]
+)
+def test_a_run_that_trains_nothing_is_refused_not_recorded_as_finished(tmp_path, override):
+    """Issue 28 item 9: trainer.max_epochs=0 wrote metrics.json "finished" with the untrained
+    model's numbers as the trained ones; now one line, before the run folder is used."""
+    cfg = compose_config(tiny_overrides(override, "eval_before_training=false"), tmp_path)
+    with pytest.raises(UserError, match=rf"trainer\.{override.split('.')[1]} trains nothing"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "metrics.json").exists()

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, cli_in_process, run_cli, tiny_overrides
 
-from vpt_dml import run_folder
 from vpt_dml.errors import UserError
+from vpt_dml.runs import folder as run_folder
+from vpt_dml.runs.callbacks.loggers import AppendingCSVLogger
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -83,10 +84,10 @@ def test_claim_refuses_a_live_lock_and_takes_over_a_stale_one(tmp_path, capsys):
 
 
 def test_csv_history_is_appended_not_replaced(tmp_path: Path):
-    first = run_folder.AppendingCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    first = AppendingCSVLogger(save_dir=str(tmp_path), name="csv", version="")
     first.log_metrics({"val/recall@1": 0.5}, step=0)
     first.save()
-    resumed = run_folder.AppendingCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    resumed = AppendingCSVLogger(save_dir=str(tmp_path), name="csv", version="")
     resumed.log_metrics({"val/recall@1": 0.6}, step=1)
     resumed.log_metrics({"train/loss": 2.0}, step=2)  # a column the old rows lack
     resumed.save()

@@ -25,7 +25,7 @@ def test_run_writes_metrics_and_provenance(tmp_path: Path):
     written = json.loads((run_dir / "metrics.json").read_text())
     assert written["status"] == "finished"
     assert written["metrics"] == pytest.approx(metrics)
-    # the flat metrics are the final epoch's (documented in vpt_dml/results.py)
+    # the flat metrics are the final epoch's (documented in vpt_dml/runs/record.py)
     final = dict(written["final"]["metrics"], **{"recall@1_before": metrics["recall@1_before"]})
     assert written["metrics"] == pytest.approx(final)
     assert written["final"]["epoch"] == 1
@@ -39,11 +39,13 @@ def test_run_writes_metrics_and_provenance(tmp_path: Path):
     # counts verified against what the generator was asked for: 4 train / 4 test classes x 6
     assert prov["dataset"]["counts"]["train_images"] == 24
     assert prov["dataset"]["counts"]["test_images"] == 24
+    built = prov["backbone"].pop("built")  # read off the model (tests/test_backbone_options.py)
     assert prov["backbone"] == {
         "name": "vit_tiny_patch16_224",
         "pretrained": False,
         "weights": "random init",
     }
+    assert (built["width"], built["depth"], built["image_size"]) == (32, 2, [32, 32])
     assert prov["global_step"] == 2 * (24 // 8)
     assert prov["eval_candidates"]["dtype"] in ("bfloat16", "float32")
     assert prov["eval_candidates"]["reason"]

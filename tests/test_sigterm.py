@@ -16,8 +16,8 @@ from conftest import REPO, compose_config, run_cli, tiny_overrides
 from processes import child_env, python, run, started, wait_for
 
 from vpt_dml.checkpoints import load_checkpoint
-from vpt_dml.export import export_run
 from vpt_dml.run import Interrupted, train
+from vpt_dml.serving.exported import export_run
 
 
 class SigtermAt(L.Callback):
@@ -168,7 +168,7 @@ def test_sigterm_to_the_process_group_ends_in_143_interrupted(tmp_path, arrangem
 
 WATCHDOG_CHILD = """
 import os, sys, time
-from vpt_dml.watchdog import SigtermGuard
+from vpt_dml.runs.sigterm import SigtermGuard
 SigtermGuard(sys.argv[1], sys.argv[2], timeout_s=2, watchdog=True)
 r, w = os.pipe()
 print("ready", flush=True)
@@ -228,7 +228,7 @@ def test_ddp_error_is_printed_once(tmp_path):
 EXIT_WITH_A_LIVE_WORKER = """
 import sys, torch
 from torch.utils.data import DataLoader
-from vpt_dml.watchdog import WorkerInit
+from vpt_dml.runs.sigterm import WorkerInit
 
 loader = DataLoader(list(range(64)), batch_size=2, num_workers=1, worker_init_fn=WorkerInit())
 it = iter(loader)  # kept alive to the end, as an error's traceback keeps a fit's iterator
@@ -276,3 +276,64 @@ def test_sigterm_in_the_final_test_ends_the_sweep_with_the_run_finished(tmp_path
     result = json.loads((sweep / "0" / "metrics.json").read_text())
     assert result["status"] == "finished" and "recall@1" in result["metrics"]
     assert not (sweep / "1").exists()  # the next job never started
+
+
+GROUP_SIGTERM_AS_THE_TEST_ENDS = """
+import os, signal, time
+import lightning as L
+
+
+class GroupSigtermAtTestEnd(L.Callback):
+    '''Rank 0, as the final test ends: SIGTERM to the whole process group (docker stop),
+    then a slow record: rank 1 has nothing left to do, rank 0 has metrics.json to write.'''
+
+    def on_test_end(self, trainer, pl_module):
+        if trainer.is_global_zero:
+            os.killpg(os.getpgid(0), signal.SIGTERM)
+            time.sleep(8)  # longer than Lightning's child-process observer period (5 s)
+"""
+
+
+@pytest.mark.slow
+def test_group_sigterm_as_the_ddp_final_test_ends_lets_rank_0_finish_the_record(tmp_path):
+    """trainer=ddp_cpu, SIGTERM to every process as the final test ends: rank 1, done
+    first, exited 143 (or died of the signal) and Lightning SIGKILLed rank 0 before it had
+    written metrics.json (exit 137, run.lock left; issue 28 item 10). Now every rank waits
+    for rank 0's record and the run ends in 143 with its complete metrics.json."""
+    (tmp_path / "group_sigterm.py").write_text(GROUP_SIGTERM_AS_THE_TEST_ENDS)
+    run_dir = tmp_path / "run"
+    args = [
+        *ddp_ready(
+            tiny_overrides(
+                "eval_before_training=false",
+                "data.synthetic.num_classes=16",
+                "data.batch_size=4",
+                "data.eval_batch_size=8",
+            )
+        ),
+        "trainer=ddp_cpu",
+        "+callbacks.group_sigterm={_target_: group_sigterm.GroupSigtermAtTestEnd}",
+        f"hydra.run.dir={run_dir}",
+        f"paths.data_dir={tmp_path / 'data'}",
+    ]
+    env = child_env(
+        {"PYTHONPATH": str(tmp_path), "VPT_DML_SIGTERM_TIMEOUT_S": str(GROUP_KILL_TIMEOUT_S)},
+        ddp=True,
+    )
+    # its own group: killpg in the callback reaches this group only
+    with started(python("-m", "vpt_dml.run", *args), env=env) as proc:
+        _, stderr = proc.communicate(timeout=400)
+    assert proc.returncode == 143, stderr[-3000:]
+    interrupted = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
+    assert interrupted == [
+        "interrupted: SIGTERM came as the run finished; its metrics.json is complete "
+        "(a sweep rerun skips it)"
+    ], stderr[-3000:]
+    result = json.loads((run_dir / "metrics.json").read_text())
+    assert result["status"] == "finished" and "recall@1" in result["metrics"]
+    assert result["provenance"]["world_size"] == 2
+    assert not (run_dir / "run.lock").exists()
+    # item 16: rank 0 keeps run.log; Lightning's child rank left train_ddp_process_1.log
+    # item 15: the line says what the signal does there (not "stopping at the next batch end")
+    assert "received SIGTERM: too late to stop the final test" in (run_dir / "run.log").read_text()
+    assert sorted(p.name for p in run_dir.glob("*.log")) == ["run.log"]

@@ -162,3 +162,39 @@ def test_ddp_inside_a_local_submitit_job_is_one_two_process_run(tmp_path: Path) 
     assert result["status"] == "finished" and result["provenance"]["world_size"] == 2
     assert [p.name for p in sweep_dir.iterdir() if p.name.isdigit()] == ["0"]
     assert not (sweep_dir / "0" / "run.lock").exists()
+
+
+@pytest.mark.slow
+def test_in_process_sweep_records_failed_jobs_and_runs_the_rest(tmp_path: Path) -> None:
+    """Hydra's own launcher (every job in this process): a diverged job and a job with bad
+    input do not end the sweep; it ends with one `failed:` line per failed job and the
+    first failed job's exit code, and its rerun skips the finished job and still goes on."""
+    import json
+
+    sweep_dir = tmp_path / "sweep"
+    args = sweep_args(tmp_path, sweep_dir, "trainer.max_epochs=2", "optim.lr=1e20,oops,1e-3")
+
+    def failed_lines(stderr: str) -> list[str]:
+        return [
+            line.split(": ", 2)[:2] for line in stderr.splitlines() if line.startswith("failed:")
+        ]
+
+    first = run_cli(args, cwd=tmp_path, timeout=600)
+    assert first.returncode == 3, first.stderr[-3000:]  # job 0's: diverged
+    assert failed_lines(first.stderr) == [
+        ["failed", f"job 0 (optim.lr=1e+20) in {sweep_dir / '0'}"],
+        ["failed", f"job 1 (optim.lr=oops) in {sweep_dir / '1'}"],
+    ], first.stderr[-3000:]
+    assert "Traceback" not in first.stderr
+    status = lambda job: json.loads((sweep_dir / job / "metrics.json").read_text())["status"]  # noqa: E731
+    assert status("0") == "diverged" and status("2") == "finished"
+    assert not (sweep_dir / "1" / "metrics.json").exists()
+    assert not list(sweep_dir.glob("*/run.lock"))
+    finished_2 = (sweep_dir / "2" / "metrics.json").read_bytes()
+
+    again = run_cli(args, cwd=tmp_path, timeout=600)
+    assert again.returncode == 3, again.stderr[-3000:]
+    assert f"skipped: job 0 diverged earlier in {sweep_dir / '0'}" in again.stderr
+    assert f"skipped: job 2 finished earlier in {sweep_dir / '2'}" in again.stderr
+    assert [f[1].split(" ")[1] for f in failed_lines(again.stderr)] == ["0", "1"]
+    assert (sweep_dir / "2" / "metrics.json").read_bytes() == finished_2  # not recomputed

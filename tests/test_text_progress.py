@@ -18,7 +18,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import REPO, bare_trainer, tiny_overrides
-from vpt_dml.callbacks.text_progress import (
+from vpt_dml.runs.callbacks.text_progress import (
     RichProgressBarWithRunLog,
     RunLogLines,
     TextProgressBar,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from vpt_dml.callbacks.metric_history import MetricHistory
 from vpt_dml.evaluation.epoch import gather_embeddings, unique_first
+from vpt_dml.runs.callbacks.metric_history import MetricHistory
 
 
 def test_unique_first_keeps_the_first_of_each_repeated_index():

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import compose_config, tiny_overrides
-from vpt_dml.callbacks.wandb_logger import finish_wandb
 from vpt_dml.run import train
+from vpt_dml.runs.callbacks.wandb_logger import finish_wandb
 
 
 def test_offline_run_leaves_metrics_and_images(tmp_path: Path, monkeypatch) -> None:
@@ -45,3 +45,22 @@ def test_failing_wandb_init_warns_and_training_goes_on(tmp_path: Path, monkeypat
     assert (run / "metrics.json").is_file() and "train/loss" in (
         run / "csv" / "metrics.csv"
     ).read_text()
+
+
+def test_a_wandb_run_starts_without_the_anonymous_deprecation_warning(
+    tmp_path: Path, monkeypatch, capfd
+) -> None:
+    """Issue 28 item 16: Lightning passed anonymous=None to wandb.init and wandb warned
+    "The anonymous setting has no effect" on every logger=wandb run."""
+    pytest.importorskip("wandb")
+    from vpt_dml.runs.callbacks.wandb_logger import wandb_logger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    try:
+        logger = wandb_logger(save_dir=str(tmp_path), project="vpt_dml", name="t")
+        assert logger is not None and logger.experiment is not None
+    finally:
+        finish_wandb()
+    out, err = capfd.readouterr()
+    assert "anonymous" not in (out + err).lower(), err[-2000:]

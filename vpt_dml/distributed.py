@@ -30,16 +30,25 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def is_rank_zero_process() -> bool:
-    """Rank 0, or a process outside DDP. Also true before the process group exists: the
-    launchers set the rank in the environment (Lightning's children LOCAL_RANK, torchrun
-    RANK, srun with several tasks SLURM_PROCID), and every rank runs the same checks."""
+# every variable a launcher sets for a process that is not global rank 0: Lightning's DDP
+# children (LOCAL_RANK, NODE_RANK), torchrun (RANK, LOCAL_RANK, GROUP_RANK), srun
+# (SLURM_PROCID). NODE_RANK=1 LOCAL_RANK=0 is the first process of the second node: not zero.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+
+
+def is_global_zero() -> bool:
+    """THE rank-zero test of the suite: global rank 0, or a process outside DDP.
+
+    Inside a process group its rank decides; before the group exists (the run folder, the
+    seed, error lines, the watchdog) the launchers' environment does: any rank variable
+    other than 0 means another rank."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
-    keys = ["RANK", "LOCAL_RANK"]
-    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
-        keys.append("SLURM_PROCID")
-    return all(int(os.environ.get(k, "0") or 0) == 0 for k in keys)
+    for var in RANK_VARIABLES:
+        value = os.environ.get(var, "0").strip() or "0"
+        if value.isdigit() and int(value) != 0:
+            return False
+    return True
 
 
 def any_rank(flag: bool) -> bool:

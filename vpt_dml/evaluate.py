@@ -16,17 +16,14 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from vpt_dml.embed import add_model_arguments
 from vpt_dml.errors import UserError
-from vpt_dml.evaluation.retrieval import retrieval_metrics
-from vpt_dml.export import load_exported
+from vpt_dml.serving.embeddings import add_model_arguments
+from vpt_dml.serving.exported import load_exported
 from vpt_dml.serving.folders import (
-    FolderEmbeddings,
     embed_labelled,
     folder_metrics,
-    labelled_images,
+    leave_one_out_metrics,
+    same_files,
 )
 
 LEAVE_ONE_OUT = (
@@ -43,36 +40,6 @@ def parse_ks(text: str) -> tuple[int, ...]:
             f"{text!r} is not a comma-separated list of integers"
         ) from None
     return ks
-
-
-def same_files(queries: Path, gallery: Path) -> bool:
-    """True when both folders hold the same image files (resolved: links count); refuses
-    folders that share only some (a shared query would be its own nearest neighbour)."""
-    q = {f.resolve() for f in labelled_images(queries, "queries")[0]}
-    g = {f.resolve() for f in labelled_images(gallery, "gallery")[0]}
-    shared = q & g
-    if shared and q != g:
-        raise UserError(
-            f"{len(shared)} of the {len(q)} query images are also gallery images (first: "
-            f"{min(shared)}): each would find itself; give disjoint folders, or the same "
-            "folder as both to leave each query out of its own neighbours"
-        )
-    return bool(shared)
-
-
-def leave_one_out_metrics(queries: FolderEmbeddings, ks: tuple[int, ...]) -> dict:
-    """One set as queries and gallery: the suite's query-equals-gallery metrics (each query
-    excluded from its own neighbours); a class of one image has nothing to retrieve."""
-    names, labels, sizes = np.unique(queries.classes, return_inverse=True, return_counts=True)
-    return {
-        "metrics": retrieval_metrics(queries.embeddings, labels, ks),
-        "mode": "leave-one-out",
-        "queries": len(labels),
-        "gallery": len(labels),
-        "query_classes": len(names),
-        "gallery_classes": len(names),
-        "queries_without_gallery_class": int(np.sum(sizes[labels] == 1)),
-    }
 
 
 def main(argv: list[str] | None = None) -> int:

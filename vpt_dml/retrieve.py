@@ -18,106 +18,26 @@ saved index, IMAGE_DIR.retrieval.json beside (not into) a folder of images.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from vpt_dml.embed import (
-    CHUNKS,
-    EMBEDDINGS,
-    IMAGE_SUFFIXES,
-    META,
+from vpt_dml.errors import UserError
+from vpt_dml.serving.embeddings import (
     SKIP_FLAG_HINT,
     add_model_arguments,
-    check_same_model,
     embed_files,
-    list_images,
-    model_fingerprint,
-    read_embeddings,
 )
-from vpt_dml.errors import UserError
-from vpt_dml.export import load_exported
-
-ONE_QUERY_HINT = f"give an image file ({', '.join(sorted(IMAGE_SUFFIXES))})"
-LIST_SUFFIXES = {".txt", ".lst", ".list"}
-
-
-def nearest(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(similarities, indices) of the k nearest gallery rows: exact, the suite's tie rule."""
-    from vpt_dml.serving.index import exact_search, normalised
-
-    return exact_search(normalised(gallery), normalised(queries), k)
-
-
-def is_embed_output(folder: Path) -> bool:
-    return any((folder / name).exists() for name in (EMBEDDINGS, META, CHUNKS))
-
-
-def is_index(path: Path) -> bool:
-    from vpt_dml.serving.index import meta_path
-
-    return path.is_file() and meta_path(path).is_file()
-
-
-def query_files_of(queries: Path) -> list[Path]:
-    """An image, a folder of them, or a list file of image paths (relative to the list)."""
-    if queries.is_file() and queries.suffix.lower() in LIST_SUFFIXES:
-        lines = [ln.strip() for ln in queries.read_text().splitlines()]
-        files = [queries.parent / ln for ln in lines if ln and not ln.startswith("#")]
-        missing = [f for f in files if not f.is_file()]
-        if missing or not files:
-            what = f"names {missing[0]}, which does not exist" if missing else "names no image"
-            raise UserError(
-                f"the query list {queries} {what}; one image path per line, relative to "
-                "the list's folder"
-            )
-        return files
-    return list_images(queries)
-
-
-def default_out(gallery: Path, kind: str) -> Path:
-    """Where results go without --out: beside the gallery, as embed / index / report keep
-    their outputs with their inputs (the working directory would collect stray files)."""
-    if kind == "embed":  # our own output folder: the results join it
-        return gallery / "retrieval.json"
-    if kind == "index":  # gallery.faiss -> gallery.retrieval.json (not .faiss.json, its meta)
-        return gallery.with_suffix(".retrieval.json")
-    # a folder of images is the user's: beside it, never into it
-    folder = Path(gallery).resolve()
-    if not folder.name:
-        raise UserError(f"the gallery {gallery} has no folder beside it to write to; pass --out")
-    return folder.with_name(folder.name + ".retrieval.json")
-
-
-def write_results(results: list[dict], out: Path) -> None:
-    """JSON (a query and its ranked neighbours per entry) or CSV (one row per hit)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".csv":
-        with open(out, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["query", "rank", "gallery_path", "score"])
-            for r in results:
-                for hit in r["neighbours"]:
-                    w.writerow([r["query"], hit["rank"], hit["path"], f"{hit['similarity']:.8f}"])
-    else:
-        out.write_text(json.dumps(results, indent=2) + "\n")
-
-
-def contact_sheet(results: list[dict], out: Path) -> str | None:
-    """The query, then its top-k, per row; None, or why it could not be drawn."""
-    from vpt_dml.callbacks.dashboard import plot_gallery
-
-    paths = [r["query"] for r in results] + [h["path"] for r in results for h in r["neighbours"]]
-    gone = next((p for p in paths if not Path(p).is_file()), None)
-    if gone is not None:
-        return f"{gone} is not on disk"
-    neighbours = [[(h["path"], None) for h in r["neighbours"]] for r in results]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plot_gallery([r["query"] for r in results], neighbours, "query, then its top-k", out)
-    return None
+from vpt_dml.serving.exported import load_exported
+from vpt_dml.serving.search import (
+    LIST_SUFFIXES,
+    ONE_QUERY_HINT,
+    contact_sheet,
+    default_out,
+    open_gallery,
+    query_files_of,
+    search_gallery,
+    write_results,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,22 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.top_k < 1:
             raise UserError(f"--top-k {args.top_k} must be at least 1")
         progress = not args.no_progress
-        stored = saved = None
-        # checked first: a refusal costs no embedding
-        if is_index(args.gallery):
-            from vpt_dml.serving.index import check_model, read
-
-            saved = read(args.gallery)
-            check_model(saved, model_fingerprint(args.weights), args.weights)
-            kind = "index"
-        elif is_embed_output(args.gallery):
-            stored = read_embeddings(args.gallery)
-            check_same_model(stored, model_fingerprint(args.weights), args.weights, args.gallery)
-            kind = "embed"
-        else:
-            kind = "images"
+        source = open_gallery(args.gallery, args.weights)  # a refusal costs no embedding
         if args.out is None:
-            args.out = default_out(args.gallery, kind)
+            args.out = default_out(args.gallery, source.kind)
         model = load_exported(args.weights, backbone_weights=args.backbone_weights)
         query_files = query_files_of(args.queries)
         # one query file: skipping it would leave nothing to do, so name the file instead
@@ -182,36 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         skipped += done.skipped
         if not len(queries):
             raise UserError("no query image could be decoded (all were skipped)")
-        if saved is not None:
-            sims, idx = saved.search(queries, args.top_k)
-            gallery_paths = saved.paths
-        elif stored is not None:
-            gallery, gallery_paths = stored.embeddings, stored.paths
-        else:
-            files = list_images(args.gallery)
-            done = embed_files(
-                model, files, args.batch_size, args.device, progress, "gallery", args.skip_broken
-            )
-            gallery, gallery_paths = done.embeddings, [files[i] for i in done.kept]
-            skipped += done.skipped
-        root = (saved.meta if saved is not None else stored.meta if stored else {}).get(
-            "image_root"
-        )
-        if root and not Path(root).is_dir():
-            print(
-                f"warning: the gallery's image folder {root} is gone; "
-                "the paths below name where the images were",
-                file=sys.stderr,
-            )
-        if saved is None:
-            if not len(gallery):
-                raise UserError("no gallery image could be decoded (all were skipped)")
-            if queries.shape[1] != gallery.shape[1]:
-                raise UserError(
-                    f"gallery embeddings have dim {gallery.shape[1]}, the model gives "
-                    f"{queries.shape[1]}; embed the gallery with the same WEIGHTS"
-                )
-            sims, idx = nearest(queries, gallery, args.top_k)
+        sims, idx, gallery_paths, more = search_gallery(
+            model, source, args.gallery, queries, args.top_k, args.batch_size, args.device,
+            progress, args.skip_broken,
+        )  # fmt: skip
+        skipped += more
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

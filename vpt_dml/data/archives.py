@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from vpt_dml.data.checksums import Listed
-from vpt_dml.errors import UserError
+from vpt_dml.errors import ArchiveError
 
 BLOCK = 4 << 20
 # a member list expanding beyond this multiple of the archive file's own size is a bomb,
@@ -34,10 +34,6 @@ MAX_RATIO = 4.0
 MIN_ALLOWANCE = 16 << 20
 MARKERS = ".prepared"
 PARTIAL = ".partial"
-
-
-class ArchiveError(UserError):
-    """An archive that must not be used (wrong hash, unsafe member)."""
 
 
 @dataclass(frozen=True)

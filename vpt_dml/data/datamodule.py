@@ -17,7 +17,7 @@ from vpt_dml.data.manifest import FILE as MANIFEST
 from vpt_dml.data.manifest import read_sha256, split_sha256, write_manifest
 from vpt_dml.data.records import RetrievalSplits
 from vpt_dml.data.registry import count_mismatches, load_splits
-from vpt_dml.data.sampler import ClassBalancedBatchSampler
+from vpt_dml.data.sampler import build_batch_sampler, check_sampler
 from vpt_dml.data.synthetic import write_synthetic_cub
 from vpt_dml.data.transforms import build_transforms
 from vpt_dml.data.verify import missing_files
@@ -47,6 +47,7 @@ class RetrievalDataModule(L.LightningDataModule):
         check_files: bool = True,
         fast_decode: bool = True,
         inshop_images: str | None = None,
+        sampler: str = "balanced",
     ) -> None:
         super().__init__()
         self.name = name
@@ -66,6 +67,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self.check_files = check_files
         self.fast_decode = fast_decode
         self.inshop_images = inshop_images
+        self.sampler = check_sampler(sampler)
         self.splits: RetrievalSplits | None = None
         self.count_report: dict = {}
 
@@ -265,7 +267,8 @@ class RetrievalDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         world, rank = self._world()
-        sampler = ClassBalancedBatchSampler(
+        sampler = build_batch_sampler(
+            self.sampler,
             self.train_set.records.labels,
             self.batch_size,
             self.samples_per_class,

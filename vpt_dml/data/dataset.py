@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from vpt_dml.data.images import to_rgb
 from vpt_dml.data.records import ImageRecords
-from vpt_dml.errors import DatasetError
+from vpt_dml.errors import DatasetError, UndecodableImage
 
 SKIPPED_LABEL = -1
 
@@ -29,16 +29,6 @@ def missing_message(path: str) -> str:
 
 # How to get past an undecodable file, as a training run spells it; the CLIs pass their own.
 SKIP_HINT = "replace the file or set data.skip_broken=true"
-
-
-class UndecodableImage(DatasetError):
-    """An image file that exists but cannot be decoded (the only kind that may be skipped).
-
-    Constructible from the message alone: DataLoader workers re-raise it that way."""
-
-    def __init__(self, message: str, path: str = "", reason: str = "") -> None:
-        super().__init__(message)
-        self.path, self.reason = path, reason
 
 
 def decode_error(path: str, err: Exception, hint: str = SKIP_HINT) -> UndecodableImage:

@@ -17,13 +17,9 @@ from tqdm import tqdm
 
 from vpt_dml.data.archives import ArchiveError, check_listed, file_hashes
 from vpt_dml.data.checksums import Listed
-from vpt_dml.errors import UserError
+from vpt_dml.errors import DownloadError
 
 BLOCK = 1 << 20
-
-
-class DownloadError(UserError):
-    pass
 
 
 def download(entry: Listed, dest: Path, progress: bool = True, timeout: float = 60) -> Path:

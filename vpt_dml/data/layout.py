@@ -9,15 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from vpt_dml.data.records import ImageRecords, RetrievalSplits, named_records
-from vpt_dml.errors import DatasetError
-
-
-class LayoutNotFound(DatasetError):
-    """data.root does not hold a dataset's official layout; says which one was expected."""
-
-    def __init__(self, message: str, what: str, expected: str, source: str) -> None:
-        super().__init__(message)
-        self.what, self.expected, self.source = what, expected, source
+from vpt_dml.errors import DatasetError, LayoutNotFound
 
 
 def find_base(

@@ -1,5 +1,11 @@
 """Class-balanced batch sampling: bs/k distinct classes per batch, k images each.
 
+Two samplers, chosen by `data.sampler` (`build_batch_sampler`): `balanced` (this module's
+ClassBalancedBatchSampler, below) and `reference` (reference_sampler.py: the reference
+implementation's independent draws, seeded with seed + epoch, used by the paper presets).
+
+ClassBalancedBatchSampler: every class once per pass, each class's images in turn.
+
 Deterministic in (seed, epoch). The sampler advances its own epoch each time it is
 iterated, so any Trainer (or a plain loop) gets new batches every epoch; `set_epoch`
 pins it (exact resume sets it to the resumed epoch). Under DDP every rank builds the same global plan for a
@@ -14,6 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
+from vpt_dml.data.reference_sampler import ReferenceBatchSampler
 from vpt_dml.errors import UserError
 
 
@@ -92,3 +99,32 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         start = self.rank * self.batch_size
         for step in plan:
             yield step[start : start + self.batch_size]
+
+
+SAMPLERS: dict[str, type[Sampler[list[int]]]] = {
+    "balanced": ClassBalancedBatchSampler,
+    "reference": ReferenceBatchSampler,
+}
+
+
+def check_sampler(kind: str) -> str:
+    if kind not in SAMPLERS:
+        raise UserError(
+            f"data.sampler={kind!r} is not a batch sampler; give one of {', '.join(SAMPLERS)}"
+        )
+    return kind
+
+
+def build_batch_sampler(
+    kind: str,
+    labels: np.ndarray,
+    batch_size: int,
+    samples_per_class: int,
+    seed: int,
+    num_replicas: int = 1,
+    rank: int = 0,
+) -> Sampler[list[int]]:
+    """The training batch sampler `data.sampler` names; both are deterministic in (seed,
+    epoch) and take `set_epoch` (exact resume pins the epoch with it)."""
+    cls = SAMPLERS[check_sampler(kind)]
+    return cls(labels, batch_size, samples_per_class, seed, num_replicas, rank)

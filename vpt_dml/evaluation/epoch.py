@@ -6,31 +6,18 @@ are gathered, the padding is removed by dataset index, and the metrics are compu
 the full set: every rank computes the same numbers, so they are logged without a sync.
 k-means (NMI/F1) runs on rank 0 only and is broadcast, since multi-threaded k-means need
 not give identical clusters on every rank.
-
-Embedding health (`embedding_health`): a collapsed model (every image on one point, e.g.
-after `optim.lr=1e6`) still gets retrieval numbers (ties ranked by index), and they look
-like chance or better. Each evaluation therefore also counts, on the L2-normalised
-embeddings the cosine ranking sees:
-- `distinct`: distinct rows, unit rows compared at DISTINCT_DECIMALS decimals (rows equal
-  up to float rounding, e.g. one direction at several lengths, are ties for the ranking);
-- `effective_rank`: exp of the entropy of the normalised singular values of the centred
-  embeddings (Roy & Vetterli 2007): ~D for a spread over D directions, 1 for one
-  direction, 0 when the rows' RMS distance to their mean is below SPREAD_TOL (one point,
-  up to float rounding).
-`collapsed` says when the metrics mean nothing (results.py turns it into a warning).
+Embedding health and non-finite embeddings: evaluation/health.py.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-from vpt_dml.callbacks.divergence import non_finite_embeddings
 from vpt_dml.evaluation.clustering import clustering_metrics
+from vpt_dml.evaluation.health import embedding_health, non_finite_embeddings
 from vpt_dml.evaluation.per_query import table as per_query_table
 from vpt_dml.evaluation.retrieval import retrieval_metrics
 
@@ -58,45 +45,6 @@ def gather_embeddings(buffer: Sequence[Batch], strategy, world_size: int) -> Bat
         emb, labels, index = (strategy.all_gather(t).flatten(0, 1) for t in (emb, labels, index))
     index, first = unique_first(index)
     return emb[first], labels[first], index
-
-
-# far above float32 rounding of a unit vector (~1e-7), far below a meaningful difference
-DISTINCT_DECIMALS = 5
-# RMS distance of unit rows to their mean below this: one point (float32 rounding is ~1e-7)
-SPREAD_TOL = 1e-4
-# collapsed: fewer distinct rows than this fraction, or spread along less than ~1.5 directions
-MIN_DISTINCT_FRACTION = 0.5
-MIN_EFFECTIVE_RANK = 1.5
-
-
-def embedding_health(emb: torch.Tensor) -> dict:
-    """{"rows", "dim", "distinct", "effective_rank"} of one evaluation's embeddings."""
-    x = F.normalize(emb.float(), dim=1)
-    rows, dim = x.shape
-    scale = 10.0**DISTINCT_DECIMALS
-    distinct = len(torch.unique(torch.round(x * scale), dim=0)) if rows else 0
-    centred = x - x.mean(0, keepdim=True)
-    # singular values from the D x D Gram matrix: cheap for N >> D (SOP: 60k x 512)
-    gram = (centred.T @ centred).double()
-    sv = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
-    spread = math.sqrt(float(gram.diagonal().sum()) / max(rows, 1))
-    if spread < SPREAD_TOL or float(sv.sum()) == 0.0:
-        rank = 0.0
-    else:
-        p = sv / sv.sum()
-        p = p[p > 0]
-        rank = float(torch.exp(-(p * p.log()).sum()))
-    return {"rows": rows, "dim": dim, "distinct": distinct, "effective_rank": round(rank, 3)}
-
-
-def collapsed(health: dict) -> str | None:
-    """Why the embeddings cannot be ranked meaningfully, or None when they can."""
-    rows, distinct, rank = health["rows"], health["distinct"], health["effective_rank"]
-    if rows and distinct < MIN_DISTINCT_FRACTION * rows:
-        return f"{distinct} distinct embedding(s) among {rows} images"
-    if rows > 1 and rank < MIN_EFFECTIVE_RANK:
-        return f"effective rank {rank:.2f} of {health['dim']} dimensions"
-    return None
 
 
 def clustering_on_rank0(emb: torch.Tensor, labels: torch.Tensor, trainer) -> dict[str, float]:

@@ -4,7 +4,8 @@
 prompts, head, proxy kind) and the `loss` group's proxy range, and returns the image
 branch (`Embedder`), the proxies and the training step's outputs function, with the
 fused-or-two-pass choice made here, once. A new PEFT method goes into models/peft.py, a
-new proxy kind into `build_proxies`; nothing else has to know.
+new proxy kind is a factory in models/proxies.py named by its conf/model/proxy/ option's
+`_target_`; nothing else has to know.
 
 `prepare_backbone(model_cfg)` is the separate preparation step that makes the demo's
 backbone weights file (synthetic pretraining) before anything is built; building never
@@ -13,6 +14,7 @@ trains.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -32,11 +34,14 @@ from vpt_dml.models.heads import EmbeddingHead
 from vpt_dml.models.peft import apply_peft
 from vpt_dml.models.precision import cast_frozen_weights_
 from vpt_dml.models.prompted_vit import PromptedViT
-from vpt_dml.models.proxies import LearnedProxies
+from vpt_dml.models.proxies import BY_KIND, ProxyContext
 from vpt_dml.models.semantic_proxies import SemanticProxies
 from vpt_dml.models.synthetic_pretraining import pretrain_backbone
 
 log = logging.getLogger("vpt_dml")
+
+# keys of a `_target_` node that are Hydra's, not the factory's
+HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_")
 
 # (images, labels) -> (embeddings, proxies) of one training step
 TrainingOutputs = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -67,12 +72,59 @@ def require_vit(name: str) -> None:
         )
 
 
+# a backbone option's own settings that describe one architecture (kwargs), or one
+# architecture's weights (weights, synthetic_pretraining): neutral values first
+OPTION_SETTINGS = {"kwargs": {}, "weights": None, "synthetic_pretraining": None}
+
+
+def check_backbone_option(b: Mapping) -> None:
+    """Refuse a backbone name that the chosen option's own settings do not describe.
+
+    An option such as vit_tiny_demo sets `option_for: vit_tiny_patch16_224` beside its
+    kwargs (64 px, width 96, depth 4) and weights file. `model.backbone.name=X` alone
+    replaces only the name: the run would build the option's architecture (or load its
+    weights) under the name X. Refused in one line pointing at model/backbone=timm, the
+    option that builds any timm ViT by name as timm defines it.
+    """
+    name = b.get("name")
+    if name in (None, "", "???"):
+        raise UserError(
+            "model.backbone.name is not set; name a timm ViT, e.g. "
+            "model/backbone=timm model.backbone.name=vit_small_patch16_224"
+        )
+    owner = b.get("option_for")
+    if not owner or name == owner:
+        return
+    require_vit(name)  # a non-ViT name: that is the line to give
+    kept = [
+        f"{key}={_short(b.get(key))}"
+        for key, neutral in OPTION_SETTINGS.items()
+        if b.get(key) not in (neutral, {}, None)
+    ]
+    if kept:
+        pretrained = "true" if b.get("pretrained") else "false"
+        raise UserError(
+            f"model.backbone.name={name} keeps the backbone option's settings for {owner} "
+            f"({'; '.join(kept)}), which would build or load {owner}'s model under the name "
+            f"{name}; choose the option that builds any timm ViT as timm defines it: "
+            f"model/backbone=timm model.backbone.name={name} model.backbone.pretrained={pretrained}"
+        )
+
+
+def _short(value) -> str:
+    if isinstance(value, Mapping):
+        inner = ", ".join(f"{k}: {_short(v)}" for k, v in value.items())
+        return "{" + inner + "}"
+    return str(value)
+
+
 def prepare_backbone(model_cfg: Mapping) -> Path | None:
     """Make the demo's backbone weights file once (synthetic pretraining), if asked for.
 
     Only for the spec's own output file: a mistyped weights path must fail, not be invented.
     """
     b = model_cfg["backbone"]
+    check_backbone_option(b)
     spec = dict(b.get("synthetic_pretraining") or {})
     if not (spec and b.get("weights") and str(b["weights"]) == str(spec.get("output"))):
         return None
@@ -83,6 +135,7 @@ def prepare_backbone(model_cfg: Mapping) -> Path | None:
 def build_embedder(model_cfg: Mapping) -> Embedder:
     """Backbone (frozen), PEFT switches (peft.py), shared prompts, checkpointing, head."""
     b = model_cfg["backbone"]
+    check_backbone_option(b)
     try:
         vit = create_backbone(
             b["name"], b.get("pretrained", False), b.get("weights"), b.get("kwargs")
@@ -109,38 +162,36 @@ def build_proxies(
     num_layers: int,
     loss_cfg: Mapping | None = None,
 ) -> nn.Module:
-    """`model.proxy.kind`: learned (Proxy Anchor's own) or semantic_mix / semantic_gru."""
-    kind = proxy_cfg.get("kind", "learned")
-    if kind == "learned":
-        return LearnedProxies(num_classes, embed_dim)
-    if kind not in ("semantic_mix", "semantic_gru"):
-        raise UserError(
-            f"unknown model.proxy.kind {kind!r}; use learned, semantic_mix or semantic_gru"
-        )
-    q = proxy_cfg.get("class_prompts") or {}
-    counts = prompt_counts(q, num_layers, "model.proxy.class_prompts")
-    ratio = proxy_cfg.get("bias_ratio", 0.5)
-    if not 0.0 <= ratio <= 1.0:
-        raise UserError(f"model.proxy.bias_ratio={ratio} must lie in [0, 1]")
-    store = proxy_cfg.get("class_prompt_store", "device")
-    if store not in ("device", "host"):
-        raise UserError(f"model.proxy.class_prompt_store={store!r}; use device or host")
-    return SemanticProxies(
+    """`model.proxy`: its `_target_` (a factory of models/proxies.py, or any callable taking the context
+    first and the node's keys), or for an older config its `kind`."""
+    context = ProxyContext(
         num_classes,
         feature_dim,
         embed_dim,
-        counts,
-        update="mix" if kind == "semantic_mix" else proxy_cfg.get("update", "gru_relu"),
-        bias_ratio=ratio,
-        dropout=proxy_cfg.get("dropout", 0.0),
-        mix_lambda=proxy_cfg.get("mix_lambda", 0.8),
-        class_prompt_store=store,
-        class_prompt_dtype=proxy_cfg.get("class_prompt_dtype", "float32"),  # host storage
-        # global | per_row: the host bank's Adam step count
-        class_prompt_step=proxy_cfg.get("class_prompt_step", "per_row"),
-        # loss.proxy_range=in_batch: the batch classes' rows, built as the reference does
-        in_batch_proxies=(loss_cfg or {}).get("proxy_range") == "in_batch",
+        num_layers,
+        in_batch=(loss_cfg or {}).get("proxy_range") == "in_batch",
     )
+    target = proxy_cfg.get("_target_")
+    if target is None:
+        kind = proxy_cfg.get("kind", "learned")
+        if kind not in BY_KIND:
+            raise UserError(
+                f"unknown model.proxy.kind {kind!r}; use {', '.join(BY_KIND)} (model/proxy=NAME)"
+            )
+        factory = BY_KIND[kind]
+    else:
+        factory = _locate(str(target))
+    return factory(context, **{k: v for k, v in proxy_cfg.items() if k not in HYDRA_KEYS})
+
+
+def _locate(dotted: str) -> Callable[..., nn.Module]:
+    module, _, name = dotted.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        raise UserError(
+            f"model.proxy._target_={dotted} cannot be imported; pick an option of model/proxy"
+        ) from None
 
 
 def two_pass_outputs(

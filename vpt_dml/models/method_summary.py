@@ -2,7 +2,7 @@
 
 `PEFT_METHODS` defines each `model.peft.name` by what it trains in the backbone (the
 embedding head always trains). The same definitions serve two readers: the config check
-(vpt_dml/config_checks.py: a name whose switches say otherwise is refused) and
+(vpt_dml/runs/config_schema.py: a name whose switches say otherwise is refused) and
 `effective_method`, which reads the *built* model (prompt tokens, requires_grad, adapter
 and LoRA parameters, proxy class) and names the method it matches. metrics.json records
 the latter, so a result is labelled with what trained, not with what the config said.

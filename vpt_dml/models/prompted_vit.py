@@ -121,6 +121,27 @@ def _prompt_kv(attn: Attention, norm: nn.Module, prompt: torch.Tensor, batch: in
     return k, v
 
 
+def frozen_statistics(layer: nn.Module) -> bool:
+    """A normalisation layer with running statistics whose scale does not train (linear,
+    VPT, BitFit, adapters, LoRA; affine=False counts as frozen): its statistics belong to
+    the frozen backbone. Under full fine-tuning its scale trains and so do they, as in timm."""
+    if not isinstance(layer, nn.modules.batchnorm._NormBase) or not layer.track_running_stats:
+        return False
+    scale = getattr(layer, "weight", None)
+    return scale is None or not scale.requires_grad
+
+
+def frozen_norm_layers(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if frozen_statistics(m)]
+
+
+def _keep_frozen_statistics(layer: nn.Module, args) -> None:
+    # forward pre-hook: Lightning sets `training` flags directly (and modules start in
+    # train mode), bypassing train(); a frozen layer must normalise with its statistics
+    if layer.training and frozen_statistics(layer):
+        layer.training = False
+
+
 class PromptedViT(nn.Module):
     """Runs a timm ViT with per-layer prompts; returns the pooled pre-logits feature."""
 
@@ -132,6 +153,20 @@ class PromptedViT(nn.Module):
         counts = list(prompt_counts) + [0] * (self.num_layers - len(prompt_counts))
         self.prompts = PromptTokens(counts[: self.num_layers], self.dim)
         self._checkpointed: frozenset[int] = frozenset()
+        for layer in vit.modules():  # BatchNorm of hybrid ViTs' CNN stems
+            if isinstance(layer, nn.modules.batchnorm._NormBase):
+                layer.register_forward_pre_hook(_keep_frozen_statistics)
+
+    def train(self, mode: bool = True) -> PromptedViT:
+        """Train mode, except for frozen normalisation layers with running statistics
+        (BatchNorm in hybrid ViTs' CNN stems, `frozen_statistics`): they stay in eval mode
+        and normalise with the pretrained statistics (a pre-hook keeps that too when a
+        trainer sets the flags directly)."""
+        super().train(mode)
+        if mode:
+            for layer in frozen_norm_layers(self.vit):
+                layer.eval()
+        return self
 
     def set_grad_checkpointing(self, setting: bool | float = True) -> None:
         """Recompute activations in backward: True (every layer), False, or a fraction."""

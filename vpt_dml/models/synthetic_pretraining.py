@@ -9,6 +9,7 @@ and loaded through `model.backbone.weights`, the same path a downloaded checkpoi
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -38,7 +39,21 @@ def pretrain_backbone(
 ) -> Path:
     """Train `name(**kwargs)` to classify generated source classes; save its weights."""
     out_path = Path(out_path).expanduser()
+    spec = json.dumps(
+        {
+            "name": name,
+            "kwargs": kwargs,
+            "num_classes": num_classes,
+            "images_per_class": images_per_class,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "seed": seed,
+        },
+        sort_keys=True,
+    )
     if out_path.is_file():
+        check_made_for(out_path, spec)
         return out_path
     if not name.startswith("vit_") or int(kwargs.get("depth", 12)) > 6:
         raise UserError(
@@ -95,7 +110,36 @@ def pretrain_backbone(
     save_file(
         state,
         tmp,
-        metadata={"source": "vpt_dml synthetic pretraining", "classes": str(num_classes)},
+        metadata={
+            "source": "vpt_dml synthetic pretraining",
+            "classes": str(num_classes),
+            "spec": spec,  # what it was made for: a cached file is reused only for that
+        },
     )
     os.replace(tmp, out_path)  # atomic: concurrent ranks never read half a file
     return out_path
+
+
+def check_made_for(path: Path, spec: str) -> None:
+    """A cached file is reused only for the model and schedule it was made for: the demo's
+    file name is fixed, so a run with other kwargs must not leave (or load) its weights
+    there under the demo's name. Files written before the spec was recorded pass."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            made = (f.metadata() or {}).get("spec")
+    except Exception:  # noqa: BLE001 - not ours to judge: the strict loader reports it
+        return
+    if made is not None and json.loads(made) != json.loads(spec):
+        raise UserError(
+            f"{path} was pretrained for {_brief(made)}, not for this run's {_brief(spec)}; "
+            "set model.backbone.synthetic_pretraining.output to another file (or delete this one)"
+        )
+
+
+def _brief(spec: str) -> str:
+    d = json.loads(spec)
+    kwargs = ", ".join(f"{k}={v}" for k, v in sorted(d.get("kwargs", {}).items()))
+    rest = ", ".join(f"{k}={d[k]}" for k in ("num_classes", "images_per_class", "epochs") if k in d)
+    return f"{d.get('name')}({kwargs}) [{rest}]"

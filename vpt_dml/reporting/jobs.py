@@ -15,7 +15,6 @@ The pickles are the user's own sweep files, read as submitit itself reads them.
 
 from __future__ import annotations
 
-import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,10 +159,3 @@ def all_jobs(dirs: list[Path]) -> list[Job]:
         if folder.resolve() not in seen:
             jobs.append(folder_job(folder))
     return jobs
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

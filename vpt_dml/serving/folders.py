@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vpt_dml.embed import embed_files, list_images
 from vpt_dml.errors import UserError
 from vpt_dml.evaluation.retrieval import retrieval_metrics
-from vpt_dml.export import ExportedModel
+from vpt_dml.serving.embeddings import embed_files, list_images
+from vpt_dml.serving.exported import ExportedModel
 
 
 def labelled_images(root: Path, role: str) -> tuple[list[Path], list[str]]:
@@ -75,4 +75,34 @@ def folder_metrics(
         "query_classes": len(set(queries.classes)),
         "gallery_classes": len(set(gallery.classes)),
         "queries_without_gallery_class": lone,
+    }
+
+
+def same_files(queries: Path, gallery: Path) -> bool:
+    """True when both folders hold the same image files (resolved: links count); refuses
+    folders that share only some (a shared query would be its own nearest neighbour)."""
+    q = {f.resolve() for f in labelled_images(queries, "queries")[0]}
+    g = {f.resolve() for f in labelled_images(gallery, "gallery")[0]}
+    shared = q & g
+    if shared and q != g:
+        raise UserError(
+            f"{len(shared)} of the {len(q)} query images are also gallery images (first: "
+            f"{min(shared)}): each would find itself; give disjoint folders, or the same "
+            "folder as both to leave each query out of its own neighbours"
+        )
+    return bool(shared)
+
+
+def leave_one_out_metrics(queries: FolderEmbeddings, ks: tuple[int, ...]) -> dict:
+    """One set as queries and gallery: the suite's query-equals-gallery metrics (each query
+    excluded from its own neighbours); a class of one image has nothing to retrieve."""
+    names, labels, sizes = np.unique(queries.classes, return_inverse=True, return_counts=True)
+    return {
+        "metrics": retrieval_metrics(queries.embeddings, labels, ks),
+        "mode": "leave-one-out",
+        "queries": len(labels),
+        "gallery": len(labels),
+        "query_classes": len(names),
+        "gallery_classes": len(names),
+        "queries_without_gallery_class": int(np.sum(sizes[labels] == 1)),
     }

@@ -31,6 +31,7 @@ import torch
 
 from vpt_dml.errors import UserError
 from vpt_dml.evaluation.knn import exact_dot, unit_rows
+from vpt_dml.serving.embeddings import FILE_LIST, read_embeddings
 
 FORMAT = "vpt_dml.index/1"
 KINDS = ("flat", "ivf", "hnsw")
@@ -310,8 +311,6 @@ def read(path: Path) -> SavedIndex:
 
 def build_from_embed(emb_dir: Path, out: Path, p: Params) -> dict:
     """`python -m vpt_dml.index build`: index an embed output folder; returns INDEX.json."""
-    from vpt_dml.embed import FILE_LIST, read_embeddings
-
     gallery = read_embeddings(emb_dir)
     index, record = build(gallery.embeddings, p)
     meta = {

@@ -1,6 +1,0 @@
-"""Lightning callbacks of the suite: exact resume and the retrieval images."""
-
-from vpt_dml.callbacks.dashboard import Dashboard
-from vpt_dml.callbacks.exact_resume import ExactResume
-
-__all__ = ["Dashboard", "ExactResume"]
