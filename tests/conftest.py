@@ -323,6 +323,7 @@ PROCESSES = (
     "tests/test_run_folder.py::test_stale_lock_is_taken_over_and_released",  # dead_pid()
     "tests/test_sigterm.py::test_an_exit_with_a_live_worker_is_not_held_up_by_it",
     "tests/test_sigterm.py::test_ddp_error_is_printed_once",
+    "tests/test_sigterm.py::test_group_sigterm_as_the_ddp_final_test_ends_lets_rank_0_finish_the_record",
     "tests/test_sigterm.py::test_sigterm_in_the_final_test_ends_the_sweep_with_the_run_finished",
     "tests/test_sigterm.py::test_sigterm_mid_run_exits_143_with_checkpoint_and_interrupted_metrics",
     "tests/test_sigterm.py::test_sigterm_to_the_process_group_ends_in_143_interrupted",
