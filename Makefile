@@ -6,7 +6,7 @@ STAMP := $(VENV)/.install-stamp
 # torch/torchvision pinned to the builds this workplace keeps on local disk (pip finds them offline).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-fast lint bench gpu-check-wheels clean
+.PHONY: install demo test test-full test-fast lint bench gpu-check-wheels clean
 
 install: $(STAMP)
 
@@ -21,13 +21,27 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(PY) -m vpt_dml.run hydra.run.dir=outputs/demo overwrite=true
 
+# Tiers (tests/conftest.py): unit, runs (in process), processes, documented. `make test`:
+# every proof but the end-to-end runs of the documented commands and of gpu_check.py
+# --cpu --tiny, and the real-Slurm tests; `make test-full`: everything (CI: .ci/run).
+# Two xdist workers, one torch thread each; tests with child processes run one at a time
+# (xdist_group "processes"). Each run writes its timings to experiments/results/.
+PYTEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
+
 test: install
-	$(PY) -m pytest -q -x --durations=15
+	$(PYTEST) -m "not documented and not slurm" \
+		--durations-file=experiments/results/test_durations_test.txt
+
+test-full: install
+	$(PYTEST) --durations-file=experiments/results/test_durations_test-full.txt
 
 test-fast: install
-	$(PY) -m pytest -q -x -m "not slow"
+	$(PYTEST) -m unit
 
 lint: install
+	# float32 comparisons need a dtype-derived tolerance (tests/check_tolerances.py says which)
+	$(PY) tests/check_tolerances.py
 	$(VENV)/bin/ruff check vpt_dml tests experiments
 	$(VENV)/bin/ruff format --check vpt_dml tests experiments
 	# the layers of docs/design.md (pyproject.toml [tool.importlinter]): imports run downward only

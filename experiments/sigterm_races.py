@@ -23,7 +23,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests/processes.py: the suite's one helper for child processes
+
+from tests.processes import child_env, kill_group, python  # noqa: E402
 
 TINY = [
     "model.backbone.name=vit_tiny_patch16_224",
@@ -54,12 +56,6 @@ TINY = [
     "logger=csv",
     "eval_before_training=false",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def mode_overrides(mode: str) -> list[str]:
@@ -102,18 +98,10 @@ def one_try(
             f"paths.data_dir={root / 'data'}",
         ]
     )
-    env = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "PYTHONPATH": str(repo),
-    }
+    env = child_env({"PYTHONPATH": str(repo)}, ddp=True)
     err = open(root / "stderr.txt", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vpt_dml.run", *args],
+        python("-m", "vpt_dml.run", *args),
         cwd=repo,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -143,11 +131,7 @@ def one_try(
     except subprocess.TimeoutExpired:
         rc, hung = None, True
     took = time.monotonic() - sent
-    try:  # stragglers (a rank or a worker left behind) go too
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+    kill_group(proc)  # stragglers (a rank or a worker left behind) go too
     err.close()
     stderr = (root / "stderr.txt").read_text(errors="replace")
     metrics = run_dir / "metrics.json"

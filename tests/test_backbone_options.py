@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import timm
-from conftest import CONF, REPO, compose_config, resolved, run_cli, tiny_overrides
+from conftest import CONF, REPO, cli_in_process, compose_config, resolved, tiny_overrides
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -141,7 +141,7 @@ def test_demo_options_swept_against_a_non_demo_run_leak_nothing(kept: str, tmp_p
 def test_a_name_without_its_option_is_one_line_refusal(pretrained: str, tmp_path: Path):
     """The issue's command: the demo's option, another name. Refused before anything is
     built or pretrained (no demo weights file is made)."""
-    res = run_cli(
+    res = cli_in_process(
         [
             "model.backbone.name=vit_small_patch16_224",
             f"model.backbone.pretrained={pretrained}",
@@ -149,7 +149,6 @@ def test_a_name_without_its_option_is_one_line_refusal(pretrained: str, tmp_path
             f"paths.data_dir={tmp_path / 'data'}",
         ],
         cwd=REPO,
-        timeout=300,
     )
     assert res.returncode != 0
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]

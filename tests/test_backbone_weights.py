@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import REPO, cli_in_process, tiny_overrides
 from safetensors.torch import save_file
 
 from vpt_dml.errors import WeightsError
@@ -112,7 +112,7 @@ def test_resnet_weights_stop_the_run_with_one_error_line(tmp_path: Path):
     resnet = timm.create_model("resnet10t", pretrained=False)
     path = tmp_path / "resnet.safetensors"
     save({k: v.contiguous() for k, v in resnet.state_dict().items()}, path)
-    res = run_cli(
+    res = cli_in_process(
         [
             *tiny_overrides(f"model.backbone.weights={path}"),
             f"hydra.run.dir={tmp_path / 'run'}",

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import compose_config, tiny_overrides
+from tolerances import EXACT, close
 
 from vpt_dml.errors import UserError
 from vpt_dml.models.class_prompt_store import ClassPromptStore
@@ -91,7 +92,7 @@ def test_amp_scale_is_undone_and_overflow_skips():
     run_store(plain, group, "adamw")
     run_store(scaled, group, "adamw", scale=1024.0)
     for a, b in zip(plain.values, scaled.values):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, **close(torch.float32))
 
     before = [v.clone() for v in plain.values]
     prompts = [p for p in plain.gather(torch.tensor([0, 3])) if p is not None]
@@ -220,7 +221,9 @@ def test_global_step_equals_adamw_on_the_batch_rows_with_carried_step():
     per_row = make_store(step_count="per_row")
     run_store(per_row, ADAMW, "adamw", batches=GLOBAL_BATCHES)
     assert not torch.allclose(per_row.values[0][3], store.values[0][3], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(per_row.values[0][4], store.values[0][4])
+    torch.testing.assert_close(
+        per_row.values[0][4], store.values[0][4], **EXACT
+    )  # row 4: never in a batch
 
 
 def test_global_step_skips_with_the_main_optimizer_and_round_trips():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import shlex
-import socket
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_BACKBONE, run_cli, tiny_overrides
+from conftest import REPO, TINY_BACKBONE, cli_in_process, run_cli, tiny_overrides
+from processes import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +39,7 @@ def test_cli_run_dir_and_metrics(tmp_path: Path):
     ],
 )
 def test_bad_input_is_one_line_error(tmp_path: Path, override: str, expected: str):
-    res = run_cli(
+    res = cli_in_process(
         [
             *tiny_overrides(override),
             f"hydra.run.dir={tmp_path / 'run'}",
@@ -66,9 +66,6 @@ def test_ddp_cpu_command_runs_on_the_demo_data(tmp_path: Path):
     """conf/trainer/ddp_cpu.yaml's command, as written, on the demo's classes (48, of which
     24 train) and batch settings; only the backbone, image count and epochs are tiny."""
     args = documented_command(REPO / "conf" / "trainer" / "ddp_cpu.yaml")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     run_dir = tmp_path / "run"
     res = run_cli(
         [
@@ -86,7 +83,7 @@ def test_ddp_cpu_command_runs_on_the_demo_data(tmp_path: Path):
             f"paths.data_dir={tmp_path / 'data'}",
         ],
         cwd=REPO,
-        env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+        env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())},
         timeout=400,
     )
     assert res.returncode == 0, res.stderr[-4000:]

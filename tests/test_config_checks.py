@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import REPO, compose_config, run_cli, tiny_overrides
+from conftest import REPO, cli_in_process, compose_config, tiny_overrides
 
 from vpt_dml.errors import UserError
 from vpt_dml.models.method_summary import features_from_config, peft_method_of
@@ -169,7 +169,7 @@ def test_every_peft_option_passes_on_a_preset(option, tmp_path):
 )
 def test_cli_refuses_before_anything_runs(override, expected, tmp_path):
     run_dir = tmp_path / "run"
-    res = run_cli(
+    res = cli_in_process(
         [*tiny_overrides(override), f"hydra.run.dir={run_dir}", f"paths.data_dir={tmp_path}/d"],
         cwd=REPO,
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli, tiny_overrides
+from conftest import REPO, cli_in_process, run_cli, tiny_overrides
 from torch.utils.data import DataLoader
 
 from tests.fake_layouts import fake_cub, fake_sop, jpeg_bytes, put
@@ -159,7 +159,7 @@ def test_cli_wrong_root_ends_with_one_line(tmp_path: Path):
         "data=cub", f"data.root={tmp_path / 'nowhere'}", f"hydra.run.dir={tmp_path / 'run'}"
     )
     args = [a for a in args if not a.startswith("data.synthetic")]
-    proc = run_cli(args, cwd=REPO, timeout=300)
+    proc = cli_in_process(args, cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: data.root")
     assert "Traceback" not in proc.stderr

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, compose_config, run_cli, tiny_overrides
+from conftest import REPO, cli_in_process, compose_config, tiny_overrides
 from omegaconf import open_dict
 
 from vpt_dml.errors import UserError
@@ -110,7 +110,7 @@ def test_fast_dev_run_is_marked_a_smoke_test(tmp_path: Path):
 def test_command_line_hydra_would_answer_with_a_traceback_is_one_line(
     tmp_path: Path, option: str, words: str
 ):
-    res = run_cli([*tiny_overrides(), option.format(tmp=tmp_path)], cwd=REPO)
+    res = cli_in_process([*tiny_overrides(), option.format(tmp=tmp_path)], cwd=REPO)
     assert res.returncode == 2, res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and words in errors[0], res.stderr[-3000:]

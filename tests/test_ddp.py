@@ -9,13 +9,13 @@ an evaluation set that does not divide by the world size (the sampler pads).
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from conftest import REPO, TINY_BACKBONE, compose_config, run_cli
+from processes import free_port
 
 from vpt_dml.module import VPTDMLModule
 from vpt_dml.train import build_datamodule
@@ -23,12 +23,6 @@ from vpt_dml.train import build_datamodule
 # 8 train and 9 test classes of 7 images: 63 test images over 2 ranks, so the evaluation
 # sampler pads a rank with a duplicate that the gather must drop (issue 19)
 TRAIN_CLASSES, TEST_CLASSES, IMAGES_PER_CLASS, BATCH = 8, 9, 7, 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ddp_overrides(tmp_path: Path, k: int, dropout: float) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, compose_config, run_cli, tiny_overrides
+from tests.conftest import REPO, cli_in_process, compose_config, tiny_overrides
 from vpt_dml.checkpoints import load_checkpoint
 from vpt_dml.losses import ProxyAnchorLoss
 from vpt_dml.run import train
@@ -95,7 +95,7 @@ def test_nan_loss_stops_at_that_step_and_keeps_the_last_finite_epoch(tmp_path):
 @pytest.mark.slow
 def test_huge_lr_is_one_diverged_line_and_exit_3(tmp_path):
     out = tmp_path / "run"
-    res = run_cli(
+    res = cli_in_process(
         tiny_overrides("trainer.max_epochs=3", "optim.lr=1e20")
         + [f"hydra.run.dir={out}", f"paths.data_dir={tmp_path / 'data'}"],
         cwd=REPO,

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shlex
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -272,7 +269,7 @@ HOW_RUN: dict[str, How] = {
             "tests/test_compare.py::test_compare_prints_the_difference_with_interval_and_p"),
     # -- make --
     r"^make demo$": How("expand", "the Makefile recipe's vpt_dml.run line, through this table"),
-    r"^make (test|test-fast)$": How("skip", "runs this test suite itself"),
+    r"^make (test|test-full|test-fast)$": How("skip", "runs this test suite itself"),
     r"^make install\b": How("skip", "creates .venv and pip-installs (network, minutes); the suite "
                                     "runs in that venv"),
     r"^make (bench|gpu-check-wheels|lint|clean)$":
@@ -546,14 +543,14 @@ def session(tmp_path_factory) -> Ctx:
 
     plan = planned(DOCS, ctx)
     (root / "plan.json").write_text(json.dumps(plan))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    from tests.processes import child_env, python, run
+
+    env = child_env({"PYTHONPATH": str(REPO)})
     env["OMP_NUM_THREADS"] = "1"  # tiny matrices: one thread is faster on a shared machine
-    proc = subprocess.run(
-        [sys.executable, "-c", WORKER, str(root / "plan.json"), str(root / "results.json")],
+    proc = run(
+        python("-c", WORKER, str(root / "plan.json"), str(root / "results.json")),
         cwd=root,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=900,
     )
     results = root / "results.json"
@@ -622,15 +619,11 @@ def check_sweep(cmd: str, ctx: Ctx) -> None:
 
 
 def check_ddp_cpu(cmd: str, ctx: Ctx) -> None:
-    import socket
-
     from tests.conftest import run_cli
+    from tests.processes import free_port
 
     argv, info = tiny_run_args(cmd, ctx)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
     res = run_cli(argv, cwd=ctx.root, env=env, timeout=400)
     assert res.returncode == 0, res.stderr[-4000:]
     result = check_metrics(info["folder"] / "metrics.json")
@@ -744,7 +737,7 @@ def check_cli(cmd: str, tool: str, ctx: Ctx, out: Path, capsys) -> None:
         from vpt_dml.serving.onnx_export import run_onnx
 
         got = run_onnx(Path(argv[argv.index("--onnx") + 1]), np.zeros((2, 3, 32, 32), np.float32))
-        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=0, atol=1e-5)
     elif tool == "export":
         from vpt_dml.serving.exported import load_exported
 

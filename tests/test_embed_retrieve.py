@@ -12,22 +12,20 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tolerances import close
 
-from tests.test_export import backbone_weights_file, train_run, trained_embedder
+from tests.test_export import backbone_weights_file, trained_embedder
 from vpt_dml import embed, retrieve
 from vpt_dml.data.dataset import load_transformed
 from vpt_dml.data.transforms import build_transforms
 from vpt_dml.serving import embeddings
-from vpt_dml.serving.exported import export_run
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
+def setup(tmp_path_factory, exported_run) -> dict:
     root = tmp_path_factory.mktemp("embed")
-    run_dir = train_run(root)
-    weights = root / "model.safetensors"
-    export_run(run_dir, weights)
-    images = sorted((root / "data").rglob("*.jpg"))
+    run_dir, weights = exported_run["run_dir"], exported_run["weights"]  # the session's run
+    images = sorted(exported_run["data"].rglob("*.jpg"))
     # a gallery of two classes, nested one level deeper to check recursion
     gallery = root / "gallery"
     for path in images[:12]:
@@ -93,8 +91,8 @@ def test_embed_writes_trained_models_embeddings(setup, reference) -> None:
     batch = torch.stack([load_transformed(str(setup["gallery"] / n), transform) for n in names])
     with torch.no_grad():
         expected = trained_embedder(setup["run_dir"])(batch).numpy()
-    np.testing.assert_allclose(emb, expected, atol=1e-5)
-    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(emb, expected, **close(np.float32))
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, **close(np.float32))
 
 
 def test_retrieve_finds_the_query_itself_first(setup, tmp_path: Path, capsys) -> None:
@@ -188,7 +186,7 @@ def test_embed_skip_broken_keeps_every_other_image(
     expected = {k: v for k, v in rows_by_name(reference).items() if k != bad_name}
     assert sorted(rows) == sorted(expected) and len(rows) == 11
     for name, row in rows.items():
-        np.testing.assert_allclose(row, expected[name], atol=1e-6)
+        np.testing.assert_allclose(row, expected[name], **close(np.float32))
     listed = (out / "skipped.txt").read_text().splitlines()
     assert [line.split("\t")[0] for line in listed] == [bad_name]
     assert json.loads((out / "embed.json").read_text())["skipped"] == 1
@@ -220,7 +218,7 @@ def test_interrupted_embed_resumes_without_recomputing(
     resumed, straight = rows_by_name(out), rows_by_name(reference)
     assert list(resumed) == list(straight)
     np.testing.assert_allclose(
-        np.stack(list(resumed.values())), np.stack(list(straight.values())), atol=1e-6
+        np.stack(list(resumed.values())), np.stack(list(straight.values())), **close(np.float32)
     )
     calls.clear()
     assert embed.main([*args, "--chunk-size", "2"]) == 0 and calls == []  # already done
@@ -274,7 +272,9 @@ def test_a_folder_of_symlinks_embeds_and_retrieves_under_the_links_names(
     by_name = rows_by_name(reference)
     rows = np.load(out / "embeddings.npy")
     for row, target in zip(rows, targets):
-        np.testing.assert_allclose(row, by_name[str(target.relative_to(setup["gallery"]))])
+        np.testing.assert_allclose(
+            row, by_name[str(target.relative_to(setup["gallery"]))], **close(np.float32)
+        )
     found = tmp_path / "found.json"
     args = [
         *model_args(setup),

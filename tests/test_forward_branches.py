@@ -130,9 +130,9 @@ def test_single_branch_fast_path_equals_prompted_vit_with_full_finetuning() -> N
     ref(images).pow(2).sum().backward()
     (out,) = backbone.forward_branches(images, [backbone.prompts.per_layer()])
     out.pow(2).sum().backward()
-    torch.testing.assert_close(out, ref(images), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out, ref(images), rtol=1e-10, atol=1e-12)  # float64
     for (name, p), q in zip(backbone.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-11, msg=name)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-11, msg=name)  # float64
 
 
 def test_checkpointed_layers() -> None:

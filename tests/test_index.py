@@ -13,23 +13,19 @@ import torch
 from PIL import Image
 
 from tests.test_embed_retrieve import one_error_line, other_model
-from tests.test_export import train_run
 from vpt_dml import embed, index, retrieve
 from vpt_dml.evaluation.knn import exact_dot, unit_rows
 from vpt_dml.evaluation.retrieval import retrieval_metrics
 from vpt_dml.serving import embeddings
-from vpt_dml.serving.exported import export_run
 from vpt_dml.serving.index import Params, SavedIndex, build, exact_search, read
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> dict:
-    """The tiny demo run (synthetic classes), exported, its images embedded."""
+def demo(tmp_path_factory, exported_run) -> dict:
+    """The tiny demo run (synthetic classes), exported (the session's), its images embedded."""
     root = tmp_path_factory.mktemp("index")
-    run_dir = train_run(root)
-    weights = root / "model.safetensors"
-    export_run(run_dir, weights)
-    images = sorted((root / "data").rglob("*.jpg"))
+    weights = exported_run["weights"]
+    images = sorted(exported_run["data"].rglob("*.jpg"))
     image_dir = Path(os.path.commonpath(images))
     emb = root / "emb"
     assert embed.main([str(weights), str(image_dir), str(emb), "--no-progress"]) == 0

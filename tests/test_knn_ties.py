@@ -146,6 +146,6 @@ def test_exact_dot_depends_on_the_pair_only(device):
         assert exact_dot(a[i : i + 1], b[i : i + 1])[0] == full[i]
         assert exact_dot(b[i], a[i]) == full[i]
     assert (exact_dot(a[:7], b[:7]) == full[:7]).all()
-    assert torch.allclose(full, (a * b).sum(1), rtol=0, atol=1e-12)
+    assert torch.allclose(full, (a * b).sum(1), rtol=0, atol=1e-12)  # float64
     u = unit_rows(torch.cat([a[:5], a[2:3].repeat(300, 1)]))
     assert (u[5:] == u[2]).all()

@@ -362,25 +362,20 @@ def test_frontier_marks_the_pareto_optimal_methods() -> None:
 
 
 @pytest.mark.slow
-def test_submitit_sweep_folder_lists_failed_jobs_with_their_error_line(tmp_path: Path) -> None:
-    """A real sweep through Hydra's submitit_local launcher (real subprocesses): two jobs
+def test_submitit_sweep_folder_lists_failed_jobs_with_their_error_line(
+    tmp_path: Path, local_sweep
+) -> None:
+    """A real sweep through submitit's local launcher (hydra/launcher=local over Hydra's
+    submitit_local; real subprocesses; the session's, conftest.local_sweep): two jobs
     finish, one is refused by our config check (an `error:` line, exit 2, in submitit's
     log). A task that raises instead (Hydra's launcher keeps the exception in the result
     pickle) is read the same way (reporting/jobs.py)."""
-    sweep = tmp_path / "sweep"
-    args = [
-        "-m",
-        "hydra/launcher=submitit_local",
-        *tiny_overrides("eval_before_training=false"),
-        "optim.lr=0.001,0.002,abc",
-        f"paths.data_dir={tmp_path / 'data'}",
-        f"hydra.sweep.dir={sweep}",
-    ]
-    run_cli(args, cwd=REPO)  # exits non-zero: two of its jobs failed
+    sweep = local_sweep["dir"]
+    assert local_sweep["proc"].returncode != 0  # one of its jobs failed
     assert len(list(sweep.rglob("metrics.json"))) == 2
     assert (sweep / ".submitit").is_dir()
-    assert main([str(sweep)]) == 0
-    _, rows = read_csv(sweep / "report.csv")
+    assert main([str(sweep), "--out", str(tmp_path / "report")]) == 0
+    _, rows = read_csv(tmp_path / "report.csv")
     by_lr = {r["optim.lr"]: r for r in rows}
     assert [(r["optim.lr"], r["eval"]) for r in rows] == [
         ("0.001", "final"), ("0.002", "final"), ("abc", "failed"),

@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import compose_config, run_cli, tiny_overrides
+from processes import python, started
 
 from vpt_dml.run import train
 
@@ -52,21 +51,16 @@ def test_sigusr1_requeues_and_the_requeued_job_resumes_exactly(tmp_path: Path) -
     run_dir = tmp_path / "outputs" / "demo" / "runs" / f"slurm-{JOB}"
     last = run_dir / "checkpoints" / "last.ckpt"
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vpt_dml.run", *args],
-        cwd=tmp_path,
-        env=slurm_env(tmp_path, 0),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    end = time.monotonic() + 300
-    while not last.exists():  # the first epoch has ended
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.monotonic() < end, "no last.ckpt"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGUSR1)  # what `sbatch --signal=USR1@T` sends T s before the limit
-    _, err = proc.communicate(timeout=300)
+    with started(
+        python("-m", "vpt_dml.run", *args), cwd=tmp_path, env=slurm_env(tmp_path, 0)
+    ) as proc:
+        end = time.monotonic() + 300
+        while not last.exists():  # the first epoch has ended
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < end, "no last.ckpt"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)  # what `sbatch --signal=USR1@T` sends T s before the limit
+        _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-3000:]
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", JOB]
     assert f"requeued SLURM job {JOB}" in err

@@ -162,9 +162,10 @@ def csv_shape(run_dir: Path) -> list[tuple]:
     ]
 
 
-def test_resumed_csv_equals_a_straight_runs_without_repeated_or_partial_rows(tmp_path: Path):
-    straight = run_in(tmp_path, "straight", "trainer.max_epochs=2", "trainer.log_every_n_steps=1")
-    train(straight)
+def test_resumed_csv_equals_a_straight_runs_without_repeated_or_partial_rows(
+    tmp_path: Path, resume_pair: dict
+):
+    # the straight run: the session's (these settings, on the same generated data)
     target = f"{SigtermAfter.__module__}.SigtermAfter"
     cut = run_in(
         tmp_path, "cut", "trainer.max_epochs=2", "trainer.log_every_n_steps=1",
@@ -181,7 +182,7 @@ def test_resumed_csv_equals_a_straight_runs_without_repeated_or_partial_rows(tmp
         f"ckpt_path={last(cut_dir)}",
     )  # fmt: skip
     train(resumed)
-    straight_dir = Path(straight.paths.output_dir)
+    straight_dir = resume_pair["straight"]
     want, got = csv_shape(straight_dir), csv_shape(cut_dir)
     assert got == want
     assert sum(any(k.startswith("before/") for k in keys) for *_, keys in got) == 1

@@ -10,20 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, compose_config, run_cli, tiny_overrides
+from conftest import REPO, cli_in_process, compose_config, tiny_overrides
 
 from vpt_dml.checkpoints import load_checkpoint
 from vpt_dml.errors import UserError
 from vpt_dml.run import train
 
 
-@pytest.fixture(scope="module")
-def real_ckpt(tmp_path_factory) -> Path:
-    """last.ckpt of a finished tiny run (task_name=demo, model.embed_dim=16)."""
-    root = tmp_path_factory.mktemp("ckpt")
-    cfg = compose_config(tiny_overrides("eval_before_training=false"), root)
-    train(cfg)
-    return Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+@pytest.fixture
+def real_ckpt(finished_run: Path) -> Path:
+    """last.ckpt of the suite's finished tiny run (task_name=demo, model.embed_dim=16)."""
+    return finished_run / "checkpoints" / "last.ckpt"
 
 
 def bad_files(root: Path, real: Path) -> dict[str, Path]:
@@ -66,7 +63,7 @@ def one_error_line(res, expected: str) -> str:
 
 
 def cli(tmp_path: Path, *extra: str):
-    return run_cli(
+    return cli_in_process(
         [
             *tiny_overrides(*extra),
             f"paths.data_dir={tmp_path / 'data'}",

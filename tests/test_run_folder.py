@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, compose_config, run_cli, tiny_overrides
+from conftest import REPO, cli_in_process, run_cli, tiny_overrides
 
 from vpt_dml.errors import UserError
-from vpt_dml.run import train
 from vpt_dml.runs import folder as run_folder
 from vpt_dml.runs.callbacks.loggers import AppendingCSVLogger
 
@@ -46,14 +45,6 @@ def one_error_line(res, expected: str) -> None:
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expected in errors[0], res.stderr[-3000:]
     assert "Traceback" not in res.stderr
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("finished")
-    cfg = compose_config(tiny_overrides("eval_before_training=false"), root)
-    train(cfg)
-    return Path(cfg.paths.output_dir)
 
 
 # -- in-process ---------------------------------------------------------------------------
@@ -111,7 +102,7 @@ def test_csv_history_is_appended_not_replaced(tmp_path: Path):
 @pytest.mark.slow
 def test_second_run_into_a_finished_folder_touches_nothing(finished_run: Path, tmp_path: Path):
     before = snapshot(finished_run)
-    res = run_cli(
+    res = cli_in_process(
         [*tiny_overrides(), f"hydra.run.dir={finished_run}", f"paths.data_dir={tmp_path}"],
         cwd=REPO,
     )
@@ -135,7 +126,7 @@ def test_second_run_into_a_folder_in_use_touches_nothing(tmp_path: Path):
 def test_stale_lock_is_taken_over_and_released(tmp_path: Path):
     run_dir = tmp_path / "run"
     write_lock(run_dir, dead_pid())
-    res = run_cli(
+    res = cli_in_process(
         [
             *tiny_overrides("eval_before_training=false"),
             f"hydra.run.dir={run_dir}",

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 from conftest import REPO, compose_config, run_cli, tiny_overrides
+from processes import child_env, python, run, started, wait_for
 
 from vpt_dml.checkpoints import load_checkpoint
 from vpt_dml.run import Interrupted, train
@@ -32,17 +31,6 @@ class SigtermAt(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    end = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended early: {proc.stderr.read()[-3000:]}")
-        if time.monotonic() > end:
-            proc.kill()
-            raise AssertionError(f"{path} did not appear")
-        time.sleep(0.2)
-
-
 @pytest.mark.slow
 def test_sigterm_mid_run_exits_143_with_checkpoint_and_interrupted_metrics(tmp_path: Path):
     run_dir = tmp_path / "run"
@@ -51,16 +39,7 @@ def test_sigterm_mid_run_exits_143_with_checkpoint_and_interrupted_metrics(tmp_p
         f"hydra.run.dir={run_dir}",
         f"paths.data_dir={tmp_path / 'data'}",
     ]
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vpt_dml.run", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with started(python("-m", "vpt_dml.run", *args)) as proc:
         wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
         # a second run into the folder of a live one stops before touching it
         second = run_cli(args, cwd=REPO)
@@ -69,9 +48,6 @@ def test_sigterm_mid_run_exits_143_with_checkpoint_and_interrupted_metrics(tmp_p
         assert proc.poll() is None, "the first run must still be running"
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr
     assert any(line.startswith("interrupted: SIGTERM") for line in stderr.splitlines()), stderr
@@ -132,14 +108,6 @@ def test_sigterm_in_the_first_epoch_saves_the_mid_epoch_state(tmp_path: Path):
 
 
 # -- process-group kills (issue 19, finding 6) ---------------------------------------------
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ddp_ready(overrides: list[str]) -> list[str]:
     """The tiny settings pin trainer.devices=1 and strategy=auto: left out for trainer=ddp_cpu."""
     return [o for o in overrides if not o.startswith(("trainer.devices=", "trainer.strategy="))]
@@ -176,25 +144,9 @@ def test_sigterm_to_the_process_group_ends_in_143_interrupted(tmp_path, arrangem
         f"hydra.run.dir={run_dir}",
         f"paths.data_dir={tmp_path / 'data'}",
     ]
-    env = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "VPT_DML_SIGTERM_TIMEOUT_S": str(GROUP_KILL_TIMEOUT_S),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vpt_dml.run", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a container's
-    )
-    try:
+    env = child_env({"VPT_DML_SIGTERM_TIMEOUT_S": str(GROUP_KILL_TIMEOUT_S)}, ddp=True)
+    # its own process group, as a container's; nothing of the group outlives the block
+    with started(python("-m", "vpt_dml.run", *args), env=env) as proc:
         wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
         time.sleep(delay_s)
         os.killpg(proc.pid, signal.SIGTERM)
@@ -202,10 +154,6 @@ def test_sigterm_to_the_process_group_ends_in_143_interrupted(tmp_path, arrangem
         # bounded: the watchdog ends a rank that has not stopped; slack for a loaded machine
         _, stderr = proc.communicate(timeout=GROUP_KILL_TIMEOUT_S + 60)
         took = time.monotonic() - sent
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # nothing of the group may outlive the test
-        proc.wait()
     assert proc.returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr and "exited unexpectedly" not in stderr, stderr[-3000:]
     assert took < GROUP_KILL_TIMEOUT_S + 60
@@ -235,21 +183,11 @@ def test_watchdog_ends_a_process_stuck_after_sigterm(tmp_path):
     timeout, with metrics.json "interrupted" written by rank 0 and last.ckpt named."""
     metrics, ckpt = tmp_path / "metrics.json", tmp_path / "last.ckpt"
     ckpt.write_bytes(b"x")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WATCHDOG_CHILD, str(metrics), str(ckpt)],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK")},
-    )
-    try:
+    argv = python("-c", WATCHDOG_CHILD, str(metrics), str(ckpt))
+    with started(argv, stdout=subprocess.PIPE) as proc:  # child_env: no RANK, LOCAL_RANK
         assert proc.stdout.readline().strip() == "ready"
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 143, stderr
     assert "ended by the watchdog" in stderr and f"ckpt_path={ckpt}" in stderr
     result = json.loads(metrics.read_text())
@@ -274,32 +212,13 @@ def test_ddp_error_is_printed_once(tmp_path):
         f"hydra.run.dir={tmp_path / 'run'}",
         f"paths.data_dir={tmp_path / 'data'}",
     ]
-    env = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-    }
     # a file, not a pipe: rank 1 writes to it after rank 0 has exited
     err_path = tmp_path / "stderr.txt"
     with err_path.open("w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vpt_dml.run", *args],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            start_new_session=True,
-        )
-        try:
+        argv = python("-m", "vpt_dml.run", *args)
+        with started(argv, env=child_env(ddp=True), stderr=err) as proc:
             proc.wait(timeout=400)
             time.sleep(5)  # rank 1, its own process, may still be on its way out
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     res = subprocess.CompletedProcess(args, proc.returncode, "", err_path.read_text())
     assert res.returncode == 2, res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
@@ -324,14 +243,9 @@ sys.exit(2)
 def test_an_exit_with_a_live_worker_is_not_held_up_by_it(tmp_path):
     """multiprocessing ends the workers left at exit with one SIGTERM; a worker that
     ignored its first SIGTERM made every error exit with data.num_workers>0 hang."""
-    import subprocess
-    import sys as _sys
-
     script = tmp_path / "exit_with_worker.py"
     script.write_text(EXIT_WITH_A_LIVE_WORKER)
-    proc = subprocess.run(
-        [_sys.executable, str(script)], capture_output=True, text=True, timeout=60
-    )
+    proc = run(python(str(script)), timeout=60)
     assert proc.returncode == 2 and "worker started" in proc.stdout, proc.stderr[-2000:]
 
 
@@ -404,31 +318,13 @@ def test_group_sigterm_as_the_ddp_final_test_ends_lets_rank_0_finish_the_record(
         f"hydra.run.dir={run_dir}",
         f"paths.data_dir={tmp_path / 'data'}",
     ]
-    env = {
-        **os.environ,
-        "WANDB_MODE": "disabled",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]),
-        "VPT_DML_SIGTERM_TIMEOUT_S": str(GROUP_KILL_TIMEOUT_S),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vpt_dml.run", *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # killpg in the callback reaches this group only
+    env = child_env(
+        {"PYTHONPATH": str(tmp_path), "VPT_DML_SIGTERM_TIMEOUT_S": str(GROUP_KILL_TIMEOUT_S)},
+        ddp=True,
     )
-    try:
+    # its own group: killpg in the callback reaches this group only
+    with started(python("-m", "vpt_dml.run", *args), env=env) as proc:
         _, stderr = proc.communicate(timeout=400)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
     assert proc.returncode == 143, stderr[-3000:]
     interrupted = [line for line in stderr.splitlines() if line.startswith("interrupted:")]
     assert interrupted == [

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli, tiny_overrides
+from tests.conftest import REPO, cli_in_process, run_cli, tiny_overrides
+from tests.processes import free_port, python, run, started
 
 
 @pytest.mark.slow
@@ -28,12 +27,7 @@ def test_two_point_prompt_length_sweep_is_reported(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.parent.name for p in sweep_dir.rglob("metrics.json")) == ["0", "1"]
 
-    report = subprocess.run(
-        [sys.executable, "-m", "vpt_dml.report", str(sweep_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    report = run(python("-m", "vpt_dml.report", str(sweep_dir)), cwd=REPO)
     assert report.returncode == 0, report.stderr
     rows = list(csv.reader((sweep_dir / "report.csv").open()))
     assert rows[0][:2] == ["run", "model.peft.prompts.num"] and "recall@1" in rows[0]
@@ -54,7 +48,7 @@ def test_sweep_with_multi_device_ddp_is_refused(tmp_path: Path) -> None:
         f"paths.data_dir={tmp_path / 'data'}",
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     ]
-    proc = run_cli(args, cwd=tmp_path)
+    proc = cli_in_process(args, cwd=tmp_path)
     assert proc.returncode == 2
     assert "error: a sweep (-m) cannot run trainer.strategy=ddp" in proc.stderr
 
@@ -73,7 +67,6 @@ def test_rerun_of_an_interrupted_sweep_skips_resumes_and_runs_the_rest(tmp_path:
     """The same `-m` command again: job 0 (finished) is skipped, job 1 (SIGTERM after its
     first epoch) continues from its last.ckpt, job 2 (never started) runs."""
     import json
-    import os
     import signal
     import time
 
@@ -81,23 +74,15 @@ def test_rerun_of_an_interrupted_sweep_skips_resumes_and_runs_the_rest(tmp_path:
     # 5 epochs: the SIGTERM sent after job 1's first epoch lands in its training, not in
     # its last evaluation (that case ends the sweep with job 1 finished: run.main)
     args = sweep_args(tmp_path, sweep_dir, "trainer.max_epochs=5", "seed=0,1,2")
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vpt_dml.run", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    last = sweep_dir / "1" / "checkpoints" / "last.ckpt"
-    end = time.monotonic() + 300
-    while not last.exists():
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.monotonic() < end, "job 1 never saved an epoch"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    with started(python("-m", "vpt_dml.run", *args), cwd=tmp_path) as proc:
+        last = sweep_dir / "1" / "checkpoints" / "last.ckpt"
+        end = time.monotonic() + 300
+        while not last.exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < end, "job 1 never saved an epoch"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
     assert proc.returncode == 143, err[-3000:]
     status = lambda job: json.loads((sweep_dir / job / "metrics.json").read_text())["status"]  # noqa: E731
     assert status("0") == "finished" and status("1") == "interrupted"
@@ -122,19 +107,21 @@ def test_rerun_of_an_interrupted_sweep_skips_resumes_and_runs_the_rest(tmp_path:
 
 
 @pytest.mark.slow
-def test_submitit_local_sweep_runs_each_job_in_its_own_process_and_folder(tmp_path: Path) -> None:
+def test_submitit_local_sweep_runs_each_job_in_its_own_process_and_folder(local_sweep) -> None:
     """hydra/launcher=local: submitit starts one process per job; two jobs finish in their
-    own run folders, the third (a bad override) fails alone and says why in its log."""
+    own run folders, the third (a bad override) fails alone and says why in its log. The
+    session's sweep (conftest.local_sweep), read by the report's test too."""
     import json
 
-    sweep_dir = tmp_path / "sweep"
-    args = sweep_args(tmp_path, sweep_dir, "hydra/launcher=local", "seed=0,1,oops")
-    proc = run_cli(args, cwd=tmp_path)
-    assert proc.returncode != 0  # the sweep reports its failed job
+    from omegaconf import OmegaConf
+
+    sweep_dir = local_sweep["dir"]
+    assert local_sweep["proc"].returncode != 0  # the sweep reports its failed job
     results = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
     assert sorted(results) == ["0", "1"]
     assert {r["status"] for r in results.values()} == {"finished"}
-    assert [r["provenance"]["seed"] for r in (results["0"], results["1"])] == [0, 1]
+    lrs = [OmegaConf.load(sweep_dir / job / "config_resolved.yaml").optim.lr for job in "01"]
+    assert lrs == [0.001, 0.002]
     # three jobs, three processes: each has its own submitit folder and logs
     job_dirs = sorted(p for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit())
     assert len(job_dirs) == 3
@@ -142,7 +129,7 @@ def test_submitit_local_sweep_runs_each_job_in_its_own_process_and_folder(tmp_pa
     failed = [d for d in job_dirs if not list(d.glob("*_result.pkl"))]
     assert len(failed) == 1
     last_line = next(failed[0].glob("*_log.err")).read_text().strip().splitlines()[-1]
-    assert last_line.startswith("error: ") and "seed='oops'" in last_line, last_line
+    assert last_line.startswith("error: ") and "optim.lr='abc'" in last_line, last_line
     assert not (sweep_dir / "2" / "metrics.json").exists()
 
 
@@ -153,7 +140,6 @@ def test_ddp_inside_a_local_submitit_job_is_one_two_process_run(tmp_path: Path) 
     import json
 
     from tests.conftest import TINY_BACKBONE, TINY_DATA, TINY_TRAINER
-    from tests.test_ddp import free_port
 
     sweep_dir = tmp_path / "sweep"
     trainer = [o for o in TINY_TRAINER if not o.startswith(("trainer.devices", "trainer.strategy"))]

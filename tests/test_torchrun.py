@@ -5,14 +5,11 @@ metrics.json, no lock left behind."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import TINY_BACKBONE, TINY_DATA, TINY_TRAINER, run_cli
-from test_ddp import free_port
+from processes import child_env, free_port, python, run
 
 SETTINGS = [
     *TINY_BACKBONE,
@@ -40,11 +37,10 @@ def test_torchrun_two_processes_equal_lightnings_ddp_cpu_launch(tmp_path: Path) 
     # torchrun with no hydra.run.dir: both workers must agree on the default folder
     cwd = tmp_path / "elastic"
     cwd.mkdir()
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env = child_env()
     env.pop("VPT_RUN_STAMP", None)
-    launched = subprocess.run(
-        [
-            sys.executable,
+    launched = run(
+        python(
             "-m",
             "torch.distributed.run",
             "--nproc-per-node=2",
@@ -54,11 +50,9 @@ def test_torchrun_two_processes_equal_lightnings_ddp_cpu_launch(tmp_path: Path) 
             "vpt_dml.run",
             *SETTINGS,
             data,
-        ],
+        ),
         cwd=cwd,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert launched.returncode == 0, launched.stderr[-3000:]

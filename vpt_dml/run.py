@@ -124,11 +124,16 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("recall@1")
 
 
-def cli() -> None:
+def cli(argv: list[str] | None = None, *, watchdog: bool = True) -> None:
     """`python -m vpt_dml.run`: what Hydra would answer with a traceback or would not
-    complete, answered before it parses the command line."""
-    argv = sys.argv[1:]
-    enable_watchdog()  # this process is the run: SIGTERM ends it in bounded time (sigterm.py)
+    complete, answered before it parses the command line. In process (the tests' exit
+    codes and error lines): `cli(argv, watchdog=False)` arms no process-wide watchdog."""
+    if argv is None:
+        argv = sys.argv[1:]
+    else:  # Hydra parses sys.argv
+        sys.argv = [sys.argv[0], *argv]
+    if watchdog:  # this process is the run: SIGTERM ends it in bounded time (sigterm.py)
+        enable_watchdog()
     action = completion.requested(argv)
     if action:
         print(completion.script(action), end="")
