@@ -299,6 +299,10 @@ DOCUMENTED = (
 )
 PROCESSES = (
     "tests/slurm/",
+    "tests/test_backbone_family_runs.py::test_tiny_run_through_the_cli_finishes",
+    "tests/test_backbone_local_dir.py::test_local_dir_run_records_the_folders_preprocessing_in_metrics_json",
+    "tests/test_optuna_search.py::test_a_search_without_validation_classes_is_refused_before_any_trial",
+    "tests/test_optuna_search.py::test_tiny_search_continues_its_study",
     "tests/test_backbone_families.py::test_distilled_deit_trains_through_the_cli",
     "tests/test_checkpoint_io.py::test_disk_full_during_training_is_one_line_and_leaves_whole_checkpoints",
     "tests/test_checkpoint_io.py::test_disk_full_before_the_first_checkpoint_advises_no_missing_last_ckpt",
@@ -341,6 +345,7 @@ PROCESSES = (
 # one child (a CLI run, an error line) runs beside any other test, as a worker would.
 HEAVY = (
     "tests/slurm/",
+    "tests/test_optuna_search.py::test_tiny_search_continues_its_study",
     "tests/test_cluster.py::test_every_process_of_a_job_names_the_same_run_folder",
     "tests/test_compose_options.py::test_real_multirun_jobs_run_what_they_name",
     "tests/test_ddp.py::",
