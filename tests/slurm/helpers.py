@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tests.conftest import tiny_overrides
 
+REPO = Path(__file__).resolve().parents[2]
+
 # 1 GB per job: both jobs of a sweep fit the test node at once (it has 2 CPUs)
 SLURM = [
     "hydra/launcher=slurm",
@@ -39,6 +41,8 @@ def env() -> dict:
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
         "VPT_SLURM_POLL_S": "2",
+        # the jobs import tests.slurm.slow_steps (a callback) from this checkout
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
 
 

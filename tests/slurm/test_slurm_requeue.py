@@ -40,12 +40,17 @@ def job_logs(sweep: Path) -> str:
 
 @pytest.mark.timeout(600)
 def test_time_limit_signal_requeues_and_the_resumed_run_equals_a_straight_one(tmp_path):
-    # about 2 minutes of training (60 epochs took ~45 s here): longer than one allocation
-    # lets it train before the signal, so it is signalled and requeued at least once
+    # 150 epochs x 8 steps, each followed by 0.08 s of sleep in the job only: at least 96 s
+    # of training however fast the machine (the signal comes 50-80 s after the start), so
+    # it is signalled and requeued at least once; sleeping changes no number
     settings = [*DATA, "trainer.max_epochs=150"]
+    slow = [
+        "+callbacks.slow_steps._target_=tests.slurm.slow_steps.SleepAfterEachStep",
+        "+callbacks.slow_steps.seconds=0.08",
+    ]
     job = tmp_path / "job"
     job.mkdir()
-    proc = start(sweep_args(job, *settings, *LIMIT, "seed=0"), cwd=job)
+    proc = start(sweep_args(job, *settings, *slow, *LIMIT, "seed=0"), cwd=job)
     straight = straight_run(tmp_path / "straight", *settings, "seed=0")
     out, _ = proc.communicate(timeout=540)
     assert proc.returncode == 0, out[-4000:]
