@@ -100,7 +100,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if _disk_full(e):
                 raise DiskFull(no_space_message(path, checkpoint_bytes(checkpoint))) from None
             raise
-        _sync_folder(path.parent)
+        sync_folder(path.parent)
 
     def remove_checkpoint(self, path) -> None:
         Path(path).unlink(missing_ok=True)
@@ -115,7 +115,7 @@ def _disk_full(e: BaseException | None) -> bool:
     return False
 
 
-def _sync_folder(folder: Path) -> None:
+def sync_folder(folder: Path) -> None:
     """The rename itself survives a power cut (POSIX: fsync the directory)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

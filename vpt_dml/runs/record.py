@@ -47,6 +47,7 @@ from vpt_dml.errors import UserError
 from vpt_dml.evaluation import candidate_dtype_report
 from vpt_dml.evaluation.health import collapsed
 from vpt_dml.runs.callbacks.metric_history import MetricHistory
+from vpt_dml.runs.checkpoint_io import sync_folder
 from vpt_dml.runs.provenance import environment
 
 METRICS_JSON = "metrics.json"
@@ -99,16 +100,7 @@ def write_record(folder: str | Path, result: dict) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    try:  # the rename itself survives a power cut (POSIX: fsync the directory)
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    sync_folder(path.parent)
     return path
 
 
