@@ -165,9 +165,12 @@ def local_sweep(tmp_path_factory) -> dict:
     return {"dir": sweep, "proc": run_cli(args, cwd=root)}
 
 
-def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600):
-    """Run `python -m vpt_dml.run ...` in a subprocess (for CLI / DDP / sweep tests): its own
-    process group, killed whole on a timeout (tests/processes.py)."""
+def run_cli(
+    args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600, fork: bool = True
+):
+    """Run `python -m vpt_dml.run ...` in a child process (for CLI / DDP / sweep tests): its
+    own process group, killed whole on a timeout, forked from the fork server unless
+    `fork=False` (a fresh interpreter: tests/processes.py)."""
     import processes
 
     return processes.run(
@@ -175,6 +178,7 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 
         cwd=cwd,
         env=processes.child_env(env),
         timeout=timeout,
+        fork=fork,
     )
 
 
@@ -299,6 +303,7 @@ DOCUMENTED = (
 )
 PROCESSES = (
     "tests/slurm/",
+    "tests/processes/",
     "tests/test_backbone_family_runs.py::test_tiny_run_through_the_cli_finishes",
     "tests/test_backbone_local_dir.py::test_local_dir_run_records_the_folders_preprocessing_in_metrics_json",
     "tests/test_optuna_search.py::test_a_search_without_validation_classes_is_refused_before_any_trial",
@@ -522,6 +527,8 @@ def _audit(event: str, args: tuple) -> None:
         name = Path(argv[0]).name if argv else ""
         if argv and (argv[0] == sys.executable or name.startswith(("python", "torchrun"))):
             _children.append(argv)
+    elif event == "vpt_dml.tests.forked":  # a child of the fork server (tests/processes.py)
+        _children.append([str(a) for a in args[0]])
 
 
 sys.addaudithook(_audit)

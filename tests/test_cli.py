@@ -14,6 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_cli_run_dir_and_metrics(tmp_path: Path):
+    """The command's own wiring, in a fresh interpreter (fork=False): every other CLI test
+    may fork its child from the suite's fork server."""
     run_dir = tmp_path / "my_run"
     res = run_cli(
         [
@@ -22,6 +24,7 @@ def test_cli_run_dir_and_metrics(tmp_path: Path):
             f"paths.data_dir={tmp_path / 'data'}",
         ],
         cwd=REPO,
+        fork=False,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
