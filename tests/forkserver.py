@@ -1,13 +1,13 @@
 """A fork server for the suite's child processes: one process that has imported torch,
 Lightning, Hydra, timm, faiss and vpt_dml's own modules (about 7 s of CPU on a 2-core
 machine, each time a fresh `python -m vpt_dml.run` starts) forks a child per request, and
-the child runs `python -m MODULE ARGS` from there: its own PID, session and process group,
+the child runs `python -m MODULE ARGS` (or `python SCRIPT ARGS`) from there: its own PID, session and process group,
 the requested cwd, environment and stdin/stdout/stderr, real signals and a real exit code.
 
 Run as `python tests/forkserver.py SOCKET` (tests/processes.py starts one per pytest
 process, on first use). Protocol, one request per connection on the Unix socket:
-- the client sends an 8-byte length, then that much JSON ({"module", "args", "cwd",
-  "env"}), with its stdin, stdout and stderr file descriptors attached (SCM_RIGHTS);
+- the client sends an 8-byte length, then that much JSON ({"module" or "script",
+  "args", "cwd", "env"}), with its stdin, stdout and stderr file descriptors attached (SCM_RIGHTS);
 - the server answers with the child's PID (4 bytes), and when the child ends, with its
   exit status as subprocess.Popen.returncode says it (4 bytes: a negative number for a
   signal).
@@ -105,10 +105,15 @@ def run_child(request: dict, fds: list[int]) -> None:
         if env.get("PYTHONUNBUFFERED"):
             for stream in (sys.stdout, sys.stderr):
                 stream.reconfigure(line_buffering=True, write_through=True)
-        sys.argv = [request["module"], *request["args"]]  # runpy puts the file in argv[0]
-        sys.modules.pop(request["module"], None)
         try:
-            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+            if request.get("script"):  # `python path/to/script.py ARGS`
+                sys.argv = [request["script"], *request["args"]]
+                sys.path[0] = os.path.dirname(os.path.abspath(request["script"]))
+                runpy.run_path(request["script"], run_name="__main__")
+            else:  # `python -m MODULE ARGS`; runpy puts the module's file in argv[0]
+                sys.argv = [request["module"], *request["args"]]
+                sys.modules.pop(request["module"], None)
+                runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
             code = 0
         except SystemExit as e:
             code = exit_code(e)

@@ -197,14 +197,14 @@ def _unsafe_keys(env: Mapping[str, str], base: Mapping[str, str]) -> list[str]:
 
 
 def forkable(argv: Sequence[str], env: Mapping[str, str]) -> bool:
-    """`python -m vpt_dml...` with an environment the server's imports did not read
-    differently (FORK_UNSAFE_ENV), and the fork server not turned off."""
+    """`python -m vpt_dml...` or `python SCRIPT.py` with an environment the server's
+    imports did not read differently (FORK_UNSAFE_ENV), and the fork server not turned off."""
     argv = list(argv)
-    if os.environ.get(FORK_SERVER_ENV, "1") == "0" or len(argv) < 3:
+    if os.environ.get(FORK_SERVER_ENV, "1") == "0" or len(argv) < 2 or argv[0] != sys.executable:
         return False
-    if argv[0] != sys.executable or argv[1] != "-m" or not argv[2].startswith(FORKABLE):
-        return False
-    return not _unsafe_keys(env, child_env())
+    module = argv[1] == "-m" and len(argv) > 2 and argv[2].startswith(FORKABLE)
+    script = argv[1].endswith(".py") and Path(argv[1]).is_file()  # a test's own script
+    return (module or script) and not _unsafe_keys(env, child_env())
 
 
 def _socket_path() -> str:
@@ -257,7 +257,8 @@ def forked(
     stderr=None,
     text: bool = True,
 ) -> ForkedChild:
-    """`argv` (python -m MODULE ARGS) forked from the fork server: a Popen-like handle."""
+    """`argv` (python -m MODULE ARGS, python SCRIPT ARGS) forked from the fork server: a
+    Popen-like handle."""
     opened: list[int] = []
     stdin = os.open(os.devnull, os.O_RDONLY)
     opened.append(stdin)
@@ -266,9 +267,11 @@ def forked(
         err_fd, err_read = out_fd, None
     else:
         err_fd, err_read = _fd_for(stderr, 2, opened)
+    script = argv[1] != "-m"
     request = {
-        "module": argv[2],
-        "args": list(argv[3:]),
+        "module": None if script else argv[2],
+        "script": str(Path(argv[1]).resolve()) if script else None,
+        "args": list(argv[2:] if script else argv[3:]),
         "cwd": str(Path(cwd).resolve()),
         "env": dict(env),
     }

@@ -23,22 +23,30 @@ def seen(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.splitlines()[0])
 
 
-@pytest.mark.parametrize("code", [0, 3])
-def test_a_forked_child_is_what_a_fresh_interpreter_is(tmp_path: Path, code: int) -> None:
+@pytest.mark.parametrize(("form", "code"), [("module", 0), ("module", 3), ("script", 0)])
+def test_a_forked_child_is_what_a_fresh_interpreter_is(tmp_path: Path, form, code) -> None:
     env = child_env({"PROBE": "from the test"})
+    script = Path(__file__).parents[1] / "fork_probe.py"
+    command = PROBE if form == "module" else (str(script),)
     results = {}
     for fork in (True, False):
         marker = tmp_path / f"atexit-{fork}"
-        proc = run(python(*PROBE, str(code), str(marker)), cwd=tmp_path, env=env, fork=fork)
+        assert forkable(python(*command), env)
+        proc = run(python(*command, str(code), str(marker)), cwd=tmp_path, env=env, fork=fork)
         results[fork] = (proc, seen(proc), marker)
     for _fork, (proc, info, marker) in results.items():
         assert proc.returncode == code
         assert proc.stderr == "a line on stderr\n"
         assert info["sid"] == info["pid"] == info["pgid"]  # its own session and group
         assert info["pid"] != os.getpid()
-        assert info["cwd"] == info["path0"] == str(tmp_path.resolve())
+        assert info["cwd"] == str(tmp_path.resolve())
         assert info["probe_env"] == "from the test"
-        assert info["main_spec"] == "tests.fork_probe"  # what Lightning's DDP launcher reads
+        if form == "module":  # what Lightning's DDP launcher reads to start the other ranks
+            assert info["main_spec"] == "tests.fork_probe"
+            assert info["path0"] == str(tmp_path.resolve())
+        else:
+            assert info["main_spec"] is None
+            assert info["path0"] == str(script.parent)
         assert info["argv"][1:] == [str(code), str(marker)]
         assert info["threads"] == 1  # nothing of the server's threads (it has none)
         assert marker.read_text() == "atexit ran"
