@@ -21,11 +21,13 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(PY) -m vpt_dml.run hydra.run.dir=outputs/demo overwrite=true
 
-# Tiers (tests/conftest.py): unit, runs (in process), processes, documented. `make test`:
+# Tiers are folders: tests/unit, tests/runs (in process), tests/processes (tests/slurm too),
+# tests/documented; tests/conftest.py marks each test with its folder's tier. `make test`:
 # every proof but the end-to-end runs of the documented commands and of gpu_check.py
 # --cpu --tiny, and the real-Slurm tests; `make test-full`: everything (CI: .ci/run).
-# Two xdist workers, one torch thread each; tests with child processes run one at a time
-# (xdist_group "processes"). Each run writes its timings to experiments/results/.
+# Two xdist workers, one torch thread each; the tests that keep both cores busy (marked
+# both_cores; documented; slurm) run one at a time (xdist_group "processes"). Each run
+# writes its timings to experiments/results/.
 PYTEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 

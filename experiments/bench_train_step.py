@@ -22,7 +22,7 @@ registered here, torch counts it only on CUDA), so `flops_vs_full_ft` is the ari
 floor of the time ratio, and `time_vs_flop_floor` the overhead beyond it.
 Imports only torch, timm and vpt_dml.models / vpt_dml.losses (no hydra, lightning, ...).
 
-The hand count the counter is checked against (tests/test_flop_count.py), in
+The hand count the counter is checked against (tests/unit/test_flop_count.py), in
 multiply-adds per image (x2 for FLOPs), for a ViT of L blocks, width d, MLP ratio r,
 T = N patches + k prefix tokens, patch p, c channels; P_l prompts at block l:
 

@@ -53,7 +53,7 @@ What it does:
 classes, 4 steps, one DataLoader worker, fp32; the presets' batch sizes, bank and
 cadence are kept. bench_eval.py runs at 2,000 items; bench_train_step.py is skipped
 (it has no image-size / depth flags: its smallest model is a 224 px ViT-Ti, minutes for
-its 9 variants on 2 shared cores). tests/test_gpu_check.py runs this mode.
+its 9 variants on 2 shared cores). tests/documented/test_gpu_check_cpu_tiny.py runs this mode.
 
 Running it on the GPU machine (`run` tool of this workplace; nothing there can be
 fetched, and it has torch, timm, lightning but not hydra-core, omegaconf or
@@ -70,7 +70,7 @@ antlr4-python3-runtime, which travel as wheels in the git-ignored .whl/):
   pillow, numpy, timm, lightning - are on the GPU image; faiss-cpu is optional (k-means
   falls back to torch on the GPU) and the package itself goes on PYTHONPATH.)
 
-  then run `pytest -m slow tests/test_gpu_check.py` here, and make one call with the
+  then run `pytest -m slow tests/documented/test_gpu_check_cpu_tiny.py` here, and make one call with the
   wheels carried. It takes up to ~11 of the 15 device minutes (a minute or two to start
   the machine, at most 480 s of script, the transfers), so there is no room for a
   second full call: call give_back right after it.
@@ -94,7 +94,7 @@ import sys
 from pathlib import Path
 
 # the library beside this script (already on the path when it runs as a script, not when
-# tests load it by file); the names imported unused (F401) are what tests/test_gpu_check.py
+# tests load it by file); the names imported unused (F401) are what tests/unit/test_gpu_check.py
 # reads from this script
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 

@@ -135,7 +135,7 @@ def exported_run(tmp_path_factory) -> dict:
     """A finished tiny run of test_export's backbone (random init) and its export:
     {"root", "run_dir", "weights" (the export file), "data" (its generated images)}.
     Shared by the session (embed, retrieve, index tests): read, never write."""
-    from tests.test_export import train_run
+    from tests.runs.test_export import train_run
     from vpt_dml.serving.exported import export_run
 
     root = tmp_path_factory.mktemp("exported_run")
@@ -283,134 +283,25 @@ def load_experiment(name: str):
 
 
 # == tiers, timeouts, threads, durations ==================================================
-# Four tiers, as markers (select with -m): `unit` (functions, no training), `runs`
-# (tiny runs trained in this process), `processes` (real child processes: the CLI
-# wiring, DDP, torchrun, signals, sweeps, Slurm) and `documented` (the end-to-end runs of
-# every documented command and of experiments/gpu_check.py --cpu --tiny). `make test`
-# runs all but `documented` and `slurm`; `make test-full` runs everything.
-# Tests of `processes`/`documented` start Python children; under pytest-xdist the ones that
-# load both cores (HEAVY: DDP ranks, torchrun, sweeps, SIGTERM to a group) share one
-# xdist_group, so two of them never overlap on a 2-core machine.
-# A test outside those tiers that starts a Python child fails (see _children_only_in_tiers):
-# the list below cannot silently go stale.
+# Four tiers, one folder each under tests/; a test's marker (select with -m) is its folder:
+# tests/unit/ (`unit`: functions, no training), tests/runs/ (`runs`: tiny runs trained in
+# this process, and the command line run in process: cli_in_process), tests/processes/
+# (`processes`: real child processes: the CLI wiring, DDP, torchrun, signals, sweeps) and
+# tests/documented/ (`documented`: the end-to-end runs of every documented command and of
+# experiments/gpu_check.py --cpu --tiny). tests/slurm/ (jobs through a real Slurm) is of
+# the `processes` tier and its tests are marked `slurm` too. `make test` runs all but
+# `documented` and `slurm`; `make test-full` runs everything.
+# Under pytest-xdist the tests that keep both cores busy share one xdist_group, so two of
+# them never overlap on a 2-core machine: those marked `both_cores` (DDP ranks, torchrun,
+# sweeps' jobs, a process group under SIGTERM), every documented and every Slurm test. A
+# test with one child (a CLI run, an error line) runs beside any other test, as a worker
+# would.
+# A test outside tests/processes, tests/documented and tests/slurm that starts a Python
+# child fails (see _children_only_in_tiers): the folders cannot silently go stale.
 
-DOCUMENTED = (
-    "tests/test_documented_commands.py::test_documented_command",
-    "tests/test_cli.py::test_ddp_cpu_command_runs_on_the_demo_data",  # its documented command
-    "tests/test_gpu_check.py::test_smoke_phase_runs_every_path_once_then_stops",
-    "tests/test_gpu_check.py::test_a_failing_smoke_phase_keeps_the_measured_runs_from_starting",
-    "tests/test_gpu_check.py::test_cpu_tiny_run_trains_both_presets_and_projects",
-)
-PROCESSES = (
-    "tests/slurm/",
-    "tests/processes/",
-    "tests/test_backbone_family_runs.py::test_tiny_run_through_the_cli_finishes",
-    "tests/test_backbone_local_dir.py::test_local_dir_run_records_the_folders_preprocessing_in_metrics_json",
-    "tests/test_optuna_search.py::test_a_search_without_validation_classes_is_refused_before_any_trial",
-    "tests/test_optuna_search.py::test_tiny_search_continues_its_study",
-    "tests/test_backbone_families.py::test_distilled_deit_trains_through_the_cli",
-    "tests/test_checkpoint_io.py::test_disk_full_during_training_is_one_line_and_leaves_whole_checkpoints",
-    "tests/test_checkpoint_io.py::test_disk_full_before_the_first_checkpoint_advises_no_missing_last_ckpt",
-    "tests/test_checkpoint_io.py::test_a_disk_too_full_to_start_is_one_line",
-    "tests/test_gpu_check.py::test_layouts_are_written_while_another_thread_is_importing",
-    "tests/test_layers.py::test_second_node_prints_no_error_line",
-    "tests/test_sampler_reference.py::test_ddp_ranks_train_on_their_turns_of_the_reference_batches",
-    "tests/test_sweep.py::test_in_process_sweep_records_failed_jobs_and_runs_the_rest",
-    "tests/test_cli.py::test_cli_run_dir_and_metrics",
-    "tests/test_cluster.py::test_every_process_of_a_job_names_the_same_run_folder",
-    "tests/test_compose_options.py::test_real_multirun_jobs_run_what_they_name",
-    "tests/test_data_errors.py::test_cli_corrupt_image_during_training_ends_with_one_line",
-    "tests/test_day_one_options.py::test_shell_completion_install_script_completes_python_m",
-    "tests/test_ddp.py::test_ddp_cpu_ranks_agree_and_match_single_process_eval",
-    "tests/test_per_query.py::test_run_writes_per_query_files_equal_to_metrics_json_inshop",
-    "tests/test_per_query.py::test_run_writes_per_query_files_equal_to_metrics_json_self_retrieval",
-    "tests/test_report.py::test_seed_sweep_on_demo_data_reports_mean_std_and_interval",
-    "tests/test_report.py::test_submitit_sweep_folder_lists_failed_jobs_with_their_error_line",
-    "tests/test_requeue.py::test_sigusr1_requeues_and_the_requeued_job_resumes_exactly",
-    "tests/test_run_folder.py::test_claim_refuses_a_live_lock_and_takes_over_a_stale_one",
-    "tests/test_run_folder.py::test_second_run_into_a_folder_in_use_touches_nothing",
-    "tests/test_run_folder.py::test_stale_lock_is_taken_over_and_released",  # dead_pid()
-    "tests/test_sigterm.py::test_an_exit_with_a_live_worker_is_not_held_up_by_it",
-    "tests/test_sigterm.py::test_ddp_error_is_printed_once",
-    "tests/test_sigterm.py::test_group_sigterm_as_the_ddp_final_test_ends_lets_rank_0_finish_the_record",
-    "tests/test_sigterm.py::test_sigterm_in_the_final_test_ends_the_sweep_with_the_run_finished",
-    "tests/test_sigterm.py::test_sigterm_mid_run_exits_143_with_checkpoint_and_interrupted_metrics",
-    "tests/test_sigterm.py::test_sigterm_to_the_process_group_ends_in_143_interrupted",
-    "tests/test_sigterm.py::test_watchdog_ends_a_process_stuck_after_sigterm",
-    "tests/test_suite_guards.py::",
-    "tests/test_sweep.py::test_ddp_inside_a_local_submitit_job_is_one_two_process_run",
-    "tests/test_sweep.py::test_rerun_of_an_interrupted_sweep_skips_resumes_and_runs_the_rest",
-    "tests/test_sweep.py::test_submitit_local_sweep_runs_each_job_in_its_own_process_and_folder",
-    "tests/test_sweep.py::test_two_point_prompt_length_sweep_is_reported",
-    "tests/test_text_progress.py::test_run_with_stdout_in_a_file_logs_epochs_and_metrics",
-    "tests/test_torchrun.py::",
-)
-# Of those, the ones that keep both cores busy (DDP ranks, torchrun, sweeps' jobs, a
-# process group under SIGTERM, Slurm): one xdist_group, so two never overlap. A test with
-# one child (a CLI run, an error line) runs beside any other test, as a worker would.
-HEAVY = (
-    "tests/slurm/",
-    "tests/test_optuna_search.py::test_tiny_search_continues_its_study",
-    "tests/test_cluster.py::test_every_process_of_a_job_names_the_same_run_folder",
-    "tests/test_compose_options.py::test_real_multirun_jobs_run_what_they_name",
-    "tests/test_ddp.py::",
-    "tests/test_sampler_reference.py::test_ddp_ranks_train_on_their_turns_of_the_reference_batches",
-    "tests/test_sweep.py::test_in_process_sweep_records_failed_jobs_and_runs_the_rest",
-    "tests/test_report.py::test_seed_sweep_on_demo_data_reports_mean_std_and_interval",
-    "tests/test_report.py::test_submitit_sweep_folder_lists_failed_jobs_with_their_error_line",
-    "tests/test_sigterm.py::",
-    "tests/test_sweep.py::test_ddp_inside_a_local_submitit_job_is_one_two_process_run",
-    "tests/test_sweep.py::test_rerun_of_an_interrupted_sweep_skips_resumes_and_runs_the_rest",
-    "tests/test_sweep.py::test_submitit_local_sweep_runs_each_job_in_its_own_process_and_folder",
-    "tests/test_sweep.py::test_two_point_prompt_length_sweep_is_reported",
-    "tests/test_torchrun.py::",
-)
-# Files whose tests (some or all) train a tiny run in this process, and single tests that
-# run the command line in process (cli_in_process).
-RUNS = (
-    "tests/test_backbone_weights.py::test_resnet_weights_stop_the_run_with_one_error_line",
-    "tests/test_cli.py::test_bad_input_is_one_line_error",
-    "tests/test_config_checks.py::test_cli_refuses_before_anything_runs",
-    "tests/test_data_errors.py::test_cli_wrong_root_ends_with_one_line",
-    "tests/test_day_one_options.py::test_command_line_hydra_would_answer_with_a_traceback_is_one_line",
-    "tests/test_divergence.py::test_huge_lr_is_one_diverged_line_and_exit_3",
-    "tests/test_run_errors.py::test_bad_ckpt_path_is_one_line",
-    "tests/test_run_errors.py::test_checkpoint_of_another_model_names_tensor_shapes_and_preset",
-    "tests/test_run_errors.py::test_debug_shows_the_traceback",
-    "tests/test_run_errors.py::test_output_folder_under_a_file_is_one_line",
-    "tests/test_run_errors.py::test_unwritable_output_folder_is_one_line",
-    "tests/test_run_errors.py::test_wrong_type_override_names_key_and_type",
-    "tests/test_run_folder.py::test_second_run_into_a_finished_folder_touches_nothing",
-    "tests/test_sweep.py::test_sweep_with_multi_device_ddp_is_refused",
-    "tests/test_backbone_options.py::test_a_name_without_its_option_is_one_line_refusal",
-    "tests/test_backbone_families.py",
-    "tests/test_backbone_weights.py",
-    "tests/test_checkpoint_io.py",
-    "tests/test_class_prompt_store.py",
-    "tests/test_day_one_options.py",
-    "tests/test_divergence.py",
-    "tests/test_embedding_health.py",
-    "tests/test_eval_schedule.py",
-    "tests/test_exact_resume.py",
-    "tests/test_export.py",
-    "tests/test_forward_branches.py",
-    "tests/test_manifest.py",
-    "tests/test_peft.py",
-    "tests/test_presets.py",
-    "tests/test_results.py",
-    "tests/test_resume_config.py",
-    "tests/test_run_errors.py",
-    "tests/test_run_folder.py",
-    "tests/test_run_pipeline.py",
-    "tests/test_sampler.py",
-    "tests/test_sigterm.py",
-    "tests/test_text_progress.py",
-    "tests/test_wandb_logger.py",
-    "tests/test_compare.py",
-    "tests/test_per_query.py",
-    "tests/test_report.py",
-)
 TIERS = ("unit", "runs", "processes", "documented")
+# the folders under tests/ and their tiers
+FOLDERS = {tier: tier for tier in TIERS} | {"slurm": "processes"}
 # Per-test timeout (pytest-timeout, seconds) by tier; a test's own timeout marker wins.
 # Hangs end as failures with a traceback; the numbers are for a loaded 2-core machine.
 TIMEOUT_S = {"unit": 300, "runs": 300, "processes": 600, "documented": 1200}
@@ -425,20 +316,19 @@ if _WORKERS > 1:  # one torch thread per worker on 2 cores: two workers, not fou
         os.environ[_var] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 
-def tier_of(nodeid: str) -> str:
-    base = nodeid.split("[", 1)[0].split("@", 1)[0]
-    if any(base == d or base.startswith(d) for d in DOCUMENTED):
-        return "documented"
-    if any(base == p or base.startswith(p) for p in PROCESSES):
-        return "processes"
-    if base.split("::", 1)[0] in RUNS or any(base.startswith(r) for r in RUNS if "::" in r):
-        return "runs"
-    return "unit"
+def tier_of(nodeid: str) -> str | None:
+    """The tier of a test: its folder under tests/ (FOLDERS). A test of another rootdir
+    (the suite guards' own pytest runs in a tmp folder) is `unit`; a test under tests/ but
+    outside those folders has none (None: refused at collection)."""
+    parts = nodeid.split("::", 1)[0].split("/")
+    if parts[0] != "tests":
+        return "unit"
+    return FOLDERS.get(parts[1]) if len(parts) > 2 else None
 
 
 def pytest_configure(config: pytest.Config) -> None:
     for tier in TIERS:
-        config.addinivalue_line("markers", f"{tier}: test tier (tests/conftest.py TIERS)")
+        config.addinivalue_line("markers", f"{tier}: test tier (the folder tests/{tier}/)")
     if _WORKERS > 1:
         import torch
 
@@ -450,11 +340,12 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def xdist_group_of(item: pytest.Item, tier: str) -> str | None:
-    """Tests whose processes keep both cores busy (HEAVY, documented): one group, never
-    two at once. Tests that share one of the suite's module- or session-scoped fixtures (a
-    trained run, an export): one group per fixture, so one worker builds it, not each."""
-    base = item.nodeid.split("[", 1)[0]
-    if tier == "documented" or (tier == "processes" and any(base.startswith(h) for h in HEAVY)):
+    """Tests whose processes keep both cores busy (marked both_cores, every documented and
+    Slurm test): one group, never two at once. Tests that share one of the suite's module-
+    or session-scoped fixtures (a trained run, an export): one group per fixture, so one
+    worker builds it, not each."""
+    slurm = item.nodeid.startswith("tests/slurm/")
+    if tier == "documented" or slurm or item.get_closest_marker("both_cores"):
         return "processes"
     shared = [
         defs[-1]
@@ -472,6 +363,11 @@ def pytest_itemcollected(item: pytest.Item) -> None:
     """Marks as each test is collected: before -m deselects and before xdist's loadgroup
     (its pytest_collection_modifyitems) reads the groups."""
     tier = tier_of(item.nodeid)
+    if tier is None:
+        raise pytest.UsageError(
+            f"{item.nodeid}: a test under tests/ lives in the folder of its tier: "
+            + ", ".join(f"tests/{folder}/" for folder in FOLDERS)
+        )
     item.add_marker(tier)
     if group := xdist_group_of(item, tier):
         item.add_marker(pytest.mark.xdist_group(group))
@@ -539,12 +435,13 @@ def _children_only_in_tiers(request: pytest.FixtureRequest):
     del _children[:]
     yield
     tier = tier_of(request.node.nodeid)
-    if _children and tier not in ("processes", "documented"):
+    if _children and tier not in ("processes", "documented"):  # slurm/: processes
         first = " ".join(_children[0])[:200]
         pytest.fail(
             f"{request.node.nodeid} ({tier}) started {len(_children)} Python process(es), e.g. "
-            f"`{first}`: add it to PROCESSES in tests/conftest.py (kept from overlapping "
-            "other process tests under xdist), or check it in process (cli_in_process)",
+            f"`{first}`: move it to tests/processes/ (mark it both_cores if it keeps both cores "
+            "busy: kept from overlapping other such tests under xdist), or check it in process "
+            "(cli_in_process)",
             pytrace=False,
         )
 

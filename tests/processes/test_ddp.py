@@ -1,0 +1,118 @@
+"""2-process DDP on CPU (gloo) through `python -m vpt_dml.run trainer=ddp_cpu`.
+
+Checks: the run finishes; both ranks end with byte-identical H and class-prompt store;
+every class a step drew was counted exactly once in the store's per-row step counts;
+the DDP run's test metrics equal a single-process evaluation of its final checkpoint, on
+an evaluation set that does not divide by the world size (the sampler pads).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import REPO, TINY_BACKBONE, compose_config, run_cli
+from processes import free_port
+
+from vpt_dml.module import VPTDMLModule
+from vpt_dml.train import build_datamodule
+
+# 8 train and 9 test classes of 7 images: 63 test images over 2 ranks, so the evaluation
+# sampler pads a rank with a duplicate that the gather must drop (issue 19)
+TRAIN_CLASSES, TEST_CLASSES, IMAGES_PER_CLASS, BATCH = 8, 9, 7, 4
+
+
+def ddp_overrides(tmp_path: Path, k: int, dropout: float) -> list[str]:
+    return TINY_BACKBONE + [
+        "data=synthetic",
+        f"data.synthetic.num_classes={TRAIN_CLASSES + TEST_CLASSES}",  # the first half train
+        f"data.synthetic.images_per_class={IMAGES_PER_CLASS}",
+        "data.synthetic.image_size=32",
+        f"data.batch_size={BATCH}",
+        f"data.samples_per_class={k}",
+        "data.num_workers=0",
+        "data.eval_batch_size=16",  # several eval batches per rank: sharding + padding run
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "logger=csv",
+        "model.proxy.class_prompt_store=host",
+        f"model.proxy.dropout={dropout}",  # > 0: the fold's dropout must agree across ranks
+        "model.proxy.class_prompts={num: 2, depth: 2, step: 0}",
+        "eval_before_training=false",
+        f"paths.data_dir={tmp_path / 'data'}",
+    ]
+
+
+def single_process_test(cfg, ckpt: Path) -> dict[str, float]:
+    dm = build_datamodule(cfg)
+    dm.load()
+    module = VPTDMLModule.load_from_checkpoint(ckpt, map_location="cpu")
+    from vpt_dml.models.backbone import data_config
+
+    pre = data_config(module.embedder.backbone.vit)
+    dm.image_size, dm.mean, dm.std = pre["image_size"], pre["mean"], pre["std"]
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    out = trainer.test(module, datamodule=dm, verbose=False)[0]
+    return {k.removeprefix("test/"): float(v) for k, v in out.items()}
+
+
+@pytest.mark.both_cores
+@pytest.mark.slow
+@pytest.mark.parametrize(("k", "dropout"), [(1, 0.0), (2, 0.1)])
+def test_ddp_cpu_ranks_agree_and_match_single_process_eval(tmp_path: Path, k: int, dropout: float):
+    run_dir, state_dir = tmp_path / "run", tmp_path / "rank_state"
+    overrides = ddp_overrides(tmp_path, k, dropout)
+    args = overrides + [
+        "trainer=ddp_cpu",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.save_rank_state._target_=vpt_dml.runs.callbacks.rank_state.SaveRankState",
+        f"+callbacks.save_rank_state.dirpath={state_dir}",
+    ]
+    proc = run_cli(
+        args,
+        cwd=REPO,
+        env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())},
+        timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    result = json.loads((run_dir / "metrics.json").read_text())
+    assert result["provenance"]["world_size"] == 2
+    split = result["provenance"]["dataset"]["counts"]
+    assert split["test_classes"] == TEST_CLASSES and (TEST_CLASSES * IMAGES_PER_CLASS) % 2 == 1
+
+    r0 = torch.load(state_dir / "rank0.pt")
+    r1 = torch.load(state_dir / "rank1.pt")
+    assert r0["memory"].numpy().tobytes() == r1["memory"].numpy().tobytes()
+    assert len(r0["store"]) == len(r1["store"]) > 0
+    for a, b in zip(r0["store"], r1["store"]):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert (
+            a.contiguous().view(torch.uint8).numpy().tobytes()
+            == b.contiguous().view(torch.uint8).numpy().tobytes()
+        )
+
+    # per-row step counts (last state tensor): each step draws 2 x BATCH/k distinct classes,
+    # each counted once, whichever rank drew it
+    steps_per_epoch = TRAIN_CLASSES * IMAGES_PER_CLASS // (2 * BATCH)
+    counts = r0["store"][-1]
+    assert int(counts.sum()) == steps_per_epoch * 2 * (BATCH // k)
+    assert int(counts.max()) <= steps_per_epoch
+
+    cfg = compose_config(overrides, tmp_path)
+    single = single_process_test(cfg, run_dir / "checkpoints" / "last.ckpt")
+    ddp = result["metrics"]
+    shared = [key for key in ddp if key in single]
+    assert "recall@1" in shared
+    for key in shared:
+        assert single[key] == pytest.approx(ddp[key], abs=1e-6), key
