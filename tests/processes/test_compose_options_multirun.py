@@ -5,13 +5,11 @@ builds and trains what each job's name says (in process: tests/unit/test_compose
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import CONF, REPO
+from processes import python, run
 
 from tests.unit.test_compose_options import (
     NUM_CLASSES,
@@ -50,7 +48,6 @@ main()
 """
 
 
-@pytest.mark.both_cores
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("search", "expected"),
@@ -73,20 +70,16 @@ def test_real_multirun_jobs_run_what_they_name(tmp_path: Path, search, expected)
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE.format(conf=str(CONF), classes=NUM_CLASSES))
     sweep_dir = tmp_path / "sweep"
-    proc = subprocess.run(
-        [
-            sys.executable,
+    proc = run(
+        python(
             str(probe),
             "-m",
             "+experiment=cub_deep_small",
             f"+hparams_search={search}",
             *TINY_BACKBONE_12,
             f"hydra.sweep.dir={sweep_dir}",
-        ],
+        ),
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -3,7 +3,8 @@
 Checks: the run finishes; both ranks end with byte-identical H and class-prompt store;
 every class a step drew was counted exactly once in the store's per-row step counts;
 the DDP run's test metrics equal a single-process evaluation of its final checkpoint, on
-an evaluation set that does not divide by the world size (the sampler pads).
+an evaluation set that does not divide by the world size (the sampler pads); torchrun's
+launch of the same settings equals Lightning's.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import REPO, TINY_BACKBONE, compose_config, run_cli
-from processes import free_port
+from processes import child_env, free_port, python, run
 
 from vpt_dml.module import VPTDMLModule
 from vpt_dml.train import build_datamodule
@@ -66,25 +67,44 @@ def single_process_test(cfg, ckpt: Path) -> dict[str, float]:
     return {k.removeprefix("test/"): float(v) for k, v in out.items()}
 
 
+def ddp_args(root: Path, k: int, dropout: float) -> list[str]:
+    """trainer=ddp_cpu with each rank's final state saved to root/rank_state."""
+    return ddp_overrides(root, k, dropout) + [
+        "trainer=ddp_cpu",
+        "+callbacks.save_rank_state._target_=vpt_dml.runs.callbacks.rank_state.SaveRankState",
+        f"+callbacks.save_rank_state.dirpath={root / 'rank_state'}",
+    ]
+
+
+@pytest.fixture(scope="module")
+def lightning_ddp(tmp_path_factory):
+    """Lightning's own 2-process launch (`trainer=ddp_cpu`) of the settings (k, dropout),
+    run once per module: its root folder (run/, rank_state/, data/)."""
+    runs: dict[tuple, Path] = {}
+
+    def launched(k: int, dropout: float) -> Path:
+        if (k, dropout) not in runs:
+            root = tmp_path_factory.mktemp(f"ddp_k{k}")
+            proc = run_cli(
+                [*ddp_args(root, k, dropout), f"hydra.run.dir={root / 'run'}"],
+                cwd=REPO,
+                env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())},
+                timeout=400,
+            )
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            runs[(k, dropout)] = root
+        return runs[(k, dropout)]
+
+    return launched
+
+
 @pytest.mark.both_cores
 @pytest.mark.slow
 @pytest.mark.parametrize(("k", "dropout"), [(1, 0.0), (2, 0.1)])
-def test_ddp_cpu_ranks_agree_and_match_single_process_eval(tmp_path: Path, k: int, dropout: float):
-    run_dir, state_dir = tmp_path / "run", tmp_path / "rank_state"
-    overrides = ddp_overrides(tmp_path, k, dropout)
-    args = overrides + [
-        "trainer=ddp_cpu",
-        f"hydra.run.dir={run_dir}",
-        "+callbacks.save_rank_state._target_=vpt_dml.runs.callbacks.rank_state.SaveRankState",
-        f"+callbacks.save_rank_state.dirpath={state_dir}",
-    ]
-    proc = run_cli(
-        args,
-        cwd=REPO,
-        env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())},
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def test_ddp_cpu_ranks_agree_and_match_single_process_eval(lightning_ddp, k: int, dropout: float):
+    root = lightning_ddp(k, dropout)
+    run_dir, state_dir = root / "run", root / "rank_state"
+    overrides = ddp_overrides(root, k, dropout)
 
     result = json.loads((run_dir / "metrics.json").read_text())
     assert result["provenance"]["world_size"] == 2
@@ -109,10 +129,60 @@ def test_ddp_cpu_ranks_agree_and_match_single_process_eval(tmp_path: Path, k: in
     assert int(counts.sum()) == steps_per_epoch * 2 * (BATCH // k)
     assert int(counts.max()) <= steps_per_epoch
 
-    cfg = compose_config(overrides, tmp_path)
+    cfg = compose_config(overrides, root)
     single = single_process_test(cfg, run_dir / "checkpoints" / "last.ckpt")
     ddp = result["metrics"]
     shared = [key for key in ddp if key in single]
     assert "recall@1" in shared
     for key in shared:
         assert single[key] == pytest.approx(ddp[key], abs=1e-6), key
+
+
+@pytest.mark.both_cores
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_lightnings_ddp_cpu_launch(lightning_ddp, tmp_path: Path):
+    """DDP started by torchrun (as srun starts it: the processes exist before Python runs)
+    trains as Lightning's own `trainer=ddp_cpu` launch of the same settings does: same
+    metrics, one run folder, one metrics.json, no lock left behind."""
+    spawned = lightning_ddp(1, 0.0) / "run"
+    # torchrun with no hydra.run.dir: both workers must agree on the default folder
+    cwd = tmp_path / "elastic"
+    cwd.mkdir()
+    env = child_env()
+    env.pop("VPT_RUN_STAMP", None)
+    launched = run(
+        python(
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node=2",
+            "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}",
+            "-m",
+            "vpt_dml.run",
+            *(  # the same generated images as Lightning's launch; its own rank_state
+                a
+                if not a.startswith("paths.data_dir=")
+                else f"paths.data_dir={spawned.parent}/data"
+                for a in ddp_args(tmp_path, 1, 0.0)
+            ),
+        ),
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    folders = list((cwd / "outputs" / "demo" / "runs").iterdir())
+    assert len(folders) == 1, folders  # one run folder for both processes
+    run_dir = folders[0]
+    assert [p.relative_to(cwd) for p in cwd.rglob("metrics.json")] == [
+        run_dir.relative_to(cwd) / "metrics.json"
+    ]
+    assert not (run_dir / "run.lock").exists()
+
+    a = json.loads((spawned / "metrics.json").read_text())
+    b = json.loads((run_dir / "metrics.json").read_text())
+    assert a["provenance"]["world_size"] == b["provenance"]["world_size"] == 2
+    assert b["status"] == "finished"
+    assert a["metrics"].keys() == b["metrics"].keys()
+    for key, value in a["metrics"].items():
+        assert b["metrics"][key] == pytest.approx(value, abs=1e-6), key

@@ -47,7 +47,6 @@ def _args(tmp_path: Path, trials: int) -> list[str]:
     ]
 
 
-@pytest.mark.both_cores
 @pytest.mark.slow
 def test_tiny_search_continues_its_study(tmp_path: Path):
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}

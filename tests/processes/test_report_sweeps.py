@@ -16,7 +16,6 @@ from tests.runs.test_report import read_csv
 from vpt_dml.report import main
 
 
-@pytest.mark.both_cores
 @pytest.mark.slow
 def test_seed_sweep_on_demo_data_reports_mean_std_and_interval(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
@@ -57,19 +56,17 @@ def test_submitit_sweep_folder_lists_failed_jobs_with_their_error_line(
     tmp_path: Path, local_sweep
 ) -> None:
     """A real sweep through submitit's local launcher (hydra/launcher=local over Hydra's
-    submitit_local; real subprocesses; the session's, conftest.local_sweep): two jobs
-    finish, one is refused by our config check (an `error:` line, exit 2, in submitit's
+    submitit_local; real subprocesses; the session's, conftest.local_sweep): one job
+    finishes, one is refused by our config check (an `error:` line, exit 2, in submitit's
     log). A task that raises instead (Hydra's launcher keeps the exception in the result
     pickle) is read the same way (reporting/jobs.py)."""
     sweep = local_sweep["dir"]
     assert local_sweep["proc"].returncode != 0  # one of its jobs failed
-    assert len(list(sweep.rglob("metrics.json"))) == 2
+    assert len(list(sweep.rglob("metrics.json"))) == 1
     assert (sweep / ".submitit").is_dir()
     assert main([str(sweep), "--out", str(tmp_path / "report")]) == 0
     _, rows = read_csv(tmp_path / "report.csv")
     by_lr = {r["optim.lr"]: r for r in rows}
-    assert [(r["optim.lr"], r["eval"]) for r in rows] == [
-        ("0.001", "final"), ("0.002", "final"), ("abc", "failed"),
-    ]  # fmt: skip
+    assert [(r["optim.lr"], r["eval"]) for r in rows] == [("0.001", "final"), ("abc", "failed")]
     note = by_lr["abc"]["note"]
     assert note.startswith("[job ") and "error: optim.lr='abc' has the wrong type" in note

@@ -17,7 +17,6 @@ from vpt_dml.checkpoints import load_checkpoint
 from vpt_dml.serving.exported import export_run
 
 
-@pytest.mark.both_cores
 @pytest.mark.slow
 def test_sigterm_mid_run_exits_143_with_checkpoint_and_interrupted_metrics(tmp_path: Path):
     run_dir = tmp_path / "run"
@@ -63,12 +62,13 @@ def ddp_ready(overrides: list[str]) -> list[str]:
 GROUP_KILL_TIMEOUT_S = 20  # the watchdog's bound in these runs (env VPT_DML_SIGTERM_TIMEOUT_S)
 
 
-@pytest.mark.both_cores
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("arrangement", "delay_s"),
     [
-        (["trainer=ddp_cpu", "data.num_workers=2"], 0.0),  # 2 ranks, 2 workers each
+        pytest.param(  # 2 ranks, 2 workers each
+            ["trainer=ddp_cpu", "data.num_workers=2"], 0.0, marks=pytest.mark.both_cores
+        ),
         (["trainer.devices=1", "data.num_workers=2"], 1.5),  # one rank, 2 workers
     ],
 )
@@ -126,7 +126,6 @@ os.read(r, 1)  # a collective whose peer is gone: never returns
 """
 
 
-@pytest.mark.both_cores
 def test_watchdog_ends_a_process_stuck_after_sigterm(tmp_path):
     """A rank blocked for good (its peer is gone) still ends: exit 143 after the watchdog's
     timeout, with metrics.json "interrupted" written by rank 0 and last.ckpt named."""
@@ -190,7 +189,6 @@ sys.exit(2)
 """
 
 
-@pytest.mark.both_cores
 def test_an_exit_with_a_live_worker_is_not_held_up_by_it(tmp_path):
     """multiprocessing ends the workers left at exit with one SIGTERM; a worker that
     ignored its first SIGTERM made every error exit with data.num_workers>0 hang."""
@@ -211,7 +209,6 @@ class SigtermInTest(L.Callback):
 """
 
 
-@pytest.mark.both_cores
 @pytest.mark.slow
 def test_sigterm_in_the_final_test_ends_the_sweep_with_the_run_finished(tmp_path):
     """Too late to stop the run (its last evaluation): the run completes, and the process

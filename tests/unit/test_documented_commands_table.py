@@ -225,11 +225,11 @@ HOW_RUN: dict[str, How] = {
                          "every preset and checks the sbatch file it generates",
             "tests/unit/test_cluster.py::test_sbatch_file_asks_for_the_trainers_devices_tasks_and_nodes"),
     RUN + MULTI + r"(?=.* hydra/launcher=local\b)":
-        How("delegated", "that test runs a tiny 3-job local submitit sweep (3 processes)",
+        How("delegated", "that test runs a tiny 2-job local submitit sweep (2 processes)",
             "tests/processes/test_sweep.py::test_submitit_local_sweep_runs_each_job_in_its_own_process_and_folder"),
     r"^torchrun (?=.* trainer=ddp_cpu\b).* -m vpt_dml\.run\b":
         How("delegated", "that test runs it on tiny settings and compares with trainer=ddp_cpu",
-            "tests/processes/test_torchrun.py::test_torchrun_two_processes_equal_lightnings_ddp_cpu_launch"),
+            "tests/processes/test_ddp.py::test_torchrun_two_processes_equal_lightnings_ddp_cpu_launch"),
     r"^torchrun (?!.* trainer=ddp_cpu\b).* -m vpt_dml\.run\b":
         How("compose", "multi-node torchrun launch of trainer=ddp (GPUs, several machines); composed"),
     r"^srun python3? -m vpt_dml\.run\b":
