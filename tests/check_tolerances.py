@@ -9,6 +9,9 @@ torch.testing): it must
   only for float64 results).
 numpy's default rtol=1e-7 and torch's float32 default (1.3e-6) are below what float32
 results allow across CPUs (tests/tolerances.py says why), so a default is never accepted.
+pytest.approx (default rel=1e-6) follows the same rule with its own names: `rel=` >= 1e-5,
+or `abs=` alone (an absolute bound, >= 1e-6 when literal), or `**approx_close(dtype)`, or a
+statement that says `# float64` (Python floats: schedules, statistics, JSON round trips).
 Exits 1 listing file:line and the reason of each call that breaks the rule.
 """
 
@@ -41,6 +44,9 @@ def problems(path: Path) -> list[str]:
             continue
         func = node.func
         name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if name == "approx":
+            found += approx_problems(node, path, lines)
+            continue
         if name not in NAMES:
             continue
         where = f"{path.relative_to(REPO)}:{node.lineno}"
@@ -64,6 +70,31 @@ def problems(path: Path) -> list[str]:
             "`# float64`)"
         )
     return found
+
+
+def approx_problems(node: ast.Call, path: Path, lines: list[str]) -> list[str]:
+    """pytest.approx's rel/abs under the rule above; [] when it holds."""
+    where = f"{path.relative_to(REPO)}:{node.lineno}"
+    if any(k.arg is None for k in node.keywords):  # **approx_close(dtype)
+        return []
+    kwargs = {k.arg: k.value for k in node.keywords}
+    statement = "\n".join(lines[node.lineno - 1 : node.end_lineno])
+    if "# float64" in statement:
+        return []
+    if "rel" in kwargs:
+        rel = _number(kwargs["rel"])
+        if rel is None or rel >= FLOAT32_RTOL:
+            return []
+        return [f"{where}: approx with rel={rel:g}: below float32's {FLOAT32_RTOL:g}"]
+    if "abs" in kwargs:  # abs alone: pytest ignores rel, an absolute bound
+        bound = _number(kwargs["abs"])
+        if bound is None or bound >= ABS_FLOOR or bound == 0:
+            return []
+        return [f"{where}: approx with abs={bound:g} alone: below {ABS_FLOOR:g}"]
+    return [
+        f"{where}: approx without rel= or abs= (its rel=1e-6 is below float32's "
+        f"{FLOAT32_RTOL:g}; say `# float64` for Python floats)"
+    ]
 
 
 def main(paths: list[str]) -> int:

@@ -28,4 +28,10 @@ def close(dtype, scale: float = 1.0) -> dict[str, float]:
     return {"rtol": ULPS_REL * eps, "atol": ULPS_ABS * eps * scale}
 
 
+def approx_close(dtype, scale: float = 1.0) -> dict[str, float]:
+    """close(dtype, scale) in pytest.approx's names (rel, abs)."""
+    tol = close(dtype, scale)
+    return {"rel": tol["rtol"], "abs": tol["atol"]}
+
+
 EXACT = {"rtol": 0.0, "atol": 0.0}  # bit equality: the same computation, the same machine

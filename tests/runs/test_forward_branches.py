@@ -243,8 +243,8 @@ def test_loss_optimizer_and_schedule_are_the_nodes_objects() -> None:
         lrs.append(main["lr"])
         opt.step()
         sched["scheduler"].step()
-    assert lrs[4] == pytest.approx(0.01)  # eta_min at t_max = 4
-    assert lrs[2] == pytest.approx(0.01 + 0.09 * 0.5)
+    assert lrs[4] == pytest.approx(0.01)  # float64; eta_min at t_max = 4
+    assert lrs[2] == pytest.approx(0.01 + 0.09 * 0.5)  # float64
 
 
 @pytest.mark.parametrize(

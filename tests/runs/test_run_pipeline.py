@@ -24,10 +24,10 @@ def test_run_writes_metrics_and_provenance(tmp_path: Path):
     run_dir = tmp_path / "run"
     written = json.loads((run_dir / "metrics.json").read_text())
     assert written["status"] == "finished"
-    assert written["metrics"] == pytest.approx(metrics)
+    assert written["metrics"] == pytest.approx(metrics)  # float64
     # the flat metrics are the final epoch's (documented in vpt_dml/runs/record.py)
     final = dict(written["final"]["metrics"], **{"recall@1_before": metrics["recall@1_before"]})
-    assert written["metrics"] == pytest.approx(final)
+    assert written["metrics"] == pytest.approx(final)  # float64
     assert written["final"]["epoch"] == 1
     assert written["before"]["metrics"]["recall@1"] == metrics["recall@1_before"]
     assert written["best"]["epoch"] in (0, 1)

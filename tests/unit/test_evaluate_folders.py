@@ -49,7 +49,7 @@ def test_evaluate_equals_retrieval_metrics_in_gallery_mode(demo, tmp_path: Path,
     code = {c: i for i, c in enumerate(sorted(set(q_names) | set(g_names)))}
     ql, gl = np.array([code[c] for c in q_names]), np.array([code[c] for c in g_names])
     expected = retrieval_metrics(q, ql, (1, 2, 4), g, gl)
-    assert result["metrics"] == pytest.approx(expected, abs=1e-12)
+    assert result["metrics"] == pytest.approx(expected, abs=1e-12)  # float64
     # gallery mode, not one pooled set: pooled, the numbers are others
     pooled = retrieval_metrics(np.concatenate([q, g]), np.concatenate([ql, gl]), (1, 2, 4))
     assert pooled != pytest.approx(expected, abs=1e-6)
@@ -89,7 +89,7 @@ def test_the_same_folder_as_queries_and_gallery_leaves_each_query_out(
         args = [str(demo["weights"]), "--queries", str(q_dir), "--gallery", str(gallery)]
         assert evaluate.main([*args, "--ks", "1,2", "--out", str(out), "--no-progress"]) == 0
         result = json.loads(out.read_text())
-        assert result["metrics"] == pytest.approx(expected, abs=1e-12)
+        assert result["metrics"] == pytest.approx(expected, abs=1e-12)  # float64
         assert result["mode"] == "leave-one-out" and result["gallery"] == result["queries"] == 20
         assert result["queries_without_gallery_class"] == 0  # every class has 2 or more
         assert "left out of its own neighbours" in capsys.readouterr().out

@@ -60,4 +60,4 @@ def test_attention_is_counted_on_cpu():
         without, _ = _counted("full_ft")
     finally:
         bench.CPU_ATTENTION_FLOPS.update(saved)
-    assert full - without == pytest.approx(attention, rel=1e-6)
+    assert full - without == pytest.approx(attention, rel=1e-6)  # float64

@@ -55,7 +55,7 @@ def test_present_equals_pml_value_and_gradients():
     ref_loss = ref(ref_emb, labels)
     ref_loss.backward()
 
-    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-10)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-10)  # float64
     torch.testing.assert_close(ours_emb.grad, ref_emb.grad, rtol=1e-9, atol=1e-12)  # float64
     torch.testing.assert_close(ours_prox.grad, ref.proxies.grad, rtol=1e-9, atol=1e-12)  # float64
 
@@ -66,7 +66,7 @@ def test_matches_brute_force(z_pos):
     loss = ProxyAnchorLoss(alpha=32.0, delta=0.1, positive_normalization=z_pos)(
         emb, labels, proxies
     )
-    assert loss.item() == pytest.approx(
+    assert loss.item() == pytest.approx(  # float64
         _brute_force(emb, labels, proxies, 32.0, 0.1, z_pos), rel=1e-9
     )
 
@@ -79,7 +79,7 @@ def test_in_batch_uses_only_the_batch_classes():
     classes = torch.unique(labels)
     relabelled = torch.searchsorted(classes, labels)
     want = _brute_force(emb, relabelled, proxies[classes], 32.0, 0.1, "all")
-    assert got.item() == pytest.approx(want, rel=1e-9)
+    assert got.item() == pytest.approx(want, rel=1e-9)  # float64
 
 
 def test_proxy_nca_equals_pml_with_squared_scale():
@@ -93,7 +93,7 @@ def test_proxy_nca_equals_pml_with_squared_scale():
     ref_emb = emb.clone().requires_grad_(True)
     ref_loss = ref(ref_emb, labels)
     ref_loss.backward()
-    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-9)
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-9)  # float64
     torch.testing.assert_close(ours_emb.grad, ref_emb.grad, rtol=1e-8, atol=1e-12)  # float64
 
 

@@ -36,7 +36,7 @@ def test_planted_class_shift_is_covered_and_excludes_zero() -> None:
     truth = p_hit * shifted.mean()
     assert r.low <= truth <= r.high
     assert r.low > 0
-    assert r.diff == pytest.approx(((first_a <= 1) & shifted).mean())
+    assert r.diff == pytest.approx(((first_a <= 1) & shifted).mean())  # float64
     assert r.p < 0.001
 
 
@@ -94,6 +94,6 @@ def test_rows_are_paired_by_dataset_index_not_by_position() -> None:
 
 def test_seed_level_needs_matching_seeds() -> None:
     mean, low, high, n = paired.seed_level({0: 0.6, 1: 0.7}, {0: 0.5, 1: 0.5})
-    assert (n, mean) == (2, pytest.approx(0.15)) and low < mean < high
+    assert (n, mean) == (2, pytest.approx(0.15)) and low < mean < high  # float64
     with pytest.raises(UserError, match="same seeds"):
         paired.seed_level({0: 0.6, 1: 0.7}, {0: 0.5, 2: 0.5})

@@ -290,6 +290,6 @@ def test_in_batch_proxies_use_the_fold_output_before_normalisation(update):
     hand_proxies = torch.stack([F.normalize(r * bias[c] + (1 - r) * h[c], dim=0) for c in classes])
     hand = _hand_in_batch_loss(emb, labels, hand_proxies)
     (hand_grad_b,) = torch.autograd.grad(hand, bias)
-    assert loss.item() == pytest.approx(hand.item(), rel=1e-12)
+    assert loss.item() == pytest.approx(hand.item(), rel=1e-12)  # float64
     torch.testing.assert_close(grad_b, hand_grad_b, rtol=1e-10, atol=1e-12)  # float64
     assert torch.count_nonzero(grad_b[[2, 3, 5]]) == 0  # only the batch classes' B rows
