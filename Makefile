@@ -26,17 +26,21 @@ demo: install
 # every proof but the end-to-end runs of the documented commands and of gpu_check.py
 # --cpu --tiny, and the real-Slurm tests; `make test-full`: everything (CI: .ci/run).
 # Two xdist workers, one torch thread each; the tests that keep both cores busy (marked
-# both_cores; documented; slurm) run one at a time (xdist_group "processes"). Each run
-# writes its timings to experiments/results/.
+# both_cores; documented) run one at a time (xdist_group "processes"), and so do the Slurm
+# tests (group "slurm"). Each run writes its timings to experiments/results/.
 PYTEST_WORKERS ?= 2
+FULL_WORKERS ?= 3
 PYTEST := $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 test: install
 	$(PYTEST) -m "not documented and not slurm" \
 		--durations-file=experiments/results/test_durations_test.txt
 
+# test-full: a third worker, because the Slurm tests mostly wait on Slurm (its scheduler, a
+# time limit) and would leave a core idle beside them
 test-full: install
-	$(PYTEST) --durations-file=experiments/results/test_durations_test-full.txt
+	$(PY) -m pytest -q -n $(FULL_WORKERS) --dist loadgroup \
+		--durations-file=experiments/results/test_durations_test-full.txt
 
 test-fast: install
 	$(PYTEST) -m unit

@@ -340,12 +340,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def xdist_group_of(item: pytest.Item, tier: str) -> str | None:
-    """Tests whose processes keep both cores busy (marked both_cores, every documented and
-    Slurm test): one group, never two at once. Tests that share one of the suite's module-
-    or session-scoped fixtures (a trained run, an export): one group per fixture, so one
+    """Tests whose processes keep both cores busy (marked both_cores, every documented
+    test): one group, never two at once. Slurm tests: a group of their own, one job at a
+    time on the one-node cluster; they mostly wait on Slurm (its scheduler, a time limit),
+    so they run beside the other groups. Tests that share one of the suite's module- or
+    session-scoped fixtures (a trained run, an export): one group per fixture, so one
     worker builds it, not each."""
-    slurm = item.nodeid.startswith("tests/slurm/")
-    if tier == "documented" or slurm or item.get_closest_marker("both_cores"):
+    if item.nodeid.startswith("tests/slurm/"):
+        return "slurm"
+    if tier == "documented" or item.get_closest_marker("both_cores"):
         return "processes"
     shared = [
         defs[-1]

@@ -40,9 +40,9 @@ def job_logs(sweep: Path) -> str:
 
 @pytest.mark.timeout(600)
 def test_time_limit_signal_requeues_and_the_resumed_run_equals_a_straight_one(tmp_path):
-    # 150 epochs x 8 steps, each followed by 0.08 s of sleep in the job only: at least 96 s
-    # of training however fast the machine (the signal comes 50-80 s after the start), so
-    # it is signalled and requeued at least once; sleeping changes no number
+    # 150 epochs x 8 steps, each followed by 0.08 s of sleep in the job's first start only:
+    # at least 96 s of training however fast the machine (the signal comes 50-80 s after
+    # the start), so it is signalled and requeued at least once; sleeping changes no number
     settings = [*DATA, "trainer.max_epochs=150"]
     slow = [
         "+callbacks.slow_steps._target_=tests.slurm.slow_steps.SleepAfterEachStep",
