@@ -70,6 +70,34 @@ def kill_group(proc: subprocess.Popen, grace_s: float = 0.0) -> None:
         proc.wait(timeout=30)
 
 
+def launch(
+    argv: Sequence[str],
+    *,
+    cwd: Path | str = REPO,
+    env: Mapping[str, str] | None = None,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text: bool = True,
+    fork: bool = True,
+) -> subprocess.Popen | ForkedChild:
+    """A child in its own process group (what started() manages; the caller reaps it).
+    `python -m vpt_dml.X ...` is forked from the fork server (its imports done once; see
+    forked()) unless `fork=False` (a test of the command's own wiring: a fresh
+    interpreter) or the environment asks for a fresh one (FORK_UNSAFE_ENV)."""
+    env = dict(env) if env is not None else child_env()
+    if fork and forkable(argv, env):
+        return forked(argv, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=text)
+    return subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        env=env,
+        stdout=stdout,
+        stderr=stderr,
+        text=text,
+        start_new_session=True,  # its own process group: killpg reaches ranks and workers
+    )
+
+
 @contextlib.contextmanager
 def started(
     argv: Sequence[str],
@@ -81,24 +109,9 @@ def started(
     text: bool = True,
     fork: bool = True,
 ) -> Iterator[subprocess.Popen]:
-    """A running child in its own process group; on leaving the block (normally or by any
-    exception) the whole group is killed and the child reaped. `python -m vpt_dml.X ...`
-    is forked from the fork server (its imports done once; see forked()) unless
-    `fork=False` (a test of the command's own wiring: a fresh interpreter) or the
-    environment asks for a fresh one (FORK_UNSAFE_ENV)."""
-    env = dict(env) if env is not None else child_env()
-    if fork and forkable(argv, env):
-        proc = forked(argv, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=text)
-    else:
-        proc = subprocess.Popen(
-            list(argv),
-            cwd=cwd,
-            env=env,
-            stdout=stdout,
-            stderr=stderr,
-            text=text,
-            start_new_session=True,  # its own process group: killpg reaches ranks and workers
-        )
+    """launch()'s child; on leaving the block (normally or by any exception) the whole
+    group is killed and the child reaped."""
+    proc = launch(argv, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=text, fork=fork)
     try:
         yield proc
     finally:

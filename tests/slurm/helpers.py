@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+from tests import processes
 from tests.conftest import tiny_overrides
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,24 +47,19 @@ def env() -> dict:
 
 
 def run(args: list[str], cwd: Path, timeout: int = 240, module: str = "vpt_dml.run"):
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """The command, to its end (forked from the suite's fork server: tests/processes.py);
+    the jobs it submits are fresh interpreters that Slurm starts."""
+    return processes.run(processes.python("-m", module, *args), cwd=cwd, env=env(), timeout=timeout)
 
 
-def start(args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "vpt_dml.run", *args],
+def start(args: list[str], cwd: Path):
+    """The command, running: stdout and stderr in one pipe (a Popen-like handle)."""
+    return processes.launch(
+        processes.python("-m", "vpt_dml.run", *args),
         cwd=cwd,
         env=env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
     )
 
 
