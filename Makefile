@@ -26,7 +26,7 @@ demo: install
 # every proof but the end-to-end runs of the documented commands and of gpu_check.py
 # --cpu --tiny, and the real-Slurm tests; `make test-full`: everything (CI: .ci/run).
 # Two xdist workers, one torch thread each; the tests that keep both cores busy (marked
-# both_cores; documented) run one at a time (xdist_group "processes"), and so do the Slurm
+# both_cores) run one at a time (xdist_group "processes"), and so do the Slurm
 # tests (group "slurm"). Each run writes its timings to experiments/results/.
 PYTEST_WORKERS ?= 2
 FULL_WORKERS ?= 3

@@ -293,9 +293,10 @@ def load_experiment(name: str):
 # `documented` and `slurm`; `make test-full` runs everything.
 # Under pytest-xdist the tests that keep both cores busy share one xdist_group, so two of
 # them never overlap on a 2-core machine: those marked `both_cores` (DDP ranks, torchrun,
-# sweeps' jobs, a process group under SIGTERM), every documented and every Slurm test. A
-# test with one child (a CLI run, an error line) runs beside any other test, as a worker
-# would.
+# parallel sweep jobs). The Slurm tests are a group of their own (one job at a time on the
+# one-node cluster). A test with one child (a CLI run, an error line, a documented
+# command) runs beside any other test, as a worker would. Children are forked from a fork
+# server with torch, Lightning, Hydra and timm imported (tests/forkserver.py).
 # A test outside tests/processes, tests/documented and tests/slurm that starts a Python
 # child fails (see _children_only_in_tiers): the folders cannot silently go stale.
 
@@ -340,15 +341,15 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def xdist_group_of(item: pytest.Item, tier: str) -> str | None:
-    """Tests whose processes keep both cores busy (marked both_cores, every documented
-    test): one group, never two at once. Slurm tests: a group of their own, one job at a
-    time on the one-node cluster; they mostly wait on Slurm (its scheduler, a time limit),
-    so they run beside the other groups. Tests that share one of the suite's module- or
-    session-scoped fixtures (a trained run, an export): one group per fixture, so one
-    worker builds it, not each."""
+    """Tests whose processes keep both cores busy (marked both_cores): one group, never
+    two at once. Slurm tests: a group of their own, one job at a time on the one-node
+    cluster; they mostly wait on Slurm (its scheduler, a time limit), so they run beside
+    the other groups. Tests that share one of the suite's module- or session-scoped
+    fixtures (a trained run, an export, the documented commands' session): one group per
+    fixture, so one worker builds it, not each."""
     if item.nodeid.startswith("tests/slurm/"):
         return "slurm"
-    if tier == "documented" or item.get_closest_marker("both_cores"):
+    if item.get_closest_marker("both_cores"):
         return "processes"
     shared = [
         defs[-1]

@@ -23,6 +23,7 @@ def documented_command(config: Path) -> list[str]:
     raise AssertionError(f"{config} documents no command")
 
 
+@pytest.mark.both_cores
 def test_ddp_cpu_command_runs_on_the_demo_data(tmp_path: Path):
     """conf/trainer/ddp_cpu.yaml's command, as written, on the demo's classes (48, of which
     24 train) and batch settings; only the backbone, image count and epochs are tiny."""
