@@ -51,14 +51,25 @@ TINY_TRAINER = [
 ]
 
 
+# Composed configs by (overrides, experiment, cwd): Hydra takes ~0.3 s a composition and
+# many tests compose the same tiny settings; each caller gets its own deep copy.
+_COMPOSED: dict[tuple, DictConfig] = {}
+
+
 def compose_config(
     overrides: list[str], tmp_path: Path, experiment: str | None = None
 ) -> DictConfig:
     """Compose conf/train.yaml as `python -m vpt_dml.run` would, with paths in tmp_path."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        extra = [f"+experiment={experiment}"] if experiment else []
-        cfg = compose("train", overrides=extra + overrides, return_hydra_config=True)
+    import copy
+
+    key = (tuple(overrides), experiment, os.getcwd())
+    if key not in _COMPOSED:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            extra = [f"+experiment={experiment}"] if experiment else []
+            composed = compose("train", overrides=extra + overrides, return_hydra_config=True)
+        _COMPOSED[key] = composed
+    cfg = copy.deepcopy(_COMPOSED[key])
     with open_dict(cfg):
         cfg.paths.root_dir = str(REPO)
         cfg.paths.data_dir = str(tmp_path / "data")
