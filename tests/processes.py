@@ -396,3 +396,9 @@ def _read_all(stream, chunks: list) -> None:
     with contextlib.suppress(ValueError, OSError):
         while chunk := stream.read(1 << 16):
             chunks.append(chunk)
+
+
+# tests/ is on sys.path and the repository too: `processes` and `tests.processes` would be
+# two modules with two fork servers; whichever name comes first, both names are this one.
+sys.modules.setdefault("processes", sys.modules[__name__])
+sys.modules.setdefault("tests.processes", sys.modules[__name__])
