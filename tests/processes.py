@@ -99,19 +99,10 @@ def launch(
 
 
 @contextlib.contextmanager
-def started(
-    argv: Sequence[str],
-    *,
-    cwd: Path | str = REPO,
-    env: Mapping[str, str] | None = None,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.PIPE,
-    text: bool = True,
-    fork: bool = True,
-) -> Iterator[subprocess.Popen]:
-    """launch()'s child; on leaving the block (normally or by any exception) the whole
-    group is killed and the child reaped."""
-    proc = launch(argv, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=text, fork=fork)
+def started(argv: Sequence[str], **options) -> Iterator[subprocess.Popen]:
+    """launch(argv, **options)'s child; on leaving the block (normally or by any exception)
+    the whole group is killed and the child reaped."""
+    proc = launch(argv, **options)
     try:
         yield proc
     finally:
