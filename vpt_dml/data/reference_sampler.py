@@ -63,15 +63,16 @@ def smart_sample(rng: random.Random, items: Sequence[int], n: int) -> list[int]:
     return out
 
 
-class ReferenceBatchSampler(Sampler[list[int]]):
+class BalancedBatches(Sampler[list[int]]):
+    """What both P x K batch samplers share: their arguments and the check on them."""
+
     def __init__(
         self,
         labels: np.ndarray,
         batch_size: int,
         samples_per_class: int,
-        seed: int = 0,
-        num_replicas: int = 1,
-        rank: int = 0,
+        num_replicas: int,
+        rank: int,
     ) -> None:
         if batch_size % samples_per_class:
             raise UserError(
@@ -82,10 +83,23 @@ class ReferenceBatchSampler(Sampler[list[int]]):
         self.batch_size = batch_size
         self.k = samples_per_class
         self.classes_per_batch = batch_size // samples_per_class
-        self.seed = int(seed)
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+
+
+class ReferenceBatchSampler(BalancedBatches):
+    def __init__(
+        self,
+        labels: np.ndarray,
+        batch_size: int,
+        samples_per_class: int,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        super().__init__(labels, batch_size, samples_per_class, num_replicas, rank)
+        self.seed = int(seed)
         classes, inverse, counts = np.unique(self.labels, return_inverse=True, return_counts=True)
         # dataset indices of each class (ascending label), in the records' order
         by_class = np.argsort(inverse, kind="stable")

@@ -20,11 +20,11 @@ from collections.abc import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
-from vpt_dml.data.reference_sampler import ReferenceBatchSampler
+from vpt_dml.data.reference_sampler import BalancedBatches, ReferenceBatchSampler
 from vpt_dml.errors import UserError
 
 
-class ClassBalancedBatchSampler(Sampler[list[int]]):
+class ClassBalancedBatchSampler(BalancedBatches):
     def __init__(
         self,
         labels: np.ndarray,
@@ -34,19 +34,8 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
     ) -> None:
-        if batch_size % samples_per_class:
-            raise UserError(
-                f"batch_size={batch_size} is not a multiple of samples_per_class={samples_per_class}; "
-                "set data.batch_size to a multiple of data.samples_per_class"
-            )
-        self.labels = np.asarray(labels)
-        self.batch_size = batch_size
-        self.k = samples_per_class
-        self.classes_per_batch = batch_size // samples_per_class
+        super().__init__(labels, batch_size, samples_per_class, num_replicas, rank)
         self.seed = seed
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.epoch = 0
         self.classes, inverse = np.unique(self.labels, return_inverse=True)
         self.members = [np.flatnonzero(inverse == i) for i in range(len(self.classes))]
         needed = self.classes_per_batch * num_replicas
