@@ -64,15 +64,17 @@ def smart_sample(rng: random.Random, items: Sequence[int], n: int) -> list[int]:
 
 
 class BalancedBatches(Sampler[list[int]]):
-    """What both P x K batch samplers share: their arguments and the check on them."""
+    """What both P x K batch samplers share: their arguments, the check on them and the
+    epoch; a sampler indexes its classes in `index_classes`."""
 
     def __init__(
         self,
         labels: np.ndarray,
         batch_size: int,
         samples_per_class: int,
-        num_replicas: int,
-        rank: int,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         if batch_size % samples_per_class:
             raise UserError(
@@ -83,23 +85,23 @@ class BalancedBatches(Sampler[list[int]]):
         self.batch_size = batch_size
         self.k = samples_per_class
         self.classes_per_batch = batch_size // samples_per_class
+        self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
+        self.index_classes()
+
+    def index_classes(self) -> None:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose batches the next iteration draws."""
+        self.epoch = epoch
 
 
 class ReferenceBatchSampler(BalancedBatches):
-    def __init__(
-        self,
-        labels: np.ndarray,
-        batch_size: int,
-        samples_per_class: int,
-        seed: int = 0,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ) -> None:
-        super().__init__(labels, batch_size, samples_per_class, num_replicas, rank)
-        self.seed = int(seed)
+    def index_classes(self) -> None:
+        self.seed = int(self.seed)
         classes, inverse, counts = np.unique(self.labels, return_inverse=True, return_counts=True)
         # dataset indices of each class (ascending label), in the records' order
         by_class = np.argsort(inverse, kind="stable")
@@ -112,10 +114,6 @@ class ReferenceBatchSampler(BalancedBatches):
                 self.classes_per_batch,
                 len(classes),
             )
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch whose batches the next iteration draws."""
-        self.epoch = epoch
 
     def batches_per_epoch(self) -> int:
         """The reference's epoch: len(images) // batch_size batches (for all ranks)."""

@@ -25,29 +25,15 @@ from vpt_dml.errors import UserError
 
 
 class ClassBalancedBatchSampler(BalancedBatches):
-    def __init__(
-        self,
-        labels: np.ndarray,
-        batch_size: int,
-        samples_per_class: int,
-        seed: int = 0,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ) -> None:
-        super().__init__(labels, batch_size, samples_per_class, num_replicas, rank)
-        self.seed = seed
+    def index_classes(self) -> None:
         self.classes, inverse = np.unique(self.labels, return_inverse=True)
         self.members = [np.flatnonzero(inverse == i) for i in range(len(self.classes))]
-        needed = self.classes_per_batch * num_replicas
+        needed = self.classes_per_batch * self.num_replicas
         if needed > len(self.classes):
             raise UserError(
                 f"a step needs {needed} distinct classes (batch_size/samples_per_class x devices) "
                 f"but the training split has {len(self.classes)}; lower data.batch_size or raise samples_per_class"
             )
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch whose plan the next iteration draws."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         # METHOD.md §3: an epoch is len(train) // batch size steps (global batch under DDP).
