@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import platform
 import sys
@@ -60,8 +61,6 @@ def compose_config(
     overrides: list[str], tmp_path: Path, experiment: str | None = None
 ) -> DictConfig:
     """Compose conf/train.yaml as `python -m vpt_dml.run` would, with paths in tmp_path."""
-    import copy
-
     key = (tuple(overrides), experiment, os.getcwd())
     if key not in _COMPOSED:
         GlobalHydra.instance().clear()
