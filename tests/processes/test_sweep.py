@@ -103,7 +103,14 @@ def test_submitit_local_sweep_runs_each_job_in_its_own_process_and_folder(local_
     from omegaconf import OmegaConf
 
     sweep_dir = local_sweep["dir"]
-    assert local_sweep["proc"].returncode != 0  # the sweep reports its failed job
+    # the sweep names its failed job (run folder, error line) once the processes ended
+    proc = local_sweep["proc"]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    failed = [line for line in proc.stderr.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 1 and failed[0].endswith(
+        f"(no result) in {sweep_dir / '1'}: error: optim.lr='abc' has the wrong type: expected a number"
+    ), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
     results = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
     assert sorted(results) == ["0"]
     assert results["0"]["status"] == "finished"

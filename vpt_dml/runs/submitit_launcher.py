@@ -12,6 +12,11 @@ While waiting: job states come from `scontrol show job` every few seconds (submi
 limit, runs/cluster requeue) is waited for; a job that ends without a result (failed,
 cancelled, timed out) ends the wait with one line per such job (its run folder, its last
 error line) and exit 1. Finished jobs return their values to Hydra as before.
+
+hydra/launcher=local (CheckedLocalLauncher): submitit's local executor, one process per
+job, with the same ending: when the processes have ended, one `failed:` line per job
+without a result and exit 1. (hydra-submitit-launcher's own waits 15 s per such job for a
+result file that never comes, then ends the sweep with submitit's traceback.)
 """
 
 from __future__ import annotations
@@ -137,6 +142,60 @@ class CheckedSlurmLauncher(_base.SlurmLauncher):
         if part is not None:
             slurm_limits.check_request(self.params, part)
         return folders
+
+
+class CheckedLocalLauncher(_base.LocalLauncher):
+    """Subclassed under hydra_plugins/vpt_dml_launcher (Hydra finds launchers only there)."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+        import submitit
+
+        folders = job_folders(self, job_overrides, initial_job_idx)
+        params = dict(self.params)
+        executor = submitit.AutoExecutor(cluster="local", folder=params.pop("submitit_folder"))
+        params.pop("max_num_timeout", None)
+        base = set(OmegaConf.structured(_base.BaseQueueConf).keys())
+        executor.update_parameters(
+            **{k if k in base else f"local_{k}": v for k, v in params.items()}
+        )
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        args = [
+            (list(o), "hydra.sweep.dir", initial_job_idx + i, f"job_id_for_{initial_job_idx + i}",
+             Singleton.get_state())
+            for i, o in enumerate(job_overrides)
+        ]  # fmt: skip
+        for num, o in zip(folders, job_overrides):
+            print(f"[local] #{num} : {' '.join(filter_overrides(o))}", file=sys.stderr)
+        jobs = executor.map_array(self, *zip(*args))
+        while not all(job.done() for job in jobs):
+            time.sleep(0.2)
+        return collect(jobs, {job.job_id: _exit_state(job) for job in jobs}, list(folders.values()))
+
+
+def _exit_state(job) -> str:
+    """How a local job ended, for its `failed:` line: submitit's controller exits 0 whatever
+    its task's exit code (the task's `error:` line says why)."""
+    code = job._process.returncode if job._process is not None else None
+    return f"killed by signal {-code}" if code is not None and code < 0 else "no result"
+
+
+def job_folders(launcher, job_overrides, initial_job_idx: int) -> dict[int, str]:
+    """{job number: run folder} as each job will compose it (hydra.sweep.subdir)."""
+    loader = launcher.hydra_context.config_loader
+    folders: dict[int, str] = {}
+    saved = HydraConfig.instance().cfg
+    try:
+        for i, overrides in enumerate(job_overrides):
+            num = initial_job_idx + i
+            cfg = loader.load_sweep_config(launcher.config, list(overrides))
+            with open_dict(cfg):
+                cfg.hydra.job.num = num
+                cfg.hydra.job.id = f"job_id_for_{num}"
+            HydraConfig.instance().set_config(cfg)
+            folders[num] = str(Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir))
+    finally:
+        HydraConfig.instance().cfg = saved
+    return folders
 
 
 def _sbatch_message(e: Exception) -> str:
