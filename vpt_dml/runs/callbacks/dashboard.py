@@ -62,39 +62,37 @@ def thumbnail(path: str, size: int = 96) -> np.ndarray:
         return np.asarray(im.convert("RGB").resize((size, size)))
 
 
+# frame colours of a gallery cell: matplotlib's tab:green / tab:red, black for the query
+SAME_CLASS, OTHER_CLASS, QUERY = (44, 160, 44), (214, 39, 40), (0, 0, 0)
+CELL, FRAME, GAP = 96, 3, 6  # thumbnail side, frame width, space between cells (px)
+
+
 def plot_gallery(
     query_paths: list[str], neighbours: list[list[tuple[str, bool]]], title: str, out: Path
 ) -> Path:
-    """One row per query: the query, then its top-k, framed green (same class) or red."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One row per query: the query (thin black frame), then its top-k, framed green
+    (same class) or red. Tiled with PIL: a grid of matplotlib axes took ~1.6 s for 8 x 6
+    cells, more than the rest of a small run."""
+    from PIL import Image, ImageDraw
 
     cols = 1 + max(len(n) for n in neighbours)
-    fig, axes = plt.subplots(
-        len(query_paths), cols, figsize=(1.3 * cols, 1.3 * len(query_paths)), squeeze=False
-    )
+    pitch = CELL + 2 * FRAME + GAP
+    top = 2 * 14 + GAP  # the title line, then the column headers
+    canvas = Image.new("RGB", (GAP + cols * pitch, top + len(query_paths) * pitch), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((GAP, 2), title, fill=QUERY)
+    for col in range(cols):
+        draw.text((GAP + col * pitch + FRAME, 16), "query" if col == 0 else f"#{col}", fill=QUERY)
     for row, (query, hits) in enumerate(zip(query_paths, neighbours)):
-        cells = [(query, None)] + hits
-        for col, ax in enumerate(axes[row]):
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if col >= len(cells):
-                ax.axis("off")
-                continue
-            path, correct = cells[col]
-            ax.imshow(thumbnail(path))
-            color = "black" if correct is None else ("tab:green" if correct else "tab:red")
-            for spine in ax.spines.values():
-                spine.set_edgecolor(color)
-                spine.set_linewidth(3 if correct is not None else 1)
-            if row == 0:
-                ax.set_title("query" if col == 0 else f"#{col}", fontsize=8)
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+        for col, (path, correct) in enumerate([(query, None)] + list(hits)):
+            x, y = GAP + col * pitch, top + row * pitch
+            colour = QUERY if correct is None else (SAME_CLASS if correct else OTHER_CLASS)
+            width = 1 if correct is None else FRAME
+            inner = (x + FRAME - width, y + FRAME - width)
+            outer = (x + FRAME + CELL + width - 1, y + FRAME + CELL + width - 1)
+            draw.rectangle([inner, outer], fill=colour)
+            canvas.paste(Image.fromarray(thumbnail(path, CELL)), (x + FRAME, y + FRAME))
+    canvas.save(out)
     return out
 
 
