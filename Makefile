@@ -6,6 +6,11 @@ STAMP := $(VENV)/.install-stamp
 # torch/torchvision pinned to the builds this workplace keeps on local disk (pip finds them offline).
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
+# Keep Python's bytecode cache and pytest's rewritten test modules (__pycache__/, git-ignored):
+# with PYTHONDONTWRITEBYTECODE set, every pytest worker re-rewrites ~230 test modules and
+# every child process re-compiles vpt_dml, each time.
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: install demo test test-full test-fast lint bench gpu-check-wheels clean
 
 install: $(STAMP)

@@ -131,7 +131,9 @@ def test_watchdog_ends_a_process_stuck_after_sigterm(tmp_path):
     timeout, with metrics.json "interrupted" written by rank 0 and last.ckpt named."""
     metrics, ckpt = tmp_path / "metrics.json", tmp_path / "last.ckpt"
     ckpt.write_bytes(b"x")
-    argv = python("-c", WATCHDOG_CHILD, str(metrics), str(ckpt))
+    script = tmp_path / "watchdog_child.py"  # a script: forked from the fork server
+    script.write_text(WATCHDOG_CHILD)
+    argv = python(str(script), str(metrics), str(ckpt))
     with started(argv, stdout=subprocess.PIPE) as proc:  # child_env: no RANK, LOCAL_RANK
         assert proc.stdout.readline().strip() == "ready"
         proc.send_signal(signal.SIGTERM)
@@ -167,13 +169,24 @@ def test_ddp_error_is_printed_once(tmp_path):
         argv = python("-m", "vpt_dml.run", *args)
         with started(argv, env=child_env(ddp=True), stderr=err) as proc:
             proc.wait(timeout=400)
-            time.sleep(5)  # rank 1, its own process, may still be on its way out
+            gone_within(proc.pid, 30)  # rank 1 (same process group) may be on its way out
     res = subprocess.CompletedProcess(args, proc.returncode, "", err_path.read_text())
     assert res.returncode == 2, res.stderr[-3000:]
     errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
     assert "GLOBAL_RANK: 1" in res.stderr  # two ranks ran
     assert len(errors) == 1 and "gradient_clip_val" in errors[0], res.stderr[-3000:]
     assert "Traceback" not in res.stderr
+
+
+def gone_within(group: int, seconds: float) -> None:
+    """Wait until no process of process group `group` is left (or `seconds` passed)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
 
 
 EXIT_WITH_A_LIVE_WORKER = """
