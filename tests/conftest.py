@@ -220,7 +220,8 @@ def cli_in_process(args: list[str], cwd: Path, env: dict | None = None, timeout:
     timers = {t for t in threading.enumerate() if isinstance(t, threading.Timer)}
     # "a SIGTERM came" is process-wide (the CLI's process is one run): an earlier test's
     # signal must not make this call stop as interrupted and arm exit_within's os._exit
-    guard = sys.modules[run.sigterm_received.__module__]
+    from vpt_dml.runs import sigterm as guard
+
     saved_received, guard._RECEIVED = guard._RECEIVED, False
     out, err = io.StringIO(), io.StringIO()
     code = 0

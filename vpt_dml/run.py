@@ -21,24 +21,16 @@ import traceback
 
 import hydra
 from hydra.errors import InstantiationException
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from vpt_dml import distributed
 from vpt_dml.errors import Diverged, Interrupted, Skip, UserError, WrongSweepFolder
 from vpt_dml.runs import cluster, completion, sweep
-from vpt_dml.runs.callbacks.divergence import DIVERGED_EXIT
-from vpt_dml.runs.callbacks.wandb_logger import finish_wandb
 from vpt_dml.runs.command_line import check_command_line, one_line
-from vpt_dml.runs.lifecycle import enter_job, run_training
 from vpt_dml.runs.search import check_search, in_optuna_search
-from vpt_dml.runs.sigterm import (
-    enable_watchdog,
-    end_together,
-    exit_within,
-    sigterm_received,
-    timeout_from_env,
-)
+
+# The training stack (torch, Lightning, timm: ~8 s of imports) is imported once a run is
+# certain: `-sc install=bash` (a shell's startup file), `--help` and a refused command line
+# answer at once.
 
 log = logging.getLogger("vpt_dml")
 # faiss logs each missing CPU-specific build it probes (avx512, avx2) as an error-looking line
@@ -47,13 +39,27 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 # A shell reports a process ended by SIGTERM as 128 + 15; schedulers read it as "killed".
 SIGTERM_EXIT = 128 + signal.SIGTERM
 
-# In-process use (a notebook, the tests): one whole run, folder, record and all.
-train = run_training
+
+def __getattr__(name: str):
+    # In-process use (a notebook, the tests): `train`, one whole run, folder, record and all
+    if name == "train":
+        from vpt_dml.runs.lifecycle import run_training
+
+        return run_training
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# cli(watchdog=True): this process is the run, and main() arms the SIGTERM watchdog (a
+# process-wide timer); cli(watchdog=False) runs in a process with other work (the tests)
+_process_is_the_run = {"watchdog": False}
 
 
 def stop_interrupted(line: str) -> None:
     """Exit 143 after an interruption: the `interrupted:` line, the SLURM requeue when one
     was asked for, and an exit bounded in time whatever the shutdown waits for."""
+    from vpt_dml import distributed
+    from vpt_dml.runs.sigterm import exit_within, timeout_from_env
+
     exit_within(timeout_from_env())
     if distributed.is_global_zero():  # rank 0 speaks for the run
         print(f"interrupted: {line}", file=sys.stderr)
@@ -68,6 +74,16 @@ def stop_interrupted(line: str) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from vpt_dml import distributed
+    from vpt_dml.runs.callbacks.divergence import DIVERGED_EXIT
+    from vpt_dml.runs.callbacks.wandb_logger import finish_wandb
+    from vpt_dml.runs.lifecycle import enter_job, run_training
+    from vpt_dml.runs.sigterm import enable_watchdog, end_together, sigterm_received
+
+    if _process_is_the_run["watchdog"]:  # SIGTERM ends this process in bounded time (sigterm.py)
+        enable_watchdog()
     debug = bool(cfg.get("debug", False)) or os.environ.get("HYDRA_FULL_ERROR") == "1"
     try:
         if sigterm_received():  # between two jobs of a sweep
@@ -132,12 +148,11 @@ def cli(argv: list[str] | None = None, *, watchdog: bool = True) -> None:
         argv = sys.argv[1:]
     else:  # Hydra parses sys.argv
         sys.argv = [sys.argv[0], *argv]
-    if watchdog:  # this process is the run: SIGTERM ends it in bounded time (sigterm.py)
-        enable_watchdog()
     action = completion.requested(argv)
     if action:
         print(completion.script(action), end="")
         return
+    _process_is_the_run["watchdog"] = watchdog
     try:
         check_command_line(argv)
     except UserError as e:
@@ -151,6 +166,8 @@ def cli(argv: list[str] | None = None, *, watchdog: bool = True) -> None:
         raise
     if (code := sweep.report_failed_jobs()) is not None:  # a sweep with failed jobs
         sys.exit(code)
+    from vpt_dml.runs.sigterm import sigterm_received
+
     if sigterm_received():  # noted after the run's last check: its record is complete
         stop_interrupted("SIGTERM came as the run ended; its metrics.json is complete")
 

@@ -31,7 +31,6 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from vpt_dml.distributed import is_global_zero
 from vpt_dml.errors import UserError
 
 STAMP_ENV = "VPT_RUN_STAMP"
@@ -162,6 +161,8 @@ def _job_log(output_dir: str, job_name: str) -> str:
     for rank 0 only. Lightning re-runs the command line for each further DDP rank with
     `hydra.job.name=train_ddp_process_<rank>`, which left `train_ddp_process_1.log` beside
     run.log; those ranks print to the console (the same stderr) and log to no file."""
+    from vpt_dml.distributed import is_global_zero  # torch: once a run is certain
+
     if not is_global_zero():
         return os.devnull
     return str(Path(output_dir) / f"{job_name}.log")
@@ -252,6 +253,8 @@ def requeue_if_asked() -> str | None:
     the line that says so, None when no requeue signal came."""
     if _requeue.signum is None:
         return None
+    from vpt_dml.distributed import is_global_zero
+
     job = slurm_job_id()
     if not is_global_zero() or not job:
         return None
