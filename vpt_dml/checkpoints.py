@@ -24,7 +24,7 @@ from vpt_dml.errors import UserError
 # tensors, containers, numbers and strings (hyper-parameters as plain dicts, ExactResume's RNG
 # state as tensors and tuples); tests/test_run_errors.py checks that none needs more.
 ZIP_MAGIC = b"PK\x03\x04"
-# the callback that records which run wrote a checkpoint (vpt_dml.runs.callbacks.ExactResume)
+# the callback that records which run wrote a checkpoint (vpt_dml.runs.callbacks.exact_resume.ExactResume)
 RUN_INFO_CALLBACK = "ExactResume"
 
 

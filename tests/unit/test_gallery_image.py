@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vpt_dml.runs.callbacks.dashboard import (
+from vpt_dml.evaluation.gallery import (
     CELL,
     FRAME,
     GAP,

@@ -15,9 +15,9 @@ from tolerances import approx_close
 
 from tests.unit.test_embed_retrieve import one_error_line, other_model
 from vpt_dml import embed, index, retrieve
+from vpt_dml.evaluation.gallery import CELL, FRAME, GAP
 from vpt_dml.evaluation.knn import exact_dot, unit_rows
 from vpt_dml.evaluation.retrieval import retrieval_metrics
-from vpt_dml.runs.callbacks.dashboard import CELL, FRAME, GAP
 from vpt_dml.serving import embeddings
 from vpt_dml.serving.index import Params, SavedIndex, build, exact_search, read
 

@@ -29,6 +29,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from vpt_dml.errors import DiskFull, Diverged
+from vpt_dml.runs.durable import sync_folder
 
 log = logging.getLogger("vpt_dml")
 
@@ -113,20 +114,6 @@ def _disk_full(e: BaseException | None) -> bool:
             return True
         e, seen = e.__cause__ or e.__context__, seen + 1
     return False
-
-
-def sync_folder(folder: Path) -> None:
-    """The rename itself survives a power cut (POSIX: fsync the directory)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def no_space_message(path: Path, need: int) -> str:

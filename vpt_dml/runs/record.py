@@ -40,15 +40,18 @@ import os
 import threading
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hydra.core.hydra_config import HydraConfig
 
 from vpt_dml.errors import UserError
 from vpt_dml.evaluation import candidate_dtype_report
 from vpt_dml.evaluation.health import collapsed
-from vpt_dml.runs.callbacks.metric_history import MetricHistory
-from vpt_dml.runs.checkpoint_io import sync_folder
+from vpt_dml.runs.durable import sync_folder
 from vpt_dml.runs.provenance import environment
+
+if TYPE_CHECKING:  # a Lightning callback: the readers of metrics.json need no Lightning
+    from vpt_dml.runs.callbacks.metric_history import MetricHistory
 
 METRICS_JSON = "metrics.json"
 

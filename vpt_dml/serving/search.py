@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from vpt_dml.errors import UserError
-from vpt_dml.runs.callbacks.dashboard import plot_gallery
+from vpt_dml.evaluation.gallery import plot_gallery
 from vpt_dml.serving.embeddings import (
     CHUNKS,
     EMBEDDINGS,

@@ -1,6 +1,3 @@
-"""Lightning callbacks of the suite: exact resume and the retrieval images."""
-
-from vpt_dml.runs.callbacks.dashboard import Dashboard
-from vpt_dml.runs.callbacks.exact_resume import ExactResume
-
-__all__ = ["Dashboard", "ExactResume"]
+"""Lightning callbacks of the suite (exact resume, the retrieval images, cost, progress,
+loggers), each named by its module in conf/ (e.g. vpt_dml.runs.callbacks.dashboard.Dashboard).
+Nothing is imported here: reading a run's record (runs/record.py) needs no Lightning."""
