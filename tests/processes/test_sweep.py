@@ -11,7 +11,6 @@ from tests.conftest import REPO, run_cli, tiny_overrides
 from tests.processes import free_port, python, run, started
 
 
-@pytest.mark.both_cores
 @pytest.mark.slow
 def test_two_point_prompt_length_sweep_is_reported(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
@@ -47,7 +46,6 @@ def sweep_args(tmp_path: Path, sweep_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-@pytest.mark.both_cores
 @pytest.mark.slow
 def test_rerun_of_an_interrupted_sweep_skips_resumes_and_runs_the_rest(tmp_path: Path) -> None:
     """The same `-m` command again: job 0 (finished) is skipped, job 1 (SIGTERM after its
@@ -158,7 +156,6 @@ def test_ddp_inside_a_local_submitit_job_is_one_two_process_run(tmp_path: Path) 
     assert not (sweep_dir / "0" / "run.lock").exists()
 
 
-@pytest.mark.both_cores
 @pytest.mark.slow
 def test_in_process_sweep_records_failed_jobs_and_runs_the_rest(tmp_path: Path) -> None:
     """Hydra's own launcher (every job in this process): a diverged job and a job with bad
