@@ -172,7 +172,9 @@ def local_sweep(tmp_path_factory) -> dict:
         f"paths.data_dir={root / 'data'}",
         f"hydra.sweep.dir={sweep}",
     ]
-    return {"dir": sweep, "proc": run_cli(args, cwd=root)}
+    from processes import LOCAL_JOBS_FORKED
+
+    return {"dir": sweep, "proc": run_cli(args, cwd=root, env=LOCAL_JOBS_FORKED)}
 
 
 def run_cli(

@@ -31,6 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # What every child of the suite gets: no network, no W&B, output as it happens.
 QUIET = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+# hydra/launcher=local starts each job through tests/fork_exec.py: forked from the fork
+# server like the test's own children (vpt_dml/runs/submitit_launcher.LOCAL_PYTHON_ENV)
+LOCAL_JOBS_FORKED = {"VPT_LOCAL_PYTHON": f"{sys.executable} {REPO / 'tests' / 'fork_exec.py'}"}
 # Env keys a child must not inherit from a DDP test process (it would think it is a rank).
 RANK_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "LOCAL_WORLD_SIZE")
 
@@ -178,7 +181,8 @@ FORK_UNSAFE_ENV = ("OMP_", "MKL_", "KMP_", "CUDA_", "TORCH_", "LD_", "PYTHON")
 # (lightning/fabric/utilities/rank_zero.py): a child of another rank is started fresh.
 IMPORT_RANK_KEYS = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 # The modules a child may run from the server: the suite's commands (and tests/fork_probe)
-FORKABLE = ("vpt_dml.", "tests.fork_probe")
+# submitit.core._submit: a job of hydra/launcher=local, through tests/fork_exec.py
+FORKABLE = ("vpt_dml.", "tests.fork_probe", "submitit.core._submit")
 FORK_SERVER_ENV = "VPT_TEST_FORK_SERVER"  # "0": every child is a fresh interpreter
 _SOCKET_ENV = "VPT_TEST_FORK_SERVER_SOCKET"  # the server of this pytest process
 _HEADER = struct.Struct("!Q")
@@ -208,7 +212,17 @@ def forkable(argv: Sequence[str], env: Mapping[str, str]) -> bool:
         return False
     module = argv[1] == "-m" and len(argv) > 2 and argv[2].startswith(FORKABLE)
     script = argv[1].endswith(".py") and Path(argv[1]).is_file()  # a test's own script
-    return (module or script) and not _unsafe_keys(env, child_env())
+    return (module or script) and not _unsafe_keys(env, _server_env())
+
+
+def _server_env() -> dict[str, str]:
+    """The environment the fork server imported with (its socket's folder keeps it, for
+    tests/fork_exec.py in a grandchild); this process's own before the server exists."""
+    path = os.environ.get(_SOCKET_ENV)
+    with contextlib.suppress(OSError, ValueError):
+        if path:
+            return json.loads(Path(path).with_name("env.json").read_text())
+    return child_env()
 
 
 def _socket_path() -> str:
@@ -219,6 +233,7 @@ def _socket_path() -> str:
         return path
     folder = tempfile.mkdtemp(prefix="vpt_forkserver_")
     path = os.path.join(folder, "socket")
+    Path(folder, "env.json").write_text(json.dumps(child_env()))
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "forkserver.py"), path],
         cwd=REPO,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, run_cli, tiny_overrides
-from tests.processes import free_port, python, run, started
+from tests.processes import LOCAL_JOBS_FORKED, free_port, python, run, started
 
 
 @pytest.mark.slow
@@ -148,7 +148,7 @@ def test_ddp_inside_a_local_submitit_job_is_one_two_process_run(tmp_path: Path) 
         f"paths.data_dir={tmp_path / 'data'}",
         f"hydra.sweep.dir={sweep_dir}",
     ]
-    proc = run_cli(args, cwd=tmp_path, env={"MASTER_PORT": str(free_port())})
+    proc = run_cli(args, cwd=tmp_path, env={"MASTER_PORT": str(free_port()), **LOCAL_JOBS_FORKED})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((sweep_dir / "0" / "metrics.json").read_text())
     assert result["status"] == "finished" and result["provenance"]["world_size"] == 2

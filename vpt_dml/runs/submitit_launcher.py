@@ -37,6 +37,10 @@ from vpt_dml.errors import UserError
 from vpt_dml.runs import slurm_limits
 
 POLL_ENV = "VPT_SLURM_POLL_S"  # seconds between two looks at the queue (default 10)
+# hydra/launcher=local: the command that starts each job's Python (default: this
+# interpreter), as submitit's LocalExecutor(python=...) takes it: a container's python, or
+# the tests' tests/fork_exec.py
+LOCAL_PYTHON_ENV = "VPT_LOCAL_PYTHON"
 ENDED = {
     "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
     "BOOT_FAIL", "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "REVOKED",
@@ -152,7 +156,11 @@ class CheckedLocalLauncher(_base.LocalLauncher):
 
         folders = job_folders(self, job_overrides, initial_job_idx)
         params = dict(self.params)
-        executor = submitit.AutoExecutor(cluster="local", folder=params.pop("submitit_folder"))
+        executor = submitit.AutoExecutor(
+            cluster="local",
+            folder=params.pop("submitit_folder"),
+            local_python=os.environ.get(LOCAL_PYTHON_ENV) or None,
+        )
         params.pop("max_num_timeout", None)
         base = set(OmegaConf.structured(_base.BaseQueueConf).keys())
         executor.update_parameters(
