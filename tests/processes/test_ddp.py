@@ -1,10 +1,12 @@
 """2-process DDP on CPU (gloo) through `python -m vpt_dml.run trainer=ddp_cpu`.
 
-Checks: the run finishes; both ranks end with byte-identical H and class-prompt store;
-every class a step drew was counted exactly once in the store's per-row step counts;
-the DDP run's test metrics equal a single-process evaluation of its final checkpoint, on
-an evaluation set that does not divide by the world size (the sampler pads); torchrun's
-launch of the same settings equals Lightning's.
+Two launches: k=1 with data.sampler=reference (issue 32: the ranks train on their turns of
+the reference implementation's batches) and k=2 with proxy dropout and the class-balanced
+sampler. Checks: the run finishes; both ranks end with byte-identical H and class-prompt
+store; the store's per-row step counts are the classes each step drew, counted once
+whichever rank drew them; the DDP run's test metrics equal a single-process evaluation of
+its final checkpoint, on an evaluation set that does not divide by the world size (the
+sampler pads); torchrun's launch of the k=1 settings equals Lightning's.
 """
 
 from __future__ import annotations
@@ -13,17 +15,22 @@ import json
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY_BACKBONE, compose_config, run_cli
 from processes import child_env, free_port, python, run
 
+from vpt_dml.data.reference_sampler import ReferenceBatchSampler
 from vpt_dml.module import VPTDMLModule
 from vpt_dml.train import build_datamodule
 
 # 8 train and 9 test classes of 7 images: 63 test images over 2 ranks, so the evaluation
 # sampler pads a rank with a duplicate that the gather must drop (issue 19)
 TRAIN_CLASSES, TEST_CLASSES, IMAGES_PER_CLASS, BATCH = 8, 9, 7, 4
+# k=1 draws the reference implementation's batches (4 of 8 classes a rank, so classes
+# meet across ranks); k=2 the class-balanced sampler's (distinct classes across ranks)
+SAMPLER = {1: ["data.sampler=reference", "seed=3"], 2: []}
 
 
 def ddp_overrides(tmp_path: Path, k: int, dropout: float) -> list[str]:
@@ -45,6 +52,7 @@ def ddp_overrides(tmp_path: Path, k: int, dropout: float) -> list[str]:
         "model.proxy.class_prompts={num: 2, depth: 2, step: 0}",
         "eval_before_training=false",
         f"paths.data_dir={tmp_path / 'data'}",
+        *SAMPLER[k],
     ]
 
 
@@ -122,14 +130,24 @@ def test_ddp_cpu_ranks_agree_and_match_single_process_eval(lightning_ddp, k: int
             == b.contiguous().view(torch.uint8).numpy().tobytes()
         )
 
-    # per-row step counts (last state tensor): each step draws 2 x BATCH/k distinct classes,
-    # each counted once, whichever rank drew it
-    steps_per_epoch = TRAIN_CLASSES * IMAGES_PER_CLASS // (2 * BATCH)
-    counts = r0["store"][-1]
-    assert int(counts.sum()) == steps_per_epoch * 2 * (BATCH // k)
-    assert int(counts.max()) <= steps_per_epoch
-
+    # per-row step counts (last state tensor): the classes each step drew, counted once,
+    # whichever rank drew them
     cfg = compose_config(overrides, root)
+    counts = r0["store"][-1]
+    if k == 1:  # the one-device epoch's reference batches, the ranks taking turns
+        labels = build_datamodule(cfg).load().train.labels
+        batches = ReferenceBatchSampler(labels, BATCH, k, seed=3).epoch_batches(0)
+        steps = [batches[i : i + 2] for i in range(0, len(batches), 2)]
+        want = np.zeros(labels.max() + 1, dtype=np.int64)
+        for step in steps:
+            want[np.unique(labels[np.concatenate(step)])] += 1
+        assert any(len(set(labels[a]) & set(labels[b])) for a, b in steps)  # classes meet
+        assert counts.long().tolist() == want.tolist()
+    else:  # class-balanced: each step draws 2 x BATCH/k distinct classes
+        steps_per_epoch = TRAIN_CLASSES * IMAGES_PER_CLASS // (2 * BATCH)
+        assert int(counts.sum()) == steps_per_epoch * 2 * (BATCH // k)
+        assert int(counts.max()) <= steps_per_epoch
+
     single = single_process_test(cfg, run_dir / "checkpoints" / "last.ckpt")
     ddp = result["metrics"]
     shared = [key for key in ddp if key in single]
