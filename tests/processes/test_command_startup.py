@@ -1,4 +1,4 @@
-"""The commands that read or serve a run start without Lightning (~3 s of imports of its
+"""The commands that read, evaluate or serve a run start without Lightning (~3 s of imports of its
 own, and torchmetrics, transformers and scipy with it): `vpt_dml.report` reads JSON and
 CSV, `export` / `embed` / `retrieve` need torch and timm only. Checked in a fresh
 interpreter, which has imported nothing yet."""
@@ -11,7 +11,7 @@ import sys
 
 from conftest import REPO
 
-COMMANDS = ["report", "export", "embed", "retrieve", "index", "compare"]
+COMMANDS = ["report", "export", "embed", "retrieve", "index", "evaluate", "compare"]
 PROBE = """
 import importlib, sys
 for name in sys.argv[1:]:
