@@ -40,26 +40,3 @@ tab "{python} -m vpt_dml.export out"
     assert data.split() == ["data=sop", "data=synthetic"]
     assert key.split() == ["trainer.max_epochs="]
     assert other == ""  # other modules: the shell's default (file names)
-
-
-HEAVY_PROBE = """
-import atexit, runpy, sys
-heavy = ("torch", "lightning", "timm")
-atexit.register(lambda: print(sorted(m for m in heavy if m in sys.modules), file=sys.stderr))
-sys.argv = ["vpt_dml.run", *sys.argv[1:]]
-runpy.run_module("vpt_dml.run", run_name="__main__", alter_sys=True)
-"""
-
-
-@pytest.mark.parametrize("args", [["-sc", "install=bash"], ["--help"]])
-def test_install_script_and_help_answer_without_the_training_stack(args: list[str]):
-    """`eval "$(python -m vpt_dml.run -sc install=bash)"` sits in a shell's startup file:
-    it must not import torch and Lightning first (~8 s per new shell); nor `--help`."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    res = subprocess.run(
-        [sys.executable, "-c", HEAVY_PROBE, *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.strip(), "no answer"
-    assert res.stderr.strip().splitlines()[-1] == "[]", res.stderr[-3000:]

@@ -21,6 +21,7 @@ result file that never comes, then ends the sweep with submitit's traceback.)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -72,21 +73,9 @@ class CheckedSlurmLauncher(_base.SlurmLauncher):
         if "max_num_timeout" in params:
             init["slurm_max_num_timeout"] = params.pop("max_num_timeout")
         executor = submitit.AutoExecutor(cluster="slurm", **init)
-        base = set(OmegaConf.structured(_base.BaseQueueConf).keys())
-        executor.update_parameters(
-            **{k if k in base else f"slurm_{k}": v for k, v in params.items()}
-        )
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        args = [
-            (list(o), "hydra.sweep.dir", initial_job_idx + i, f"job_id_for_{initial_job_idx + i}",
-             Singleton.get_state())
-            for i, o in enumerate(job_overrides)
-        ]  # fmt: skip
-        for num, o in zip(folders, job_overrides):
-            print(f"[slurm] #{num} : {' '.join(filter_overrides(o))}", file=sys.stderr)
+        args = _prepare(self, executor, params, folders, job_overrides, initial_job_idx)
         try:
-            jobs = executor.map_array(self, *zip(*args))
+            jobs = executor.map_array(self, *args)
         except Exception as e:  # noqa: BLE001 - submitit wraps sbatch's refusal in its own error
             _stop(f"sbatch refused the jobs: {_sbatch_message(e)}", 2)
         print(
@@ -103,20 +92,10 @@ class CheckedSlurmLauncher(_base.SlurmLauncher):
         accelerator; the request fits the partition. Returns {job number: run folder}."""
         from vpt_dml.runs.config_schema import check_config
 
-        loader = self.hydra_context.config_loader
         folders: dict[int, str] = {}
         accelerators = set()
-        saved = HydraConfig.instance().cfg
-        try:
-            for i, overrides in enumerate(job_overrides):
-                num = initial_job_idx + i
-                cfg = loader.load_sweep_config(self.config, list(overrides))
-                with open_dict(cfg):
-                    cfg.hydra.job.num = num
-                    cfg.hydra.job.id = f"job_id_for_{num}"
-                    folder = str(Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir))
-                    cfg.hydra.runtime.output_dir = os.path.abspath(folder)
-                HydraConfig.instance().set_config(cfg)
+        with contextlib.closing(job_configs(self, job_overrides, initial_job_idx)) as jobs:
+            for num, overrides, cfg, folder in jobs:
                 folders[num] = folder
                 job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
                 try:
@@ -129,8 +108,6 @@ class CheckedSlurmLauncher(_base.SlurmLauncher):
                         OmegaConf.select(job, "trainer.devices", default=1),
                     )
                 )
-        finally:
-            HydraConfig.instance().cfg = saved
         raw = OmegaConf.to_container(self.config.hydra.launcher, resolve=False)
         derived = "vpt_gpus_per_node" in str(raw.get("gpus_per_node"))
         part = slurm_limits.read_partition(self.params.get("partition"))
@@ -154,7 +131,8 @@ class CheckedLocalLauncher(_base.LocalLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         import submitit
 
-        folders = job_folders(self, job_overrides, initial_job_idx)
+        with contextlib.closing(job_configs(self, job_overrides, initial_job_idx)) as jobs:
+            folders = {num: folder for num, _, _, folder in jobs}
         params = dict(self.params)
         executor = submitit.AutoExecutor(
             cluster="local",
@@ -162,22 +140,28 @@ class CheckedLocalLauncher(_base.LocalLauncher):
             local_python=os.environ.get(LOCAL_PYTHON_ENV) or None,
         )
         params.pop("max_num_timeout", None)
-        base = set(OmegaConf.structured(_base.BaseQueueConf).keys())
-        executor.update_parameters(
-            **{k if k in base else f"local_{k}": v for k, v in params.items()}
-        )
-        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        args = [
-            (list(o), "hydra.sweep.dir", initial_job_idx + i, f"job_id_for_{initial_job_idx + i}",
-             Singleton.get_state())
-            for i, o in enumerate(job_overrides)
-        ]  # fmt: skip
-        for num, o in zip(folders, job_overrides):
-            print(f"[local] #{num} : {' '.join(filter_overrides(o))}", file=sys.stderr)
-        jobs = executor.map_array(self, *zip(*args))
+        args = _prepare(self, executor, params, folders, job_overrides, initial_job_idx)
+        jobs = executor.map_array(self, *args)
         while not all(job.done() for job in jobs):
             time.sleep(0.2)
         return collect(jobs, {job.job_id: _exit_state(job) for job in jobs}, list(folders.values()))
+
+
+def _prepare(launcher, executor, params: dict, folders: dict, job_overrides, initial_job_idx):
+    """The executor's parameters (Hydra's names, the cluster's own prefixed as submitit
+    wants them), the sweep folder, one line per job; returns map_array's argument lists."""
+    kind = executor.cluster
+    base = set(OmegaConf.structured(_base.BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"{kind}_{k}": v for k, v in params.items()})
+    Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    for num, o in zip(folders, job_overrides):
+        print(f"[{kind}] #{num} : {' '.join(filter_overrides(o))}", file=sys.stderr)
+    args = [
+        (list(o), "hydra.sweep.dir", initial_job_idx + i, f"job_id_for_{initial_job_idx + i}",
+         Singleton.get_state())
+        for i, o in enumerate(job_overrides)
+    ]  # fmt: skip
+    return list(zip(*args))
 
 
 def _exit_state(job) -> str:
@@ -187,10 +171,11 @@ def _exit_state(job) -> str:
     return f"killed by signal {-code}" if code is not None and code < 0 else "no result"
 
 
-def job_folders(launcher, job_overrides, initial_job_idx: int) -> dict[int, str]:
-    """{job number: run folder} as each job will compose it (hydra.sweep.subdir)."""
+def job_configs(launcher, job_overrides, initial_job_idx: int):
+    """(job number, its overrides, its config, its run folder) for each job of the sweep,
+    composed as the job will compose it; HydraConfig holds that job's config while the
+    caller looks, and the sweep's again once closed (contextlib.closing)."""
     loader = launcher.hydra_context.config_loader
-    folders: dict[int, str] = {}
     saved = HydraConfig.instance().cfg
     try:
         for i, overrides in enumerate(job_overrides):
@@ -199,11 +184,12 @@ def job_folders(launcher, job_overrides, initial_job_idx: int) -> dict[int, str]
             with open_dict(cfg):
                 cfg.hydra.job.num = num
                 cfg.hydra.job.id = f"job_id_for_{num}"
+                folder = str(Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir))
+                cfg.hydra.runtime.output_dir = os.path.abspath(folder)
             HydraConfig.instance().set_config(cfg)
-            folders[num] = str(Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir))
+            yield num, overrides, cfg, folder
     finally:
         HydraConfig.instance().cfg = saved
-    return folders
 
 
 def _sbatch_message(e: Exception) -> str:
